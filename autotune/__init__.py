@@ -1,0 +1,1 @@
+"""autotune of qwen3export (see ../shared/DESIGN.md)."""

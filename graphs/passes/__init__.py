@@ -1,0 +1,1 @@
+"""Lowering passes over captured Qwen3 graphs (one pass per file)."""

@@ -1,0 +1,1 @@
+"""kernels of qwen3export (see ../shared/DESIGN.md)."""

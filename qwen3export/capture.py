@@ -1,0 +1,47 @@
+"""Capture stage: torch.export of the Qwen3 decoder with dynamic batch, sequence and cache length.
+
+One ExportedProgram serves prefill (past length 0, many tokens) and decode (one token over the cache).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.export import Dim, ExportedProgram
+
+from qwen3export.graphs.decoder import Qwen3Decoder
+
+MAX_BATCH = 1024
+
+
+def example_inputs(model: Qwen3Decoder, batch: int = 2, seq: int = 3, past: int = 2):
+    """Inputs for tracing; sizes >= 2 so that no dimension is specialised to 0 or 1."""
+    spec = model.spec
+    input_ids = torch.randint(0, spec.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    position_ids = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+    attention_mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    kv = torch.zeros(batch, spec.num_key_value_heads, past, spec.head_dim, dtype=model.dtype)
+    cache = tuple((kv.clone(), kv.clone()) for _ in range(spec.num_hidden_layers))
+    return (input_ids, position_ids, attention_mask, cache)
+
+
+def dynamic_shapes(model: Qwen3Decoder):
+    spec = model.spec
+    batch = Dim("batch", min=1, max=MAX_BATCH)
+    seq = Dim("seq", min=1, max=spec.max_position_embeddings)
+    past = Dim("past", min=0, max=spec.max_position_embeddings)
+    kv = {0: batch, 2: past}
+    # attention_mask length is past + seq: Dim.AUTO lets export derive that relation
+    return ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: Dim.AUTO},
+            tuple((kv, kv) for _ in range(spec.num_hidden_layers)))
+
+
+def capture(model: Qwen3Decoder, *, strict: bool = False) -> ExportedProgram:
+    """torch.export the decoder: (input_ids, position_ids, attention_mask, past) -> (logits, present).
+
+    The program has no graph breaks and no fallback ops: the MoE is written without data-dependent
+    shapes (graphs/decoder.py SparseMoeBlock).
+    """
+    model = model.eval()
+    with torch.no_grad():
+        return torch.export.export(model, example_inputs(model), dynamic_shapes=dynamic_shapes(model),
+                                   strict=strict)

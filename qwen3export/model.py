@@ -1,0 +1,93 @@
+"""Load stage: resolve `--model` (a Hugging Face folder or a preset name) into a ModelSpec, a weight
+source and the eager Qwen3Decoder module."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwen3export.graphs.decoder import Qwen3Decoder
+
+from .errors import ConfigError
+from .spec import PRESETS, ModelSpec, preset, read_config, spec_from_hf_config
+from .weights import RandomSource, SafetensorsSource, WeightSource, load_into, parse_dtype
+
+DEFAULT_SEED = 0
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model came from, recorded in manifests so `verify` can rebuild the same eager model."""
+
+    kind: str  # "preset" | "folder"
+    name: str  # preset name or folder path
+    seed: int = DEFAULT_SEED
+    overrides: tuple[tuple[str, Any], ...] = ()  # preset field overrides, e.g. (("num_hidden_layers", 2),)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "seed": self.seed, "overrides": dict(self.overrides)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelRef":
+        return cls(d["kind"], d["name"], int(d.get("seed", DEFAULT_SEED)),
+                   tuple(sorted(d.get("overrides", {}).items())))
+
+
+def read_think_ids(folder: Path) -> tuple[int | None, int | None] | None:
+    """Ids of `<think>`/`</think>` from the folder's tokenizer.json, or None when it has none."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises its own Exception type for any parse failure
+        raise ConfigError(f"{path} cannot be parsed ({e}); restore the checkpoint's tokenizer.json") from None
+    return tok.token_to_id("<think>"), tok.token_to_id("</think>")
+
+
+def resolve(model: str | Path, seed: int = DEFAULT_SEED, **overrides: Any) -> tuple[ModelSpec, WeightSource, ModelRef]:
+    """A folder with config.json, or a preset name (with optional field overrides)."""
+    text = str(model)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if overrides:
+            raise ConfigError("field overrides apply to presets only; edit the folder's config.json instead")
+        spec = spec_from_hf_config(read_config(path), name=path.resolve().name, think_ids=read_think_ids(path))
+        return spec, SafetensorsSource(path), ModelRef("folder", str(path.resolve()))
+    if text in PRESETS:
+        spec = preset(text, **overrides)
+        return spec, RandomSource(spec, seed), ModelRef("preset", text, seed, tuple(sorted(overrides.items())))
+    if path.exists():
+        raise ConfigError(f"{path} is not a folder: point --model at a Hugging Face Qwen3 folder (config.json + safetensors)")
+    if "/" in text or text.startswith("."):
+        raise ConfigError(f"model folder {text} does not exist; give an existing Hugging Face folder or a preset "
+                          f"({', '.join(PRESETS)})")
+    raise ConfigError(f"unknown preset {text!r}; known presets: {', '.join(PRESETS)} (or give a model folder path)")
+
+
+def resolve_ref(ref: ModelRef) -> tuple[ModelSpec, WeightSource]:
+    spec, source, _ = resolve(ref.name, ref.seed, **dict(ref.overrides))
+    return spec, source
+
+
+def build_module(spec: ModelSpec, source: WeightSource, dtype: torch.dtype) -> Qwen3Decoder:
+    module = Qwen3Decoder.empty(spec, dtype)
+    load_into(module, spec, source, dtype)
+    return module
+
+
+def load_model(model: str | Path, dtype: str | torch.dtype = "fp32", seed: int = DEFAULT_SEED,
+               **overrides: Any) -> Qwen3Decoder:
+    """The eager Qwen3Decoder for a Hugging Face folder or a preset name, with weights in `dtype`.
+
+    >>> m = load_model("tiny-moe")            # preset, random weights from seed 0
+    >>> m = load_model("/ckpt/Qwen3-0.6B", dtype="bf16")
+    """
+    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    spec, source, _ = resolve(model, seed, **overrides)
+    return build_module(spec, source, torch_dtype)

@@ -1,0 +1,341 @@
+"""ModelSpec: the validated shape of a Qwen3 model, from a Hugging Face config.json or a preset.
+
+First stage of the pipeline (load): every later stage takes a ModelSpec and never re-reads config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from . import tokens
+
+MODEL_TYPES = ("qwen3", "qwen3_moe")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shapes and hyper-parameters of a Qwen3 dense or MoE decoder.
+
+    Field names follow Hugging Face's Qwen3Config / Qwen3MoeConfig. `num_experts == 0` means dense.
+    """
+
+    name: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 40960
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    # MoE (model_type "qwen3_moe"); zeros for dense models
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    # token ids (Qwen3 tokenizer; see tokens.py)
+    bos_token_id: int | None = tokens.ENDOFTEXT
+    eos_token_ids: tuple[int, ...] = tokens.STOP_IDS
+    think_token_id: int | None = tokens.THINK  # None: the vocabulary has no thinking tokens
+    end_think_token_id: int | None = tokens.END_THINK
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ derived facts
+    @property
+    def is_moe(self) -> bool:
+        return self.model_type == "qwen3_moe" and self.num_experts > 0
+
+    def layer_is_moe(self, idx: int) -> bool:
+        """transformers Qwen3MoeDecoderLayer: sparse iff not in mlp_only_layers and (idx+1) % step == 0."""
+        return (
+            self.is_moe
+            and idx not in self.mlp_only_layers
+            and (idx + 1) % self.decoder_sparse_step == 0
+        )
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_hidden_layers) if self.layer_is_moe(i))
+
+    @property
+    def kv_groups(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def param_count(self) -> int:
+        """Number of parameters (embedding and lm_head counted once when tied)."""
+        h, d = self.hidden_size, self.head_dim
+        attn = h * d * (self.num_attention_heads * 2 + self.num_key_value_heads * 2) + 2 * d + h
+        if self.attention_bias:
+            attn += d * (self.num_attention_heads + 2 * self.num_key_value_heads) + h
+        total = self.vocab_size * h * (1 if self.tie_word_embeddings else 2) + h
+        for i in range(self.num_hidden_layers):
+            if self.layer_is_moe(i):
+                mlp = self.num_experts * h + self.num_experts * 3 * h * self.moe_intermediate_size
+            else:
+                mlp = 3 * h * self.intermediate_size
+            total += attn + mlp + h
+        return total
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        def need(cond: bool, fld: str, why: str) -> None:
+            if not cond:
+                raise ConfigError(f"config field '{fld}' {why} (model '{self.name}')")
+
+        need(self.model_type in MODEL_TYPES, "model_type",
+             f"is {self.model_type!r}; qwen3export handles {', '.join(MODEL_TYPES)}")
+        for fld in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            v = getattr(self, fld)
+            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, fld,
+                 f"must be a positive integer, got {v!r}")
+        need(self.num_attention_heads % self.num_key_value_heads == 0, "num_attention_heads",
+             f"({self.num_attention_heads}) must be a multiple of num_key_value_heads "
+             f"({self.num_key_value_heads}) for grouped-query attention")
+        need(self.head_dim % 2 == 0, "head_dim", f"must be even for rotary embedding, got {self.head_dim}")
+        need(isinstance(self.rms_norm_eps, float) and 0 < self.rms_norm_eps < 1, "rms_norm_eps",
+             f"must be a float in (0, 1), got {self.rms_norm_eps!r}")
+        need(isinstance(self.rope_theta, float) and self.rope_theta > 0, "rope_theta",
+             f"must be a positive number, got {self.rope_theta!r}")
+        has_dense = any(not self.layer_is_moe(i) for i in range(self.num_hidden_layers))
+        if self.model_type == "qwen3" or has_dense:
+            need(isinstance(self.intermediate_size, int) and self.intermediate_size > 0,
+                 "intermediate_size", f"must be a positive integer, got {self.intermediate_size!r}")
+        if self.model_type == "qwen3_moe":
+            need(isinstance(self.num_experts, int) and self.num_experts > 0, "num_experts",
+                 f"must be a positive integer for qwen3_moe, got {self.num_experts!r}")
+            need(isinstance(self.num_experts_per_tok, int) and self.num_experts_per_tok > 0,
+                 "num_experts_per_tok", f"must be a positive integer, got {self.num_experts_per_tok!r}")
+            need(self.num_experts_per_tok <= self.num_experts, "num_experts_per_tok",
+                 f"({self.num_experts_per_tok}) must not exceed num_experts ({self.num_experts})")
+            need(isinstance(self.moe_intermediate_size, int) and self.moe_intermediate_size > 0,
+                 "moe_intermediate_size", f"must be a positive integer, got {self.moe_intermediate_size!r}")
+            need(isinstance(self.decoder_sparse_step, int) and self.decoder_sparse_step > 0,
+                 "decoder_sparse_step", f"must be a positive integer, got {self.decoder_sparse_step!r}")
+            bad = [i for i in self.mlp_only_layers
+                   if not isinstance(i, int) or not 0 <= i < self.num_hidden_layers]
+            need(not bad, "mlp_only_layers",
+                 f"has layer indices {bad} outside 0..{self.num_hidden_layers - 1}")
+        else:
+            need(self.num_experts == 0, "num_experts", "must be 0 for a dense qwen3 model")
+        for fld in ("bos_token_id", "think_token_id", "end_think_token_id"):
+            v = getattr(self, fld)
+            need(v is None or 0 <= v < self.vocab_size, fld,
+                 f"({v}) must be a token id below vocab_size ({self.vocab_size})")
+        for v in self.eos_token_ids:
+            need(0 <= v < self.vocab_size, "eos_token_id",
+                 f"({v}) must be a token id below vocab_size ({self.vocab_size})")
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["mlp_only_layers"] = list(self.mlp_only_layers)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+        d = dict(d)
+        d["mlp_only_layers"] = tuple(d.get("mlp_only_layers", ()))
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"model spec has unknown fields {sorted(unknown)}; rebuild the artifact")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "ModelSpec":
+        return dataclasses.replace(self, **changes)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """A Hugging Face config.json dict describing this model (used to write test checkpoints)."""
+        cfg: dict[str, Any] = {
+            "architectures": ["Qwen3MoeForCausalLM" if self.is_moe else "Qwen3ForCausalLM"],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_ids),
+        }
+        if self.model_type == "qwen3_moe":
+            cfg.update(num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
+                       moe_intermediate_size=self.moe_intermediate_size,
+                       norm_topk_prob=self.norm_topk_prob,
+                       decoder_sparse_step=self.decoder_sparse_step,
+                       mlp_only_layers=list(self.mlp_only_layers))
+        return cfg
+
+
+def _field(cfg: dict[str, Any], key: str, default: Any = ..., *aliases: str) -> Any:
+    for k in (key, *aliases):
+        if k in cfg and cfg[k] is not None:
+            return cfg[k]
+    if default is ...:
+        raise ConfigError(f"config.json is missing required field '{key}'")
+    return default
+
+
+def spec_from_hf_config(cfg: dict[str, Any], name: str = "model",
+                        think_ids: tuple[int | None, int | None] | None = None) -> ModelSpec:
+    """Build a ModelSpec from a parsed Hugging Face config.json (Qwen3Config / Qwen3MoeConfig).
+
+    `think_ids` are the ids of `<think>`/`</think>` read from the folder's tokenizer.json; without one,
+    Qwen3's ids (151667/151668) are assumed when the vocabulary is large enough to hold them.
+    """
+    if not isinstance(cfg, dict):
+        raise ConfigError("config.json must hold a JSON object")
+    model_type = cfg.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ConfigError(f"config field 'model_type' is {model_type!r}; qwen3export handles "
+                          f"{', '.join(MODEL_TYPES)} (Qwen3 dense and Qwen3-MoE checkpoints)")
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"config field 'hidden_act' is {act!r}; Qwen3 uses 'silu'")
+    if cfg.get("use_sliding_window"):
+        raise ConfigError("config field 'use_sliding_window' is true; sliding-window attention is not "
+                          "supported (released Qwen3 checkpoints set it false)")
+    if cfg.get("quantization_config"):
+        qm = cfg["quantization_config"].get("quant_method", "?") if isinstance(
+            cfg["quantization_config"], dict) else "?"
+        raise ConfigError(f"config.json has quantization_config (quant_method {qm!r}); pre-quantized "
+                          "checkpoints are not supported yet: use the bf16/fp16 checkpoint")
+    # transformers 5 nests rope_theta in rope_parameters; released checkpoints keep it top-level
+    rope = cfg.get("rope_parameters") or {}
+    rope_scaling = cfg.get("rope_scaling") or {}
+    rope_type = (rope_scaling.get("rope_type") or rope_scaling.get("type")
+                 or rope.get("rope_type") or "default") if isinstance(rope_scaling, dict) else "?"
+    if rope_type != "default":
+        raise ConfigError(f"config field 'rope_scaling' has rope_type {rope_type!r}; only default "
+                          "RoPE is supported yet: remove rope_scaling to run within the native window")
+    rope_theta = _field(cfg, "rope_theta", rope.get("rope_theta", 1_000_000.0))
+    hidden = _field(cfg, "hidden_size")
+    heads = _field(cfg, "num_attention_heads")
+    head_dim = cfg.get("head_dim")
+    if head_dim is None:  # transformers' fallback when the field is absent
+        if not isinstance(hidden, int) or not isinstance(heads, int) or heads <= 0:
+            raise ConfigError("config.json lacks 'head_dim' and hidden_size/num_attention_heads are invalid")
+        head_dim = hidden // heads
+    if think_ids is None:
+        vocab = cfg.get("vocab_size")
+        fits = isinstance(vocab, int) and vocab > tokens.END_THINK
+        think_ids = (tokens.THINK, tokens.END_THINK) if fits else (None, None)
+    eos = cfg.get("eos_token_id", list(tokens.STOP_IDS))
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+    try:
+        kwargs: dict[str, Any] = dict(
+            name=name,
+            model_type=model_type,
+            vocab_size=_field(cfg, "vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=_field(cfg, "intermediate_size", 0),
+            num_hidden_layers=_field(cfg, "num_hidden_layers"),
+            num_attention_heads=heads,
+            num_key_value_heads=_field(cfg, "num_key_value_heads", heads),
+            head_dim=head_dim,
+            rms_norm_eps=float(_field(cfg, "rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta),
+            max_position_embeddings=_field(cfg, "max_position_embeddings", 40960),
+            tie_word_embeddings=bool(_field(cfg, "tie_word_embeddings", False)),
+            attention_bias=bool(_field(cfg, "attention_bias", False)),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            think_token_id=think_ids[0],
+            end_think_token_id=think_ids[1],
+        )
+        if model_type == "qwen3_moe":
+            kwargs.update(
+                num_experts=_field(cfg, "num_experts", ..., "num_local_experts"),
+                num_experts_per_tok=_field(cfg, "num_experts_per_tok"),
+                moe_intermediate_size=_field(cfg, "moe_intermediate_size"),
+                # transformers' default is False; released MoE checkpoints say true: always read it
+                norm_topk_prob=bool(_field(cfg, "norm_topk_prob", False)),
+                decoder_sparse_step=_field(cfg, "decoder_sparse_step", 1),
+                mlp_only_layers=tuple(_field(cfg, "mlp_only_layers", [])),
+            )
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.json has a field of the wrong type: {e}") from None
+    return ModelSpec(**kwargs)
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: point --model at a Hugging Face Qwen3 folder or a preset name")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); restore the checkpoint's config.json") from None
+
+
+# ---------------------------------------------------------------------- presets
+# Real shapes from the config.json files of the Qwen/Qwen3-* repositories on the Hugging Face Hub
+# (all: vocab 151936, head_dim 128, rope_theta 1e6, max_position_embeddings 40960, rms_norm_eps 1e-6).
+_QWEN3 = dict(model_type="qwen3", vocab_size=tokens.VOCAB_SIZE, head_dim=128,
+              rope_theta=1_000_000.0, max_position_embeddings=40960)
+_QWEN3_MOE = dict(_QWEN3, model_type="qwen3_moe", norm_topk_prob=True, decoder_sparse_step=1,
+                  num_experts=128, num_experts_per_tok=8)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # tiny presets: real vocabulary and special-token ids (thinking control is testable), tiny
+    # layers. head_dim (32) != hidden/heads (16) on purpose: catches converters that assume it.
+    "tiny": dict(_QWEN3, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                 tie_word_embeddings=True, max_position_embeddings=4096),
+    # layer 0 dense (mlp_only_layers), layers 1-2 MoE: both kinds of block in one graph
+    "tiny-moe": dict(_QWEN3_MOE, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                     num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                     mlp_only_layers=(0,), max_position_embeddings=4096),
+    "qwen3-0.6b": dict(_QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
+    "qwen3-1.7b": dict(_QWEN3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
+    "qwen3-4b": dict(_QWEN3, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
+    "qwen3-8b": dict(_QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8),
+    "qwen3-14b": dict(_QWEN3, hidden_size=5120, intermediate_size=17408, num_hidden_layers=40,
+                      num_attention_heads=40, num_key_value_heads=8),
+    "qwen3-32b": dict(_QWEN3, hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
+                      num_attention_heads=64, num_key_value_heads=8),
+    "qwen3-30b-a3b": dict(_QWEN3_MOE, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+                          num_attention_heads=32, num_key_value_heads=4, moe_intermediate_size=768),
+    "qwen3-235b-a22b": dict(_QWEN3_MOE, hidden_size=4096, intermediate_size=12288,
+                            num_hidden_layers=94, num_attention_heads=64, num_key_value_heads=4,
+                            moe_intermediate_size=1536),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelSpec:
+    """A named preset's ModelSpec; `overrides` (e.g. num_hidden_layers=2) replace fields."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return ModelSpec(name=name, **{**PRESETS[name], **overrides})
+
+
+__all__ = ["ModelSpec", "PRESETS", "preset", "spec_from_hf_config", "read_config"]

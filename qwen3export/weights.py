@@ -1,0 +1,226 @@
+"""Weights: safetensors checkpoints (single file or index + shards) or seeded random weights for presets.
+
+Load stage of the pipeline. Tensors are read one at a time from memory-mapped safetensors (never
+pickle) and copied straight into the module's parameters, so peak memory is the model plus one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import WeightsError
+from .spec import ModelSpec
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise WeightsError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def expected_tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Hugging Face tensor names and shapes of a Qwen3 / Qwen3-MoE checkpoint."""
+    h, d, v = spec.hidden_size, spec.head_dim, spec.vocab_size
+    nq, nkv = spec.num_attention_heads, spec.num_key_value_heads
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    if not spec.tie_word_embeddings:
+        out["lm_head.weight"] = (v, h)
+    for li in range(spec.num_hidden_layers):
+        p = f"model.layers.{li}."
+        out[p + "input_layernorm.weight"] = (h,)
+        out[p + "post_attention_layernorm.weight"] = (h,)
+        for proj, rows in (("q_proj", nq * d), ("k_proj", nkv * d), ("v_proj", nkv * d)):
+            out[p + f"self_attn.{proj}.weight"] = (rows, h)
+            if spec.attention_bias:
+                out[p + f"self_attn.{proj}.bias"] = (rows,)
+        out[p + "self_attn.o_proj.weight"] = (h, nq * d)
+        if spec.attention_bias:
+            out[p + "self_attn.o_proj.bias"] = (h,)
+        out[p + "self_attn.q_norm.weight"] = (d,)
+        out[p + "self_attn.k_norm.weight"] = (d,)
+        if spec.layer_is_moe(li):
+            i = spec.moe_intermediate_size
+            out[p + "mlp.gate.weight"] = (spec.num_experts, h)
+            for e in range(spec.num_experts):
+                q = p + f"mlp.experts.{e}."
+                out[q + "gate_proj.weight"] = (i, h)
+                out[q + "up_proj.weight"] = (i, h)
+                out[q + "down_proj.weight"] = (h, i)
+        else:
+            i = spec.intermediate_size
+            out[p + "mlp.gate_proj.weight"] = (i, h)
+            out[p + "mlp.up_proj.weight"] = (i, h)
+            out[p + "mlp.down_proj.weight"] = (h, i)
+    return out
+
+
+class WeightSource(Protocol):
+    """Where a model's tensors come from, by Hugging Face name."""
+
+    description: str
+
+    def names(self) -> set[str]: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+
+class SafetensorsSource:
+    """A Hugging Face folder: model.safetensors, or model.safetensors.index.json + shards."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.description = str(self.folder)
+        index = self.folder / "model.safetensors.index.json"
+        single = self.folder / "model.safetensors"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                assert isinstance(weight_map, dict)
+            except (json.JSONDecodeError, KeyError, AssertionError, UnicodeDecodeError):
+                raise WeightsError(f"{index} is malformed (no 'weight_map' object); restore it from the "
+                                   "checkpoint") from None
+            self._where = {str(k): self.folder / str(v) for k, v in weight_map.items()}
+        elif single.is_file():
+            self._where = None
+            self._files = [single]
+        else:
+            pickles = sorted(p.name for p in self.folder.glob("*.bin")) + sorted(
+                p.name for p in self.folder.glob("*.pt"))
+            hint = (f" (found {pickles[0]}: pickle checkpoints are never loaded; convert to safetensors)"
+                    if pickles else "")
+            raise WeightsError(f"no model.safetensors or model.safetensors.index.json in {self.folder}{hint}")
+        if self._where is not None:
+            self._files = sorted(set(self._where.values()))
+            for f in self._files:
+                if not f.is_file():
+                    raise WeightsError(f"shard {f.name} named in model.safetensors.index.json is missing "
+                                       f"from {self.folder}; download it again")
+        self._handles: dict[Path, object] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._file_of: dict[str, Path] = {}
+        for f in self._files:
+            h = self._open(f)
+            for k in h.keys():
+                self._shapes[k] = tuple(h.get_slice(k).get_shape())
+                self._file_of[k] = f
+        if self._where is not None:
+            for k, f in self._where.items():
+                if self._file_of.get(k) != f:
+                    raise WeightsError(f"tensor {k} is listed in model.safetensors.index.json under "
+                                       f"{f.name} but that shard does not contain it")
+
+    def _open(self, f: Path):
+        if f not in self._handles:
+            try:
+                self._handles[f] = safe_open(str(f), framework="pt")
+            except (SafetensorError, OSError, ValueError) as e:
+                size = f.stat().st_size if f.exists() else 0
+                raise WeightsError(f"weight file {f.name} ({size} bytes) is unreadable or truncated ({e}); "
+                                   "download it again") from None
+        return self._handles[f]
+
+    def names(self) -> set[str]:
+        return set(self._shapes)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        f = self._file_of[name]
+        try:
+            return self._open(f).get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise WeightsError(f"tensor {name} in {f.name} cannot be read ({e}); download the shard again") from None
+
+
+class RandomSource:
+    """Deterministic random weights for a preset: each tensor from its own seed (seed, name), made on demand.
+
+    Linear weights ~ N(0, 0.02) (transformers' initializer_range); norm weights ~ 1 + N(0, 0.1) so the
+    q/k-norm scales are exercised. A tensor does not depend on which others were generated before it.
+    """
+
+    def __init__(self, spec: ModelSpec, seed: int = 0):
+        self.spec, self.seed = spec, seed
+        self.description = f"preset {spec.name} (random weights, seed {seed})"
+        self._shapes = expected_tensors(spec)
+
+    def names(self) -> set[str]:
+        return set(self._shapes)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        g = torch.Generator().manual_seed((self.seed << 32) ^ zlib.crc32(name.encode()))
+        t = torch.randn(self._shapes[name], generator=g, dtype=torch.float32)
+        if name.endswith("norm.weight"):
+            return 1.0 + 0.1 * t
+        return 0.02 * t
+
+
+def check_names(spec: ModelSpec, source: WeightSource) -> None:
+    """Every expected tensor present with the right shape and nothing unexpected; else name the first."""
+    expected = expected_tensors(spec)
+    have = source.names()
+    if spec.tie_word_embeddings:
+        have = have - {"lm_head.weight"}  # some tied checkpoints still store it; it is ignored
+    missing = sorted(set(expected) - have)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise WeightsError(f"tensor {missing[0]}{more} is missing from {source.description}; "
+                           "the checkpoint does not match its config.json")
+    unexpected = sorted(have - set(expected))
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise WeightsError(f"unexpected tensor {unexpected[0]}{more} in {source.description}; "
+                           "the checkpoint does not match its config.json")
+    for name, shape in expected.items():
+        if tuple(source.shape(name)) != shape:
+            raise WeightsError(f"tensor {name} has shape {list(source.shape(name))} but config.json "
+                               f"implies {list(shape)}; the checkpoint does not match its config")
+
+
+def module_assignments(spec: ModelSpec) -> Iterator[tuple[str, tuple[tuple[str, ...], ...], bool]]:
+    """(Qwen3Decoder parameter, HF tensor names, stacked) for every parameter.
+
+    Plain parameters take one tensor: ((name,),). Stacked expert parameters take one row of names per
+    expert, concatenated along dim 0: gate then up for gate_up_proj [E, 2I, H] (transformers 5
+    Qwen3MoeExperts layout), down for down_proj [E, H, I].
+    """
+    for name in expected_tensors(spec):
+        if ".mlp.experts." not in name:
+            yield name, ((name,),), False
+    for li in spec.moe_layers:
+        p = f"model.layers.{li}.mlp.experts."
+        ex = range(spec.num_experts)
+        yield p + "gate_up_proj", tuple((f"{p}{e}.gate_proj.weight", f"{p}{e}.up_proj.weight") for e in ex), True
+        yield p + "down_proj", tuple((f"{p}{e}.down_proj.weight",) for e in ex), True
+
+
+@torch.no_grad()
+def load_into(module: torch.nn.Module, spec: ModelSpec, source: WeightSource, dtype: torch.dtype) -> None:
+    """Copy every tensor from `source` into `module` (a Qwen3Decoder), converting to `dtype`."""
+    check_names(spec, source)
+    params = dict(module.named_parameters(remove_duplicate=False))
+    for pname, rows, stacked in module_assignments(spec):
+        dst = params[pname]
+        if not stacked:
+            dst.copy_(source.get(rows[0][0]).to(dtype))
+            continue
+        for e, names in enumerate(rows):  # one expert at a time keeps peak memory at one expert
+            dst[e].copy_(torch.cat([source.get(n).to(dtype) for n in names], 0))
