@@ -43,21 +43,26 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
 
 @torch.no_grad()
 def greedy_generate(step: Step, empty_cache: tuple, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy decode -> (new token ids [B, N], prefill logits [B, S, V]). No early stop: every row gets N."""
+                    max_new_tokens: int, keep_logits: bool = False):
+    """Greedy decode -> (new token ids [B, N], prefill logits [B, S, V], per-step last logits).
+
+    The per-step list holds [B, V] for each of the N choices (only when keep_logits). No early stop:
+    every row gets N tokens, which is what parity checks compare.
+    """
     if max_new_tokens <= 0:
         raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     mask = attention_mask.long()
     logits, past = step(input_ids, position_ids_from_mask(mask), mask, empty_cache)
-    prefill_logits = logits
-    out = []
-    nxt = logits[:, -1].argmax(-1)
+    prefill_logits, steps, out = logits, [], []
     for i in range(max_new_tokens):
+        last = logits[:, -1]
+        if keep_logits:
+            steps.append(last.clone())
+        nxt = last.argmax(-1)
         out.append(nxt)
         if i == max_new_tokens - 1:
             break
         mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
         pos = position_ids_from_mask(mask)[:, -1:]
         logits, past = step(nxt[:, None], pos, mask, past)
-        nxt = logits[:, -1].argmax(-1)
-    return torch.stack(out, 1), prefill_logits
+    return torch.stack(out, 1), prefill_logits, steps

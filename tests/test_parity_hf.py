@@ -62,7 +62,7 @@ def test_greedy_32_tokens_match_transformers_generate(hf_checkpoints, case):
     with torch.no_grad():
         ref = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=32,
                           min_new_tokens=32)[:, ids.shape[1]:]
-    got, _ = greedy_generate(ours, ours.empty_cache(2), ids, mask, 32)
+    got, _, _ = greedy_generate(ours, ours.empty_cache(2), ids, mask, 32)
     assert got.tolist() == ref.tolist()
 
 

@@ -1,0 +1,1 @@
+"""Emit stage: one module per backend, each turning a captured program into engine files."""

@@ -1,0 +1,74 @@
+"""ONNX backend: the captured decoder as one ONNX graph (prefill and decode over an explicit KV cache),
+run by ONNX Runtime. Inputs and outputs follow the common decoder convention (Optimum / onnxruntime-genai):
+input_ids, position_ids, attention_mask, past_key_values.{i}.key|value -> logits, present.{i}.key|value.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.export import ExportedProgram
+
+from qwen3export.spec import ModelSpec
+
+OPSET = 18
+PROTOBUF_LIMIT = 2 * 1024**3  # a single ONNX protobuf cannot exceed 2 GB: larger models use external data
+DECODER_FILE = "decoder.onnx"
+
+# symbolic dimension names of the engine's interface
+BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+
+
+def io_names(spec: ModelSpec) -> tuple[list[str], list[str]]:
+    n = spec.num_hidden_layers
+    past = [f"past_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
+    return ["input_ids", "position_ids", "attention_mask", *past], ["logits", *present]
+
+
+def io_shapes(spec: ModelSpec) -> dict[str, list[str | int]]:
+    """The interface's shapes with named symbolic dimensions (recorded in the manifest)."""
+    hkv, d = spec.num_key_value_heads, spec.head_dim
+    shapes: dict[str, list[str | int]] = {
+        "input_ids": [BATCH, SEQ], "position_ids": [BATCH, SEQ], "attention_mask": [BATCH, TOTAL],
+        "logits": [BATCH, SEQ, spec.vocab_size],
+    }
+    for i in range(spec.num_hidden_layers):
+        for kv in ("key", "value"):
+            shapes[f"past_key_values.{i}.{kv}"] = [BATCH, hkv, PAST, d]
+            shapes[f"present.{i}.{kv}"] = [BATCH, hkv, TOTAL, d]
+    return shapes
+
+
+def weight_bytes(ep: ExportedProgram) -> int:
+    return sum(t.numel() * t.element_size() for t in ep.state_dict.values())
+
+
+def emit_decoder(ep: ExportedProgram, spec: ModelSpec, folder: Path) -> dict[str, Any]:
+    """Write `decoder.onnx` (+ `decoder.onnx.data` over 2 GB) into `folder`; return the engine entry."""
+    import onnx_ir as ir
+
+    inputs, outputs = io_names(spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        program = torch.onnx.export(ep, (), dynamo=True, opset_version=OPSET, input_names=inputs,
+                                    output_names=outputs, optimize=True, verbose=False)
+    shapes = io_shapes(spec)
+    for value in (*program.model.graph.inputs, *program.model.graph.outputs):
+        value.shape = ir.Shape([ir.SymbolicDim(d) if isinstance(d, str) else d for d in shapes[value.name]])
+    external = weight_bytes(ep) > PROTOBUF_LIMIT - (64 << 20)
+    path = folder / DECODER_FILE
+    program.save(str(path), external_data=external)
+    return {
+        "file": DECODER_FILE,
+        "external_data": external,
+        "opset": OPSET,
+        "inputs": inputs,
+        "outputs": outputs,
+        "shapes": shapes,
+    }

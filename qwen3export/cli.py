@@ -1,0 +1,221 @@
+"""The `qwen3export` command line: build, run, verify, inspect, targets.
+
+Errors are Qwen3ExportError subclasses printed as one line (`--debug` shows the traceback); exit code
+0 only on success. Progress goes to stderr, results to stdout (`--json` for machine-readable output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError, Qwen3ExportError
+
+EXIT_ERROR = 2
+
+
+def _eprint(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
+    if args.json:
+        print(json.dumps(payload, indent=2, sort_keys=True))
+    else:
+        print(text)
+
+
+def _parse_ids(text: str) -> list[int]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise InputError("--prompt-ids is empty: give comma-separated token ids, e.g. --prompt-ids 1,2,3")
+    try:
+        return [int(p) for p in parts]
+    except ValueError:
+        raise InputError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+
+
+# ------------------------------------------------------------------------- commands
+def cmd_build(args: argparse.Namespace) -> int:
+    from .pipeline import BuildOptions, build
+
+    backends = tuple(b.strip() for b in args.backend.split(",") if b.strip())
+    opts = BuildOptions(model=args.model, target=args.target, backends=backends, dtype=args.dtype,
+                        out=Path(args.out) if args.out else None, force=args.force, seed=args.seed,
+                        dump_ir=Path(args.dump_ir) if args.dump_ir else None)
+    results = build(opts, progress=_eprint)
+    payload = {"artifacts": [{"path": str(r.path), "backend": r.manifest["backend"],
+                              "parity": r.manifest["parity"]} for r in results]}
+    lines = []
+    for r in results:
+        p = r.manifest["parity"]
+        lines.append(f"artifact: {r.path}\n  parity {'PASS' if p['passed'] else 'FAIL'} vs {p['reference']}: "
+                     f"logits max abs {p['logits_max_abs']:.2e}, top-1 {p['top1_agreement']:.3f}, greedy "
+                     f"{p['greedy_tokens_matching']}/{p['new_tokens']} tokens match")
+    _emit(args, payload, "\n".join(lines))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .artifact import load_artifact
+    from .generation import check_token_ids, greedy_generate
+    from .runner import open_engine
+
+    ids = _parse_ids(args.prompt_ids)
+    if args.max_new_tokens <= 0:
+        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    artifact = load_artifact(args.artifact)
+    engine = open_engine(artifact, args.threads)
+    prompt = torch.tensor([ids], dtype=torch.int64)
+    check_token_ids(prompt, engine.spec.vocab_size)
+    limit = engine.spec.max_position_embeddings
+    if len(ids) + args.max_new_tokens > limit:
+        raise InputError(f"prompt ({len(ids)}) + --max-new-tokens ({args.max_new_tokens}) exceeds the model's "
+                         f"max_position_embeddings ({limit}); shorten one of them")
+    tokens, _, _ = greedy_generate(engine, engine.empty_cache(1), prompt, torch.ones_like(prompt),
+                                   args.max_new_tokens)
+    new = tokens[0].tolist()
+    stop = set(engine.spec.eos_token_ids)
+    if not args.no_stop:  # stop at the first EOS (kept in the output, like transformers)
+        for i, t in enumerate(new):
+            if t in stop:
+                new = new[: i + 1]
+                break
+    _emit(args, {"tokens": new}, " ".join(map(str, new)))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .artifact import load_artifact
+    from .parity import summary_line
+    from .pipeline import eager_for, verify_engine
+
+    artifact = load_artifact(args.artifact)
+    eager = eager_for(artifact, args.model)
+    report = verify_engine(artifact, eager, args.threads)
+    artifact.manifest["parity"] = report
+    artifact.save_manifest()
+    _emit(args, report, summary_line(report))
+    return 0 if report["passed"] else 1
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import onnx
+
+    from .artifact import load_artifact
+
+    artifact = load_artifact(args.artifact)
+    m = artifact.manifest
+    ops: dict[str, dict[str, int]] = {}
+    for rel in m["files"]:
+        if rel.endswith(".onnx"):
+            model = onnx.load(str(artifact.file(rel)), load_external_data=False)
+            ops[rel] = dict(sorted(Counter(
+                (f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type)
+                for n in model.graph.node).items()))
+    spec = m["model"]["spec"]
+    payload = {"path": str(artifact.path), "schema": m["schema"], "created": m["created"], "model": m["model"],
+               "target": m["target"]["name"], "backend": m["backend"], "dtype": m["dtype"],
+               "files": m["files"], "op_counts": ops, "parity": m.get("parity"), "versions": m["versions"]}
+    lines = [f"artifact {artifact.path}  ({m['schema']}, built {m['created']})",
+             f"  model    {spec['name']} ({spec['model_type']}, {m['model']['param_count']:,} params, "
+             f"{spec['num_hidden_layers']} layers)",
+             f"  target   {m['target']['name']}  backend {m['backend']}  dtype {m['dtype']}",
+             "  files:"]
+    lines += [f"    {rel:28s} {e['size']:>14,d} B  sha256 {e['sha256'][:16]}…" for rel, e in m["files"].items()]
+    for rel, counts in ops.items():
+        lines.append(f"  ops in {rel} ({sum(counts.values())} nodes):")
+        lines += [f"    {k:32s} {v}" for k, v in counts.items()]
+    p = m.get("parity")
+    if p:
+        lines.append(f"  parity   {'PASS' if p['passed'] else 'FAIL'}: logits max abs {p['logits_max_abs']:.2e}, "
+                     f"greedy {p['greedy_tokens_matching']}/{p['new_tokens']}")
+    _emit(args, payload, "\n".join(lines))
+    return 0
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    from qwen3export.targets import TARGETS
+
+    payload = {"targets": [t.to_dict() for t in TARGETS.values()]}
+    lines = [f"{t.name:10s} {t.arch or '-':7s} dtypes {','.join(t.dtypes):16s} backends {','.join(t.backends):12s} "
+             f"{t.description}" for t in TARGETS.values()]
+    _emit(args, payload, "\n".join(lines))
+    return 0
+
+
+# ------------------------------------------------------------------------- parser
+def make_parser() -> argparse.ArgumentParser:
+    from .pipeline import BACKENDS
+
+    p = argparse.ArgumentParser(prog="qwen3export", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_: str, fn) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+        sp.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    b = add("build", "build, verify and write an engine artifact", cmd_build)
+    b.add_argument("--model", default="tiny-moe", help="Hugging Face Qwen3 folder or preset name (default tiny-moe)")
+    b.add_argument("--target", default="cpu", help="target name (see `qwen3export targets`; default cpu)")
+    b.add_argument("--backend", default="onnx", help=f"comma-separated backends ({', '.join(BACKENDS)})")
+    b.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16 (default fp32)")
+    b.add_argument("--out", help="artifact folder (default dist/<model>-<target>-<backend>)")
+    b.add_argument("--force", action="store_true", help="replace an existing output folder")
+    b.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights (default 0)")
+    b.add_argument("--dump-ir", metavar="DIR", help="write each phase's graph into DIR")
+
+    r = add("run", "generate tokens with an artifact's engine", cmd_run)
+    r.add_argument("artifact")
+    r.add_argument("--prompt-ids", required=True, help="comma-separated prompt token ids, e.g. 1,2,3")
+    r.add_argument("--max-new-tokens", type=int, default=32)
+    r.add_argument("--greedy", action="store_true", help="argmax decoding (the default until sampling lands)")
+    r.add_argument("--no-stop", action="store_true", help="do not stop at the model's EOS tokens")
+    r.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+
+    v = add("verify", "re-run the parity check of an artifact against eager PyTorch", cmd_verify)
+    v.add_argument("artifact")
+    v.add_argument("--model", help="checkpoint folder or preset to rebuild eager from (default: as recorded)")
+    v.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+
+    i = add("inspect", "show an artifact's manifest, files and ONNX op counts", cmd_inspect)
+    i.add_argument("artifact")
+
+    add("targets", "list the known targets", cmd_targets)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("QWEN3EXPORT_DEBUG") == "1"
+    try:
+        return args.fn(args)
+    except Qwen3ExportError as e:
+        if debug:
+            traceback.print_exc()
+        _eprint(f"qwen3export: error: {e}")
+        return EXIT_ERROR
+    except BrokenPipeError:  # e.g. `qwen3export inspect … | head`
+        sys.stdout = open(os.devnull, "w")
+        return 0
+    except KeyboardInterrupt:
+        _eprint("qwen3export: interrupted; nothing half-written was left behind")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The build pipeline: one ordered list of stages, load -> capture -> emit -> verify -> seal.
+
+Each stage takes values and returns new ones; the CLI and CI call `build`. Progress goes to a
+callback (the CLI prints it to stderr so `--json` output stays clean).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from qwen3export.targets import get_target
+
+from . import artifact as art
+from .backends import onnx as onnx_backend
+from .capture import capture
+from .errors import ParityError, TargetError
+from .model import DEFAULT_SEED, ModelRef, build_module, resolve, resolve_ref
+from .parity import check_parity, summary_line
+from .runner import open_engine
+from .spec import ModelSpec
+from .weights import parse_dtype
+
+BACKENDS = ("onnx",)
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    model: str = "tiny-moe"
+    target: str = "cpu"
+    backends: tuple[str, ...] = ("onnx",)
+    dtype: str = "fp32"
+    out: Path | None = None  # artifact folder (one backend) or parent folder (several); default ./dist
+    force: bool = False
+    seed: int = DEFAULT_SEED
+    dump_ir: Path | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)  # preset field overrides
+
+
+@dataclass
+class BuildResult:
+    path: Path
+    manifest: dict[str, Any]
+
+
+def artifact_name(spec: ModelSpec, target: str, backend: str) -> str:
+    return f"{spec.name.lower()}-{target}-{backend}"
+
+
+class _Stages:
+    """Numbered progress lines with timings: `[2/4] capture: torch.export ... done in 3.1 s`."""
+
+    def __init__(self, total: int, progress: Progress):
+        self.total, self.progress, self.n = total, progress, 0
+
+    def run(self, name: str, what: str, fn: Callable[[], Any]) -> Any:
+        self.n += 1
+        self.progress(f"[{self.n}/{self.total}] {name}: {what} ...")
+        t0 = time.perf_counter()
+        out = fn()
+        self.progress(f"[{self.n}/{self.total}] {name}: done in {time.perf_counter() - t0:.1f} s")
+        return out
+
+
+def _dump(folder: Path | None, name: str, text: str) -> None:
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+
+
+def check_options(opts: BuildOptions):
+    """Validate target, backends and dtype before any weight is read."""
+    target = get_target(opts.target)
+    if not opts.backends:
+        raise TargetError("no backend given; pass --backend onnx")
+    for b in opts.backends:
+        if b not in BACKENDS:
+            raise TargetError(f"unknown backend {b!r}; known backends: {', '.join(BACKENDS)}")
+        target.check_backend(b)
+    parse_dtype(opts.dtype)
+    target.check_dtype(opts.dtype)
+    return target
+
+
+def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[BuildResult]:
+    target = check_options(opts)
+    spec, source, ref = resolve(opts.model, opts.seed, **opts.overrides)
+    dtype = parse_dtype(opts.dtype)
+    stages = _Stages(2 + 3 * len(opts.backends), progress)
+
+    # 1. load: weights streamed tensor by tensor into the module (see weights.py)
+    module = stages.run("load", f"{source.description} as {opts.dtype}", lambda: build_module(spec, source, dtype))
+    # 2. capture: one ExportedProgram for prefill and decode
+    ep = stages.run("capture", "torch.export (dynamic batch, sequence, cache length)", lambda: capture(module))
+    _dump(opts.dump_ir, "01-capture.txt", str(ep.graph_module.code))
+
+    results = []
+    for backend in opts.backends:
+        out = opts.out or Path("dist")
+        if opts.out is None or len(opts.backends) > 1:
+            out = out / artifact_name(spec, target.name, backend)
+        with art.staging(out, opts.force) as tmp:
+            manifest = art.default_manifest(
+                model={"ref": ref.to_dict(), "spec": spec.to_dict(), "param_count": spec.param_count()},
+                target=target.to_dict(), backend=backend, dtype=opts.dtype)
+            # 3. emit
+            manifest["engine"] = stages.run("emit", f"{backend} engine -> {out}",
+                                            lambda: onnx_backend.emit_decoder(ep, spec, tmp))
+            # 4. verify: the engine against eager PyTorch on the same weights
+            report = stages.run("verify", "parity against eager PyTorch",
+                                lambda: verify_engine(art.Artifact(tmp, manifest), module))
+            progress(summary_line(report))
+            if not report["passed"]:
+                raise ParityError(f"engine failed the parity gate ({'; '.join(report['failures'])}); no artifact "
+                                  "was written: report this with --debug output")
+            manifest["parity"] = report
+            # 5. seal: checksums of every file into the manifest, then the atomic rename
+            stages.run("seal", "checksums + manifest", lambda: art.seal(tmp, manifest))
+        results.append(BuildResult(out, manifest))
+    return results
+
+
+def verify_engine(artifact: art.Artifact, eager: torch.nn.Module, threads: int | None = None) -> dict[str, Any]:
+    engine = open_engine(artifact, threads)
+    report = check_parity(engine, engine.empty_cache(2), eager, eager.empty_cache(2),
+                          eager.spec.vocab_size, artifact.manifest["dtype"])
+    report["providers"] = engine.providers
+    return report
+
+
+def eager_for(artifact: art.Artifact, model_override: str | None = None) -> torch.nn.Module:
+    """Rebuild the eager model an artifact was built from (its recorded source, or `model_override`)."""
+    m = artifact.manifest
+    ref = ModelRef.from_dict(m["model"]["ref"])
+    if model_override is not None:
+        spec, source, _ = resolve(model_override, ref.seed, **dict(ref.overrides)) if ref.kind == "preset" \
+            else resolve(model_override)
+    else:
+        spec, source = resolve_ref(ref)
+    if spec.to_dict() | {"name": ""} != m["model"]["spec"] | {"name": ""}:
+        raise ParityError(f"model {ref.name} no longer matches the artifact's model spec; pass --model with the "
+                          "checkpoint the artifact was built from")
+    return build_module(spec, source, parse_dtype(m["dtype"]))

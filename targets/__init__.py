@@ -1,0 +1,10 @@
+"""Targets: one frozen spec per deployment machine (GPU or CPU), validated once, looked up by name.
+
+The emit, tune and verify stages read a Target; nothing else knows what hardware is behind a name.
+"""
+
+from __future__ import annotations
+
+from .spec import TARGETS, Target, get_target, target_names
+
+__all__ = ["TARGETS", "Target", "get_target", "target_names"]
