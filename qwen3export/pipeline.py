@@ -18,7 +18,7 @@ from qwen3export.targets import get_target
 from . import artifact as art
 from .backends import onnx as onnx_backend
 from .capture import capture
-from .errors import ParityError, TargetError
+from .errors import InputError, ParityError, TargetError
 from .model import DEFAULT_SEED, ModelRef, build_module, resolve, resolve_ref
 from .parity import check_parity, summary_line
 from .runner import open_engine
@@ -50,6 +50,13 @@ class BuildResult:
 
 def artifact_name(spec: ModelSpec, target: str, backend: str) -> str:
     return f"{spec.name.lower()}-{target}-{backend}"
+
+
+def output_folder(opts: BuildOptions, spec: ModelSpec, target: str, backend: str) -> Path:
+    """--out names the artifact folder for one backend, the parent folder for several; default ./dist/<name>."""
+    if opts.out is not None and len(opts.backends) == 1:
+        return opts.out
+    return (opts.out or Path("dist")) / artifact_name(spec, target, backend)
 
 
 class _Stages:
@@ -91,6 +98,10 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
     target = check_options(opts)
     spec, source, ref = resolve(opts.model, opts.seed, **opts.overrides)
     dtype = parse_dtype(opts.dtype)
+    outs = {b: output_folder(opts, spec, target.name, b) for b in opts.backends}
+    for out in outs.values():  # refuse before spending minutes on a build
+        if out.exists() and not opts.force:
+            raise InputError(f"output folder {out} already exists; pass --force to replace it or choose --out")
     stages = _Stages(2 + 3 * len(opts.backends), progress)
 
     # 1. load: weights streamed tensor by tensor into the module (see weights.py)
@@ -101,9 +112,7 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
 
     results = []
     for backend in opts.backends:
-        out = opts.out or Path("dist")
-        if opts.out is None or len(opts.backends) > 1:
-            out = out / artifact_name(spec, target.name, backend)
+        out = outs[backend]
         with art.staging(out, opts.force) as tmp:
             manifest = art.default_manifest(
                 model={"ref": ref.to_dict(), "spec": spec.to_dict(), "param_count": spec.param_count()},

@@ -166,7 +166,8 @@ class RandomSource:
         return self._shapes[name]
 
     def get(self, name: str) -> torch.Tensor:
-        g = torch.Generator().manual_seed((self.seed << 32) ^ zlib.crc32(name.encode()))
+        # torch's CPU generator keeps only 32 bits of a seed: fold (seed, name) into them
+        g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{name}".encode()))
         t = torch.randn(self._shapes[name], generator=g, dtype=torch.float32)
         if name.endswith("norm.weight"):
             return 1.0 + 0.1 * t
@@ -224,3 +225,39 @@ def load_into(module: torch.nn.Module, spec: ModelSpec, source: WeightSource, dt
             continue
         for e, names in enumerate(rows):  # one expert at a time keeps peak memory at one expert
             dst[e].copy_(torch.cat([source.get(n).to(dtype) for n in names], 0))
+
+
+def save_hf_checkpoint(spec: ModelSpec, source: WeightSource, folder: str | Path, dtype: torch.dtype = torch.float32,
+                       max_shard_bytes: int | None = None) -> Path:
+    """Write `source` as a Hugging Face folder (config.json + safetensors, sharded with an index when
+    max_shard_bytes is given), one shard in memory at a time. Used to hand a preset's random weights to
+    other tools (transformers, benchmarks) bit for bit."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch_dtype = str(dtype).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps({**spec.to_hf_config(), "torch_dtype": torch_dtype}, indent=2))
+    shapes = expected_tensors(spec)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for n in sorted(shapes):
+        nbytes = torch.Size(shapes[n]).numel() * dtype.itemsize
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(n)
+        size += nbytes
+    if len(shards) == 1:
+        save_file({n: source.get(n).to(dtype).contiguous() for n in shards[0]}, str(folder / "model.safetensors"),
+                  metadata={"format": "pt"})
+        return folder
+    weight_map = {}
+    for i, group in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: source.get(n).to(dtype).contiguous() for n in group}, str(folder / fname),
+                  metadata={"format": "pt"})
+        weight_map.update({n: fname for n in group})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
+                                                                    indent=2))
+    return folder

@@ -1,0 +1,208 @@
+"""End to end through the `qwen3export` CLI: build, run, verify, inspect, targets, and bad input.
+
+Engines are checked against transformers' generate on the same weights (HF's own checkpoint folder,
+and presets' random weights written as a HF folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+import transformers
+
+from qwen3export.cli import main
+from qwen3export.spec import preset
+from qwen3export.weights import RandomSource, save_hf_checkpoint
+
+from conftest import save_hf_checkpoint as save_transformers_checkpoint
+
+PROMPT = [151644, 872, 198, 9707, 11, 1879, 0, 151667]
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def hf_generate(folder: Path, prompt: list[int], n: int) -> list[int]:
+    cfg = transformers.AutoConfig.from_pretrained(folder)
+    cls = transformers.Qwen3MoeForCausalLM if cfg.model_type == "qwen3_moe" else transformers.Qwen3ForCausalLM
+    hf = cls.from_pretrained(folder, attn_implementation="eager").eval()
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                          eos_token_id=list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, list) else cfg.eos_token_id,
+                          pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def default_build(tmp_path_factory):
+    """`qwen3export build` with no options, run from an empty folder: tiny-moe for cpu into ./dist."""
+    cwd = tmp_path_factory.mktemp("default")
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        assert main(["build"]) == 0
+    finally:
+        os.chdir(old)
+    return cwd / "dist" / "tiny-moe-cpu-onnx"
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "art"
+    assert main(["build", "--model", "tiny", "--out", str(out), "--seed", "1"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_moe_folder(tmp_path_factory):
+    """A transformers-written Qwen3-MoE checkpoint (its own save_pretrained), real vocabulary."""
+    folder = tmp_path_factory.mktemp("hfmoe")
+    save_transformers_checkpoint(preset("tiny-moe").replace(norm_topk_prob=True), folder, seed=5,
+                                 max_shard_size="20MB")
+    return folder
+
+
+def test_default_build_layout_and_manifest(default_build):
+    m = json.loads((default_build / "manifest.json").read_text())
+    assert m["backend"] == "onnx" and m["target"]["name"] == "cpu" and m["dtype"] == "fp32"
+    assert m["model"]["spec"]["name"] == "tiny-moe" and m["model"]["ref"] == {
+        "kind": "preset", "name": "tiny-moe", "seed": 0, "overrides": {}}
+    assert set(m["files"]) == {"decoder.onnx"}
+    assert m["parity"]["passed"] and m["parity"]["logits_max_abs"] <= 1e-4 and m["parity"]["greedy_match"]
+    assert {"torch", "onnx", "onnxruntime-gpu", "qwen3export"} <= set(m["versions"])
+    sess_inputs = [i.name for i in onnx.load(str(default_build / "decoder.onnx"), load_external_data=False).graph.input]
+    assert sess_inputs[:4] == ["input_ids", "position_ids", "attention_mask", "past_key_values.0.key"]
+    assert not [p for p in default_build.parent.iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+
+def test_default_build_runs_like_transformers(default_build, tmp_path, capsys):
+    spec = preset("tiny-moe")
+    folder = save_hf_checkpoint(spec, RandomSource(spec, seed=0), tmp_path / "hf")
+    code, out, _ = cli(capsys, "run", default_build, "--prompt-ids", ",".join(map(str, PROMPT)),
+                       "--max-new-tokens", 12, "--greedy", "--json")
+    assert code == 0
+    assert json.loads(out)["tokens"] == hf_generate(folder, PROMPT, 12)
+
+
+def test_tiny_build_runs_like_transformers(tiny_build, tmp_path, capsys):
+    spec = preset("tiny")
+    folder = save_hf_checkpoint(spec, RandomSource(spec, seed=1), tmp_path / "hf")
+    code, out, _ = cli(capsys, "run", tiny_build, "--prompt-ids", "5,6,7", "--max-new-tokens", 20, "--json")
+    assert code == 0
+    assert json.loads(out)["tokens"] == hf_generate(folder, [5, 6, 7], 20)
+
+
+def test_build_from_transformers_moe_checkpoint(hf_moe_folder, tmp_path, capsys):
+    out_dir = tmp_path / "moe-art"
+    code, out, err = cli(capsys, "build", "--model", hf_moe_folder, "--target", "cpu", "--out", out_dir, "--json")
+    assert code == 0, err
+    report = json.loads(out)["artifacts"][0]["parity"]
+    assert report["passed"] and report["greedy_tokens_matching"] == 32
+    assert "[3/5] emit" in err  # progress on stderr
+    code, out, _ = cli(capsys, "run", out_dir, "--prompt-ids", "1,2,3,4", "--max-new-tokens", 16, "--json")
+    assert json.loads(out)["tokens"] == hf_generate(hf_moe_folder, [1, 2, 3, 4], 16)
+
+
+def test_verify_inspect_targets(tiny_build, capsys):
+    code, out, _ = cli(capsys, "verify", tiny_build, "--json")
+    assert code == 0 and json.loads(out)["passed"]
+    code, out, _ = cli(capsys, "inspect", tiny_build, "--json")
+    info = json.loads(out)
+    assert code == 0 and info["op_counts"]["decoder.onnx"]["MatMul"] > 0
+    assert info["files"]["decoder.onnx"]["size"] == (tiny_build / "decoder.onnx").stat().st_size
+    code, out, _ = cli(capsys, "inspect", tiny_build)
+    assert "sha256" in out and "MatMul" in out
+    code, out, _ = cli(capsys, "targets", "--json")
+    assert code == 0 and "cpu" in [t["name"] for t in json.loads(out)["targets"]]
+
+
+def test_every_command_has_help():
+    for cmd in ([], ["build"], ["run"], ["verify"], ["inspect"], ["targets"]):
+        r = subprocess.run([sys.executable, "-m", "qwen3export.cli", *cmd, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0 and "usage: qwen3export" in r.stdout
+
+
+def _one_line_error(code, err, *needles):
+    assert code != 0
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("qwen3export: error: "), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("argv,needles", [
+    (["build", "--model", "/no/such/folder"], ["/no/such/folder", "does not exist"]),
+    (["build", "--model", "qwen3-7b"], ["unknown preset 'qwen3-7b'", "tiny-moe"]),
+    (["build", "--target", "tpu9"], ["unknown target 'tpu9'", "cpu"]),
+    (["build", "--backend", "coreml"], ["unknown backend 'coreml'", "onnx"]),
+    (["build", "--dtype", "bf16"], ["target cpu cannot run dtype bf16", "--dtype fp32"]),
+    (["build", "--dtype", "fp8"], ["unknown dtype 'fp8'"]),
+])
+def test_bad_build_input(argv, needles, capsys, tmp_path):
+    code, out, err = cli(capsys, *argv, "--out", tmp_path / "o")
+    _one_line_error(code, err, *needles)
+    assert not (tmp_path / "o").exists()
+
+
+def test_malformed_config(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text('{"model_type": "qwen3", "hidden_size": ')
+    code, _, err = cli(capsys, "build", "--model", tmp_path / "m", "--out", tmp_path / "o")
+    _one_line_error(code, err, "config.json is not valid JSON")
+
+
+@pytest.mark.parametrize("argv,needles", [
+    (["--prompt-ids", "1,2,151936"], ["token id 151936 is out of range", "0..151935"]),
+    (["--prompt-ids", "-1"], ["token id -1 is out of range"]),
+    (["--prompt-ids", ""], ["--prompt-ids is empty"]),
+    (["--prompt-ids", "1,x"], ["comma-separated integers"]),
+    (["--prompt-ids", "1", "--max-new-tokens", "0"], ["--max-new-tokens must be >= 1"]),
+    (["--prompt-ids", "1", "--max-new-tokens", "5000"], ["max_position_embeddings"]),
+])
+def test_bad_run_input(tiny_build, argv, needles, capsys):
+    code, out, err = cli(capsys, "run", tiny_build, *argv)
+    _one_line_error(code, err, *needles)
+    assert out == ""
+
+
+def test_existing_output_needs_force(tiny_build, capsys):
+    before = (tiny_build / "manifest.json").read_bytes()
+    code, _, err = cli(capsys, "build", "--model", "tiny", "--out", tiny_build)
+    _one_line_error(code, err, "already exists", "--force")
+    assert (tiny_build / "manifest.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda a: (a / "decoder.onnx").write_bytes((a / "decoder.onnx").read_bytes()[:-100]), "decoder.onnx has"),
+    (lambda a: _flip_byte(a / "decoder.onnx"), "decoder.onnx does not match its sha256"),
+    (lambda a: (a / "decoder.onnx").unlink(), "decoder.onnx is missing"),
+    (lambda a: (a / "manifest.json").write_text((a / "manifest.json").read_text().replace('"fp32"', '"fp16"', 1)),
+     "manifest.json was modified"),
+    (lambda a: (a / "manifest.json").unlink(), "no manifest.json"),
+])
+def test_tampered_artifact_is_refused(tiny_build, tmp_path, damage, needle, capsys):
+    art = tmp_path / "copy"
+    shutil.copytree(tiny_build, art)
+    damage(art)
+    for cmd in (["run", art, "--prompt-ids", "1"], ["verify", art], ["inspect", art]):
+        code, _, err = cli(capsys, *cmd)
+        _one_line_error(code, err, needle)
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))

@@ -1,0 +1,80 @@
+"""Build pipeline guarantees: the parity gate stops a wrong engine, and an interrupted build leaves
+nothing that looks complete. Faults are injected into the real engine file, not into the checker."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import qwen3export.backends.onnx as onnx_backend
+from qwen3export import artifact as art
+from qwen3export.cli import main
+
+
+def _perturb_q_norm(path, factor=1.01):
+    """Scale layer 0's q_norm weight inside an emitted ONNX file (a subtly wrong engine)."""
+    model = onnx.load(str(path))
+    for init in model.graph.initializer:
+        if "layers.0.self_attn.q_norm" in init.name:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(factor), init.name))
+            break
+    else:
+        raise AssertionError("q_norm initializer not found")
+    onnx.save(model, str(path))
+
+
+def test_parity_gate_rejects_a_wrong_engine(monkeypatch, tmp_path, capsys):
+    real_emit = onnx_backend.emit_decoder
+
+    def wrong_emit(ep, spec, folder):
+        info = real_emit(ep, spec, folder)
+        _perturb_q_norm(folder / info["file"])
+        return info
+
+    monkeypatch.setattr(onnx_backend, "emit_decoder", wrong_emit)
+    out = tmp_path / "art"
+    code = main(["build", "--model", "tiny", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "parity FAIL" in err and "qwen3export: error: engine failed the parity gate" in err
+    assert "logits max abs error" in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_build_leaves_nothing(monkeypatch, tmp_path, capsys):
+    def interrupted_emit(ep, spec, folder):
+        (folder / "decoder.onnx").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx_backend, "emit_decoder", interrupted_emit)
+    out = tmp_path / "art"
+    assert main(["build", "--model", "tiny", "--out", str(out)]) == 130
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_reports_failure_of_a_resealed_wrong_engine(tmp_path, capsys):
+    out = tmp_path / "art"
+    assert main(["build", "--model", "tiny", "--out", str(out)]) == 0
+    _perturb_q_norm(out / "decoder.onnx")
+    a = art.load_artifact(out, verify_checksums=False)
+    art.seal(out, a.manifest)  # checksums now match the wrong engine: only parity can catch it
+    capsys.readouterr()
+    assert main(["verify", str(out), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert not report["passed"] and report["logits_max_abs"] > 1e-4
+    assert json.loads((out / "manifest.json").read_text())["parity"]["passed"] is False
+    art.load_artifact(out)  # the updated manifest is still consistent
+
+
+def test_force_replaces_atomically(tmp_path, capsys):
+    out = tmp_path / "art"
+    assert main(["build", "--model", "tiny", "--out", str(out), "--seed", "1"]) == 0
+    first = json.loads((out / "manifest.json").read_text())["files"]["decoder.onnx"]["sha256"]
+    assert main(["build", "--model", "tiny", "--out", str(out), "--seed", "2", "--force"]) == 0
+    second = art.load_artifact(out).manifest
+    assert second["files"]["decoder.onnx"]["sha256"] != first and second["model"]["ref"]["seed"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]
