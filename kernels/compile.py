@@ -1,0 +1,230 @@
+"""Cross-compile kernel configs for sm_80/86/89/90 with no GPU and read registers, spills and shared memory.
+
+Feeds the `kernels` backend and `qwen3export kernels compile`: `compile_report(arch)` says which configs
+fit each arch. Compiling takes ~0.5-3 s per function, so measurements are cached on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import triton
+
+from qwen3export.kernels.config import ArchLimits, CompileSpec, KernelConfig, arch_limits
+from qwen3export.kernels.launch import INTERPRET_ENV, as_jit
+
+KERNELS = ("rms_norm", "qk_norm_rope", "attention_prefill", "attention_decode", "moe_routing", "moe_align",
+           "fused_moe")
+DTYPES = ("fp16", "bf16", "fp32")
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "qwen3export" / "kernel-compile"
+# cuobjdump --dump-resource-usage prints, per function: "REG:86 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:408 …"
+_RESOURCE_LINE = re.compile(r"Function\s+(\S+):\s*\n\s*REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+
+
+def kernel_module(name: str):
+    if name not in KERNELS:
+        from qwen3export.errors import InputError
+        raise InputError(f"unknown kernel {name!r}; known kernels: {', '.join(KERNELS)}")
+    return importlib.import_module(f"qwen3export.kernels.{name}")
+
+
+def _cuobjdump() -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+def parse_resource_usage(text: str) -> dict[str, dict[str, int]]:
+    """cuobjdump --dump-resource-usage text -> {function: {registers, stack, shared, local}}."""
+    return {m[1]: {"registers": int(m[2]), "stack": int(m[3]), "shared": int(m[4]), "local": int(m[5])}
+            for m in _RESOURCE_LINE.finditer(text)}
+
+
+def cross_compile(spec: CompileSpec, cc: int):
+    """triton.compile of one spec for compute capability `cc` (no GPU needed); returns triton's CompiledKernel."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = as_jit(spec.fn)
+    signature, attrs = {}, {}
+    for index, name in enumerate(fn.arg_names):
+        if name in spec.constexprs:
+            signature[name] = "constexpr"
+        elif name in spec.pointers:
+            signature[name] = "*" + spec.pointers[name]
+            attrs[(index,)] = [["tt.divisibility", 16]]  # torch allocations are 256-byte aligned
+        else:
+            signature[name] = spec.scalars.get(name, "i32")
+            if name in spec.aligned:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn, signature, constexprs=dict(spec.constexprs), attrs=attrs)
+    # enable_fp_fusion given explicitly: Triton 3.9 warns that its default (on) changes in 3.10
+    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages, "enable_fp_fusion": True}
+    return triton.compile(source, target=GPUTarget("cuda", cc, 32), options=options)
+
+
+def measure(spec: CompileSpec, cc: int) -> dict[str, Any]:
+    """Compile one spec and read REG / STACK / SHARED / LOCAL from its cubin with the bundled cuobjdump."""
+    start = time.perf_counter()
+    try:
+        compiled = cross_compile(spec, cc)
+    except Exception as exc:  # a config the compiler rejects is a result, not a crash
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300],
+                "seconds": round(time.perf_counter() - start, 2)}
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        text = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(cubin)], capture_output=True,
+                              text=True, check=True).stdout
+    usage = parse_resource_usage(text).get(compiled.metadata.name)
+    if usage is None:
+        return {"error": f"cuobjdump printed no resource usage for {compiled.metadata.name}",
+                "seconds": round(time.perf_counter() - start, 2)}
+    # Triton allocates its shared memory dynamically (metadata.shared); cuobjdump's SHARED is the static part
+    return {"registers": usage["registers"], "spill_bytes": usage["stack"], "local_bytes": usage["local"],
+            "shared_bytes": usage["shared"] + compiled.metadata.shared, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def verdict(measured: dict[str, Any], num_warps: int, limits: ArchLimits) -> tuple[bool, str]:
+    """valid = compiled, no spills, shared memory and registers within the arch's per-block limits."""
+    if "error" in measured:
+        return False, f"compile failed: {measured['error']}"
+    threads = 32 * num_warps
+    block_regs = limits.block_registers(measured["registers"], num_warps)
+    reasons = []
+    if measured["spill_bytes"] or measured["local_bytes"]:
+        reasons.append(f"spills {measured['spill_bytes']} B stack / {measured['local_bytes']} B local")
+    if measured["shared_bytes"] > limits.max_shared_per_block:
+        reasons.append(f"shared {measured['shared_bytes']} B > {limits.max_shared_per_block} B per block")
+    if measured["registers"] > limits.registers_per_thread:
+        reasons.append(f"{measured['registers']} registers > {limits.registers_per_thread} per thread")
+    if block_regs > limits.registers_per_block:
+        reasons.append(f"{block_regs} registers per block > {limits.registers_per_block}")
+    if threads > limits.max_threads_per_block:
+        reasons.append(f"{threads} threads > {limits.max_threads_per_block} per block")
+    return not reasons, "; ".join(reasons) or "ok"
+
+
+def _jobs(arch: ArchLimits, kernels, dtype: str, configs) -> list[dict[str, Any]]:
+    jobs = []
+    for name in kernels:
+        module = kernel_module(name)
+        if configs == "space":
+            chosen = [c for c in module.CONFIG_SPACE if module.keep(c, arch)]
+        elif configs == "default":
+            chosen = [module.DEFAULT_CONFIG]
+        else:
+            chosen = [c for c in configs if c.kernel == name]
+        for config in chosen:
+            for shape in module.COMPILE_SHAPES:
+                for index, spec in enumerate(module.compile_specs(config, dtype, shape)):
+                    jobs.append({"kernel": name, "config": config.to_dict(), "dtype": dtype, "shape": shape,
+                                 "index": index, "cc": arch.compute_capability, "spec": spec})
+    return jobs
+
+
+def _cache_key(job: dict[str, Any]) -> str:
+    source = Path(kernel_module(job["kernel"]).__file__).read_bytes()
+    key = {"source": hashlib.sha256(source).hexdigest(), "triton": triton.__version__,
+           **{k: job[k] for k in ("kernel", "config", "dtype", "shape", "index", "cc")}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _spec_of(job: dict[str, Any]) -> CompileSpec:
+    module = kernel_module(job["kernel"])
+    return module.compile_specs(KernelConfig.from_dict(job["config"]), job["dtype"], job["shape"])[job["index"]]
+
+
+def _interpreting() -> bool:
+    from triton.language import standard
+
+    return type(standard.sum).__name__ == "InterpretedFunction"
+
+
+def _measure_in_subprocesses(jobs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
+    """Compile in clean interpreters: one that imported triton in interpreter mode cannot compile."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", INTERPRET_ENV)}
+    portable = [{k: v for k, v in job.items() if k != "spec"} for job in jobs]
+    chunks = [portable[i::workers] for i in range(workers)]
+    procs = [subprocess.Popen([sys.executable, "-m", "qwen3export.kernels.compile"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for chunk in chunks if chunk]
+    outputs = [proc.communicate(json.dumps(chunk)) for proc, chunk in zip(procs, chunks)]
+    results: list[dict[str, Any]] = [{}] * len(jobs)
+    for worker, (proc, (stdout, stderr)) in enumerate(zip(procs, outputs)):
+        if proc.returncode != 0:
+            raise RuntimeError(f"kernel compile worker failed: {stderr.strip().splitlines()[-1:]}")
+        for offset, measured in enumerate(json.loads(stdout)):
+            results[worker + offset * workers] = measured
+    return results
+
+
+def compile_report(arch_or_cc: str | int, kernels: list[str] | None = None, dtype: str = "fp16", *,
+                   configs: str | list[KernelConfig] = "space", cache_dir: str | Path | None = None,
+                   workers: int = 1) -> list[dict[str, Any]]:
+    """Cross-compile kernel configs for one arch; one record per (config, shape, Triton function).
+
+    configs: "space" (each kernel's CONFIG_SPACE after its keep filter), "default" (DEFAULT_CONFIG) or
+    an explicit list. Each record: {kernel, function, arch, dtype, shape, config (label), blocks, meta,
+    num_warps, num_stages, registers, spill_bytes, local_bytes, shared_bytes, compile_seconds, cached,
+    valid, reason}; a config is usable on the arch when all its records are valid.
+    """
+    from qwen3export.errors import InputError
+
+    if dtype not in DTYPES:
+        raise InputError(f"kernel compile dtype {dtype!r} unknown; choose from {', '.join(DTYPES)}")
+    arch = arch_limits(arch_or_cc)
+    jobs = _jobs(arch, kernels or KERNELS, dtype, configs)
+    cache = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
+    cache.mkdir(parents=True, exist_ok=True)
+    keys = [_cache_key(job) for job in jobs]
+    measured = [json.loads((cache / f"{k}.json").read_text()) if (cache / f"{k}.json").exists() else None
+                for k in keys]
+    todo = [i for i, m in enumerate(measured) if m is None]
+    if todo and (workers > 1 or _interpreting()):
+        fresh = _measure_in_subprocesses([jobs[i] for i in todo], max(1, workers))
+    else:
+        fresh = [measure(jobs[i]["spec"], arch.compute_capability) for i in todo]
+    for i, result in zip(todo, fresh):
+        (cache / f"{keys[i]}.json").write_text(json.dumps(result, sort_keys=True))
+        measured[i] = dict(result, fresh=True)
+    records = []
+    for job, result in zip(jobs, measured):
+        config = KernelConfig.from_dict(job["config"])
+        valid, reason = verdict(result, config.num_warps, arch)
+        records.append({
+            "kernel": job["kernel"], "function": as_jit(job["spec"].fn).__name__, "arch": arch.arch,
+            "dtype": dtype, "shape": job["spec"].shape, "config": config.label, "blocks": dict(config.blocks),
+            "meta": dict(config.meta), "num_warps": config.num_warps, "num_stages": config.num_stages,
+            "registers": result.get("registers"), "spill_bytes": result.get("spill_bytes"),
+            "local_bytes": result.get("local_bytes"), "shared_bytes": result.get("shared_bytes"),
+            "compile_seconds": result.get("seconds"), "cached": not result.get("fresh", False),
+            "valid": valid, "reason": reason})
+    return records
+
+
+def valid_configs(records: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """kernel -> labels of the configs whose every record (shape x function) is valid."""
+    verdicts: dict[tuple[str, str], bool] = {}
+    for r in records:
+        key = (r["kernel"], r["config"])
+        verdicts[key] = verdicts.get(key, True) and r["valid"]
+    out: dict[str, list[str]] = {}
+    for (kernel, label), ok in verdicts.items():
+        out.setdefault(kernel, [])
+        if ok:
+            out[kernel].append(label)
+    return out
+
+
+if __name__ == "__main__":  # compile worker: JSON jobs on stdin -> JSON measurements on stdout
+    _jobs_in = json.loads(sys.stdin.read())
+    json.dump([measure(_spec_of(job), job["cc"]) for job in _jobs_in], sys.stdout)
