@@ -43,5 +43,23 @@ def capture(model: Qwen3Decoder, *, strict: bool = False) -> ExportedProgram:
     """
     model = model.eval()
     with torch.no_grad():
-        return torch.export.export(model, example_inputs(model), dynamic_shapes=dynamic_shapes(model),
-                                   strict=strict)
+        ep = torch.export.export(model, example_inputs(model), dynamic_shapes=dynamic_shapes(model),
+                                 strict=strict)
+    _widen_derived_ranges(ep)
+    return ep
+
+
+def _widen_derived_ranges(ep: ExportedProgram) -> None:
+    """Recompute the range of derived sizes (attention_mask length = past + seq) from their parts.
+
+    Export records the sum's range from the tracing hints (each part >= 2, so >= 4), which would make
+    ep.module() refuse a one-token prefill (past 0 + seq 1). The graph itself is valid for any sum of
+    valid parts, so the derived range is the sum of the parts' declared ranges.
+    """
+    from torch.utils._sympy.value_ranges import bound_sympy
+
+    rc = ep.range_constraints
+    symbols = {k: v for k, v in rc.items() if k.is_Symbol}
+    for expr in [k for k in rc if not k.is_Symbol]:
+        if expr.free_symbols <= set(symbols):
+            rc[expr] = bound_sympy(expr, symbols)
