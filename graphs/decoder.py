@@ -15,6 +15,8 @@ from torch import nn
 
 from qwen3export.spec import ModelSpec
 
+from .rope import rope_parameters
+
 KVCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per layer (key, value): [B, Hkv, P, D]
 
 
@@ -37,10 +39,13 @@ class RMSNorm(nn.Module):
         return rms_norm_reference(x, self.weight, self.eps)
 
 
-def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """cos/sin tables [B, S, D] for positions [B, S] (transformers Qwen3RotaryEmbedding: fp32 math)."""
+def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, scaling: float = 1.0):
+    """cos/sin tables [B, S, D] for positions [B, S] (transformers Qwen3RotaryEmbedding: fp32 math,
+    times YaRN's attention scaling when RoPE is scaled)."""
     freqs = position_ids.to(torch.float32)[..., None] * inv_freq  # [B, S, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [B, S, D]
+    if scaling != 1.0:
+        return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -216,9 +221,8 @@ class Qwen3Decoder(nn.Module):
         """Re-tie lm_head to the embedding and recompute RoPE frequencies (after to_empty / dtype moves)."""
         if self.spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        d = self.spec.head_dim
-        # transformers compute_default_rope_parameters: 1 / theta^(2i/d), in fp32
-        inv_freq = 1.0 / (self.spec.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        inv_freq, self.rope_scaling_factor = rope_parameters(self.spec.head_dim, self.spec.rope_theta,
+                                                             self.spec.rope_scaling)
         self.inv_freq = inv_freq.to(self.inv_freq.device)
 
     @classmethod
@@ -242,7 +246,7 @@ class Qwen3Decoder(nn.Module):
 
     def forward(self, input_ids, position_ids, attention_mask, past: KVCache):
         x = self.model.embed_tokens(input_ids)  # [B, S, H]
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype, self.rope_scaling_factor)
         mask = attention_mask_bias(attention_mask, input_ids.shape[1], x.dtype)
         present = []
         for layer, (pk, pv) in zip(self.model.layers, past):

@@ -27,8 +27,8 @@ def example_inputs(model: Qwen3Decoder, batch: int = 2, seq: int = 3, past: int 
 def dynamic_shapes(model: Qwen3Decoder):
     spec = model.spec
     batch = Dim("batch", min=1, max=MAX_BATCH)
-    seq = Dim("seq", min=1, max=spec.max_position_embeddings)
-    past = Dim("past", min=0, max=spec.max_position_embeddings)
+    seq = Dim("seq", min=1, max=spec.max_positions)
+    past = Dim("past", min=0, max=spec.max_positions)
     kv = {0: batch, 2: past}
     # attention_mask length is past + seq: Dim.AUTO lets export derive that relation
     return ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: Dim.AUTO},

@@ -45,10 +45,13 @@ def _parse_ids(text: str) -> list[int]:
 def cmd_build(args: argparse.Namespace) -> int:
     from .pipeline import BuildOptions, build
 
+    from qwen3export.graphs.rope import parse_rope_flag
+
     backends = tuple(b.strip() for b in args.backend.split(",") if b.strip())
+    overrides = {"rope_scaling": parse_rope_flag(args.rope_scaling)} if args.rope_scaling else {}
     opts = BuildOptions(model=args.model, target=args.target, backends=backends, dtype=args.dtype,
                         out=Path(args.out) if args.out else None, force=args.force, seed=args.seed,
-                        dump_ir=Path(args.dump_ir) if args.dump_ir else None)
+                        dump_ir=Path(args.dump_ir) if args.dump_ir else None, overrides=overrides)
     results = build(opts, progress=_eprint)
     payload = {"artifacts": [{"path": str(r.path), "backend": r.manifest["backend"],
                               "parity": r.manifest["parity"]} for r in results]}
@@ -76,10 +79,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     engine = open_engine(artifact, args.threads)
     prompt = torch.tensor([ids], dtype=torch.int64)
     check_token_ids(prompt, engine.spec.vocab_size)
-    limit = engine.spec.max_position_embeddings
+    limit = engine.spec.max_positions
     if len(ids) + args.max_new_tokens > limit:
         raise InputError(f"prompt ({len(ids)}) + --max-new-tokens ({args.max_new_tokens}) exceeds the model's "
-                         f"max_position_embeddings ({limit}); shorten one of them")
+                         f"{limit} positions (max_position_embeddings with RoPE scaling); shorten one of them "
+                         "or build with --rope-scaling yarn:4.0")
     tokens, _, _ = greedy_generate(engine, engine.empty_cache(1), prompt, torch.ones_like(prompt),
                                    args.max_new_tokens)
     new = tokens[0].tolist()
@@ -176,6 +180,8 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="replace an existing output folder")
     b.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights (default 0)")
     b.add_argument("--dump-ir", metavar="DIR", help="write each phase's graph into DIR")
+    b.add_argument("--rope-scaling", metavar="TYPE:FACTOR[:ORIG]",
+                   help="RoPE scaling, e.g. yarn:4.0 (131,072 positions for Qwen3, original window 32768)")
 
     r = add("run", "generate tokens with an artifact's engine", cmd_run)
     r.add_argument("artifact")

@@ -55,10 +55,13 @@ def resolve(model: str | Path, seed: int = DEFAULT_SEED, **overrides: Any) -> tu
     text = str(model)
     path = Path(text).expanduser()
     if path.is_dir():
-        if overrides:
+        if set(overrides) - {"rope_scaling"}:
             raise ConfigError("field overrides apply to presets only; edit the folder's config.json instead")
         spec = spec_from_hf_config(read_config(path), name=path.resolve().name, think_ids=read_think_ids(path))
-        return spec, SafetensorsSource(path), ModelRef("folder", str(path.resolve()))
+        if overrides:  # --rope-scaling: what Qwen3's model card tells users to add to config.json
+            spec = spec.replace(**overrides)
+        return spec, SafetensorsSource(path), ModelRef("folder", str(path.resolve()), DEFAULT_SEED,
+                                                       tuple(sorted(overrides.items())))
     if text in PRESETS:
         spec = preset(text, **overrides)
         return spec, RandomSource(spec, seed), ModelRef("preset", text, seed, tuple(sorted(overrides.items())))

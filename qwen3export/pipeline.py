@@ -147,8 +147,7 @@ def eager_for(artifact: art.Artifact, model_override: str | None = None) -> torc
     m = artifact.manifest
     ref = ModelRef.from_dict(m["model"]["ref"])
     if model_override is not None:
-        spec, source, _ = resolve(model_override, ref.seed, **dict(ref.overrides)) if ref.kind == "preset" \
-            else resolve(model_override)
+        spec, source, _ = resolve(model_override, ref.seed, **dict(ref.overrides))
     else:
         spec, source = resolve_ref(ref)
     if spec.to_dict() | {"name": ""} != m["model"]["spec"] | {"name": ""}:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qwen3export.graphs.rope import QWEN3_NATIVE_CONTEXT, normalise_rope_scaling, scaled_max_positions
+
 from .errors import ConfigError
 from . import tokens
 
@@ -38,6 +40,8 @@ class ModelSpec:
     max_position_embeddings: int = 40960
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    # None (plain RoPE) or {"rope_type": "yarn"|"linear", "factor": …, …} (graphs/rope.py)
+    rope_scaling: dict[str, Any] | None = None
     # MoE (model_type "qwen3_moe"); zeros for dense models
     num_experts: int = 0
     num_experts_per_tok: int = 0
@@ -70,6 +74,11 @@ class ModelSpec:
     @property
     def moe_layers(self) -> tuple[int, ...]:
         return tuple(i for i in range(self.num_hidden_layers) if self.layer_is_moe(i))
+
+    @property
+    def max_positions(self) -> int:
+        """Longest sequence (prompt + generated) the model serves, with RoPE scaling applied."""
+        return scaled_max_positions(self.max_position_embeddings, self.rope_scaling)
 
     @property
     def kv_groups(self) -> int:
@@ -111,6 +120,9 @@ class ModelSpec:
              f"must be a float in (0, 1), got {self.rms_norm_eps!r}")
         need(isinstance(self.rope_theta, float) and self.rope_theta > 0, "rope_theta",
              f"must be a positive number, got {self.rope_theta!r}")
+        if self.rope_scaling is not None:
+            need(normalise_rope_scaling(self.rope_scaling, QWEN3_NATIVE_CONTEXT) == self.rope_scaling,
+                 "rope_scaling", "must be a normalised dict (use graphs.rope.normalise_rope_scaling)")
         has_dense = any(not self.layer_is_moe(i) for i in range(self.num_hidden_layers))
         if self.model_type == "qwen3" or has_dense:
             need(isinstance(self.intermediate_size, int) and self.intermediate_size > 0,
@@ -179,6 +191,7 @@ class ModelSpec:
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "attention_bias": self.attention_bias,
+            "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": list(self.eos_token_ids),
         }
@@ -224,15 +237,16 @@ def spec_from_hf_config(cfg: dict[str, Any], name: str = "model",
             cfg["quantization_config"], dict) else "?"
         raise ConfigError(f"config.json has quantization_config (quant_method {qm!r}); pre-quantized "
                           "checkpoints are not supported yet: use the bf16/fp16 checkpoint")
-    # transformers 5 nests rope_theta in rope_parameters; released checkpoints keep it top-level
+    # transformers 5 nests rope_theta and the scaling in rope_parameters; released checkpoints keep
+    # rope_theta top-level and add "rope_scaling" for YaRN (Qwen3 model cards, "Processing Long Texts")
     rope = cfg.get("rope_parameters") or {}
-    rope_scaling = cfg.get("rope_scaling") or {}
-    rope_type = (rope_scaling.get("rope_type") or rope_scaling.get("type")
-                 or rope.get("rope_type") or "default") if isinstance(rope_scaling, dict) else "?"
-    if rope_type != "default":
-        raise ConfigError(f"config field 'rope_scaling' has rope_type {rope_type!r}; only default "
-                          "RoPE is supported yet: remove rope_scaling to run within the native window")
+    if not isinstance(rope, dict):
+        raise ConfigError("config field 'rope_parameters' must be an object")
     rope_theta = _field(cfg, "rope_theta", rope.get("rope_theta", 1_000_000.0))
+    raw_scaling = cfg.get("rope_scaling")
+    if raw_scaling is None and rope.get("rope_type", "default") != "default":
+        raw_scaling = rope
+    rope_scaling = normalise_rope_scaling(raw_scaling, QWEN3_NATIVE_CONTEXT)
     hidden = _field(cfg, "hidden_size")
     heads = _field(cfg, "num_attention_heads")
     head_dim = cfg.get("head_dim")
@@ -262,6 +276,7 @@ def spec_from_hf_config(cfg: dict[str, Any], name: str = "model",
             max_position_embeddings=_field(cfg, "max_position_embeddings", 40960),
             tie_word_embeddings=bool(_field(cfg, "tie_word_embeddings", False)),
             attention_bias=bool(_field(cfg, "attention_bias", False)),
+            rope_scaling=rope_scaling,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             think_token_id=think_ids[0],
@@ -305,12 +320,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # layers. head_dim (32) != hidden/heads (16) on purpose: catches converters that assume it.
     "tiny": dict(_QWEN3, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                 tie_word_embeddings=True, max_position_embeddings=4096),
+                 tie_word_embeddings=True),
     # layer 0 dense (mlp_only_layers), layers 1-2 MoE: both kinds of block in one graph
     "tiny-moe": dict(_QWEN3_MOE, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                      num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
-                     mlp_only_layers=(0,), max_position_embeddings=4096),
+                     mlp_only_layers=(0,)),
     "qwen3-0.6b": dict(_QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                        num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
     "qwen3-1.7b": dict(_QWEN3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,

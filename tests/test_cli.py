@@ -22,7 +22,7 @@ from qwen3export.cli import main
 from qwen3export.spec import preset
 from qwen3export.weights import RandomSource, save_hf_checkpoint
 
-from conftest import save_hf_checkpoint as save_transformers_checkpoint
+from hf_reference import save_hf_checkpoint as save_transformers_checkpoint
 
 PROMPT = [151644, 872, 198, 9707, 11, 1879, 0, 151667]
 
@@ -170,7 +170,7 @@ def test_malformed_config(tmp_path, capsys):
     (["--prompt-ids", ""], ["--prompt-ids is empty"]),
     (["--prompt-ids", "1,x"], ["comma-separated integers"]),
     (["--prompt-ids", "1", "--max-new-tokens", "0"], ["--max-new-tokens must be >= 1"]),
-    (["--prompt-ids", "1", "--max-new-tokens", "5000"], ["max_position_embeddings"]),
+    (["--prompt-ids", "1", "--max-new-tokens", "50000"], ["exceeds the model's 40960 positions"]),
 ])
 def test_bad_run_input(tiny_build, argv, needles, capsys):
     code, out, err = cli(capsys, "run", tiny_build, *argv)
