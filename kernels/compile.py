@@ -132,9 +132,15 @@ def _jobs(arch: ArchLimits, kernels, dtype: str, configs) -> list[dict[str, Any]
 
 
 def _cache_key(job: dict[str, Any]) -> str:
+    """What the compiler sees: the kernel file's source, the specialisation, the arch, Triton's version.
+    Configs that specialise a function identically (e.g. the decode reduce kernel, which ignores
+    BLOCK_N) share one compile."""
+    spec: CompileSpec = job["spec"]
     source = Path(kernel_module(job["kernel"]).__file__).read_bytes()
-    key = {"source": hashlib.sha256(source).hexdigest(), "triton": triton.__version__,
-           **{k: job[k] for k in ("kernel", "config", "dtype", "shape", "index", "cc")}}
+    key = {"source": hashlib.sha256(source).hexdigest(), "triton": triton.__version__, "cc": job["cc"],
+           "function": as_jit(spec.fn).__name__, "pointers": spec.pointers, "aligned": sorted(spec.aligned),
+           "constexprs": {k: repr(v) for k, v in spec.constexprs.items()}, "scalars": spec.scalars,
+           "num_warps": spec.num_warps, "num_stages": spec.num_stages}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -188,14 +194,16 @@ def compile_report(arch_or_cc: str | int, kernels: list[str] | None = None, dtyp
     keys = [_cache_key(job) for job in jobs]
     measured = [json.loads((cache / f"{k}.json").read_text()) if (cache / f"{k}.json").exists() else None
                 for k in keys]
-    todo = [i for i, m in enumerate(measured) if m is None]
+    todo = list({keys[i]: i for i, m in enumerate(measured) if m is None}.values())  # one job per key
     if todo and (workers > 1 or _interpreting()):
         fresh = _measure_in_subprocesses([jobs[i] for i in todo], max(1, workers))
     else:
         fresh = [measure(jobs[i]["spec"], arch.compute_capability) for i in todo]
+    by_key = {}
     for i, result in zip(todo, fresh):
         (cache / f"{keys[i]}.json").write_text(json.dumps(result, sort_keys=True))
-        measured[i] = dict(result, fresh=True)
+        by_key[keys[i]] = dict(result, fresh=True)
+    measured = [by_key.get(k, m) for k, m in zip(keys, measured)]
     records = []
     for job, result in zip(jobs, measured):
         config = KernelConfig.from_dict(job["config"])

@@ -191,7 +191,7 @@ def fused_moe_reference(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tens
 
 CONFIG_SPACE = [KernelConfig("fused_moe", {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w,
                              num_stages=st, meta={"GROUP_SIZE_M": gm})
-                for bm in (16, 32, 64, 128) for bn in (32, 64, 128) for bk in (64, 128) for gm in (1, 16)
+                for bm in (16, 32, 64, 128) for bn in (32, 64, 128) for bk in (64, 128) for gm in (1, 8)
                 for w in (4, 8) for st in (2, 3, 4)]
 # vLLM's get_default_config for fp16/bf16 when M > E: 64 x 64 tiles, GROUP_SIZE_M 8, here with BLOCK_K 64
 DEFAULT_CONFIG = KernelConfig("fused_moe", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4,
