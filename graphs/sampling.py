@@ -36,15 +36,20 @@ __all__ = [
 
 OPSET = 18
 SAMPLING_FILE = "sampling.onnx"
-MAX_BATCH = 1024
+MAX_BATCH = 1024  # as the decoder's capture (capture.py)
 BATCH = "batch_size"  # symbolic batch dimension of the ONNX interface (as the decoder's)
 INPUT_NAMES = ("logits", *STATE_NAMES, *PARAM_NAMES, "uniforms")
 OUTPUT_NAMES = ("next_token", *(f"new_{n}" for n in STATE_NAMES))
 
+
+def _f32(x: float) -> float:
+    """x rounded to float32, so that a constant means the same in torch's and ONNX's float32 arithmetic."""
+    return float(np.float32(x))
+
+
 # exp by Cody-Waite range reduction, exp(d) = 2^n * exp(r), |r| <= ln2/2, in float32 (the precision of
 # transformers' softmax). Constants as float32 values; LN2_HI/LN2_LO from fdlibm e_expf.c (ln2_hi has
 # 9 trailing zero bits, so n * LN2_HI is exact for the |n| <= 116 used here).
-_f32 = lambda x: float(np.float32(x))  # noqa: E731
 LOG2E = _f32(1.4426950408889634)
 LN2_HI = _f32(6.9314575195e-01)
 LN2_LO = _f32(1.4286067653e-06)
@@ -128,12 +133,14 @@ def inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Token [B] int64: the first index whose cumulative weight (vocabulary order) exceeds u * total.
 
     Only tokens with positive weight can be chosen (the cumulative sum steps there); u = 0 picks the
-    first of them, so greedy rows take the first maximum, like argmax. The uniforms are float32, so no
-    probability is resolved finer than 2^-24.
+    first of them, so greedy rows take the first maximum, like argmax; u = 1 (outside the drawn range
+    [0, 1), but harmless) picks the last. The uniforms are float32, so no probability is resolved finer
+    than 2^-24.
     """
     cum = torch.cumsum(weights.double(), dim=-1)  # [B, V] f64
-    target = uniforms.double()[:, None] * cum[:, -1:]  # [B, 1]
-    return (cum <= target).sum(-1).clamp(max=weights.shape[-1] - 1)
+    total = cum[:, -1:]  # [B, 1]
+    target = uniforms.clamp(0.0, 1.0).double()[:, None] * total  # [B, 1]
+    return ((cum <= target) & (cum < total)).sum(-1)
 
 
 class SamplingGraph(nn.Module):
@@ -164,6 +171,8 @@ class SamplingGraph(nn.Module):
 
     def forward(self, logits, seen, generated, in_think, think_spent, forced_pos, temperature, top_k, top_p,
                 min_p, repetition_penalty, presence_penalty, enable_thinking, thinking_budget, uniforms):
+        """logits [B, V] f32; state as STATE_NAMES; params [B] as PARAM_DTYPES; uniforms [B] f32 in [0, 1)
+        -> (next_token [B] int64, *new state)."""
         vocab = torch.arange(self.vocab_size, device=logits.device)  # [V]
         s = penalize(logits, seen, generated, repetition_penalty, presence_penalty)  # [B, V] f32
         if self.vocab.has_thinking:
@@ -210,13 +219,13 @@ def io_shapes(vocab_size: int) -> dict[str, list[str | int]]:
     return {n: [BATCH, vocab_size] if n in wide else [BATCH] for n in (*INPUT_NAMES, *OUTPUT_NAMES)}
 
 
-def emit_sampling_onnx(graph: SamplingGraph, path: Path) -> dict[str, Any]:
+def emit_sampling_onnx(graph: SamplingGraph, path: Path, ep: ExportedProgram | None = None) -> dict[str, Any]:
     """Write the sampling graph as ONNX (opset 18) at `path`, check that ONNX Runtime's CPU provider loads
-    it, and return its engine entry for the manifest."""
+    it, and return its engine entry for the manifest. `ep`: the graph's capture, when already made."""
     import onnx_ir as ir
     import onnxruntime as ort
 
-    ep = capture_sampling(graph)
+    ep = capture_sampling(graph) if ep is None else ep
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -265,9 +274,13 @@ def sample_step(engine: SamplingGraph | SamplingSession | Any, logits: torch.Ten
                 rng: np.random.Generator | torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One sampling step -> (next_token [B] int64, new state). `engine` is a SamplingGraph, an exported
     program's module or a SamplingSession; logits and parameters are checked first (InputError)."""
-    check_logits(logits)
+    check_logits(logits, getattr(engine, "vocab_size", None))
     check_params(params)
     batch = logits.shape[0]
+    for n in STATE_NAMES:
+        if n not in state or state[n].shape[0] != batch:
+            raise InputError(f"sampling state {n} must have one row per logits row ({batch}); "
+                             "build it with initial_state")
     params = {n: torch.as_tensor(params[n], dtype=PARAM_DTYPES[n]) for n in PARAM_NAMES}
     if params["temperature"].shape[0] != batch:
         raise InputError(f"sampling parameters have {params['temperature'].shape[0]} rows, logits {batch}")

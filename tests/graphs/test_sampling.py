@@ -14,7 +14,8 @@ from transformers.generation.logits_process import (MinPLogitsWarper, Repetition
 from qwen3export import tokens
 from qwen3export.graphs.sampling import (INPUT_NAMES, OUTPUT_NAMES, PARAM_NAMES, STATE_NAMES, SamplingGraph,
                                          SamplingSession, SamplingVocab, capture_sampling, emit_sampling_onnx,
-                                         exp_f32, filter_weights, initial_state, penalize)
+                                         exp_f32, filter_weights, initial_state, inverse_cdf,
+                                         penalize)
 
 # V = 64 keeps the tests fast; the think ids sit inside it as Qwen3's 151667/151668 do in 151936
 SMALL = SamplingVocab(vocab_size=64, think_id=60, end_think_id=61)
@@ -28,10 +29,15 @@ def small_graph() -> SamplingGraph:
 
 
 @pytest.fixture(scope="module")
-def small_onnx(small_graph, tmp_path_factory):
+def small_program(small_graph):
+    return capture_sampling(small_graph)
+
+
+@pytest.fixture(scope="module")
+def small_onnx(small_graph, small_program, tmp_path_factory):
     """(path, engine entry, SamplingSession) of the small graph's ONNX, exported once."""
     path = tmp_path_factory.mktemp("sampling") / "sampling.onnx"
-    entry = emit_sampling_onnx(small_graph, path)
+    entry = emit_sampling_onnx(small_graph, path, small_program)
     return path, entry, SamplingSession(path)
 
 
@@ -68,6 +74,7 @@ def random_batch(rng: np.random.Generator, b: int, vocab: SamplingVocab, forced_
     u = rng.random(b, dtype=np.float32)
     u[rng.random(b) < 0.1] = 0.0
     u[rng.random(b) < 0.1] = F32_MAX_BELOW_1
+    u[rng.random(b) < 0.02] = 1.0  # outside the drawn range [0, 1): must still pick a kept token
     grid = rng.random(b) < 0.1  # exact multiples of 1/64: meet cumulative weights of tied rows exactly
     u[grid] = rng.integers(0, 64, size=int(grid.sum())) / 64
     f32 = lambda a: torch.tensor(np.asarray(a), dtype=torch.float32)
@@ -122,8 +129,8 @@ def test_torch_and_onnx_agree_over_a_rollout(small_graph, small_onnx):
         state_t, state_o = list(out_t[1:]), list(out_o[1:])
 
 
-def test_exported_program_matches_eager(small_graph):
-    ep = capture_sampling(small_graph)
+def test_exported_program_matches_eager(small_graph, small_program):
+    ep = small_program
     batch = random_batch(np.random.default_rng(3), 5, SMALL, len(EARLY_STOP))  # batch 5: dynamic
     with torch.no_grad():
         for w, g in zip(small_graph(*batch), ep.module()(*batch)):
@@ -205,6 +212,14 @@ def test_presence_penalty_subtracts_from_generated_tokens_only():
     out = penalize(logits, seen, generated, torch.tensor([2.0]), torch.tensor([1.5]))
     # by hand: token 0 seen only (1/2), 1 seen+generated (-1*2 - 1.5), 2 (2/2 - 1.5), 3 untouched
     assert out.tolist() == [[0.5, -3.5, -0.5, 0.0]]
+
+
+def test_inverse_cdf_edges():
+    w = torch.tensor([[0.0, 2.0, 0.0, 1.0, 1.0, 0.0]])
+    pick = lambda u: int(inverse_cdf(w, torch.tensor([u])))
+    assert [pick(0.0), pick(0.49), pick(0.5), pick(0.74), pick(0.75), pick(F32_MAX_BELOW_1), pick(1.0)] == \
+        [1, 1, 3, 3, 4, 4, 4]
+    assert pick(-0.5) == 1  # clamped to 0
 
 
 def test_ties_at_the_top_p_boundary_are_all_kept():
@@ -289,7 +304,7 @@ def test_weights_are_bit_identical_in_onnx_runtime(tmp_path):
     b = random_batch(rng, 512, SMALL, len(EARLY_STOP))
     args = (b[0], b[1], b[2], *b[6:10], b[10], b[11])
     path = tmp_path / "weights.onnx"
-    torch.onnx.export(_Weights(), args, dynamo=True, opset_version=18, verbose=False).save(str(path))
+    torch.onnx.export(_Weights().eval(), args, dynamo=True, opset_version=18, verbose=False).save(str(path))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)}
     (got,) = session.run(None, feed)
