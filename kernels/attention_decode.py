@@ -1,5 +1,5 @@
 """Flash-decoding: one new query per sequence over a KV cache, split along the cache then reduced; the decode
-half of `qwen3export::attention`. Visibility is attention_prefill.py's with S = 1.
+half of `qwen3export::attention`. Visibility is attention_prefill.py's VISIBILITY rule with S = 1.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qwen3export.errors import InputError
 from qwen3export.kernels.attention_prefill import (LOG2E, attention_prefill_reference, check_attention_inputs,
                                                    last_dim_contiguous, mask_pointer)
 from qwen3export.kernels.config import ArchLimits, CompileSpec, KernelConfig
@@ -139,8 +140,8 @@ def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     q4 = q if q.dim() == 4 else q[:, :, None]
     check_attention_inputs(q4, k, v, kv_lens, key_mask, "attention_decode")
     if q4.shape[2] != 1:
-        from qwen3export.errors import InputError
-        raise InputError(f"attention_decode: q {tuple(q.shape)} has {q4.shape[2]} queries per row; use attention_prefill")
+        raise InputError(f"attention_decode: q {tuple(q.shape)} has {q4.shape[2]} queries per row; "
+                         f"use attention_prefill")
     config = config or DEFAULT_CONFIG
     b, hq, _, d = q4.shape
     hkv, cache_len = k.shape[1], k.shape[2]

@@ -1,10 +1,5 @@
 """Causal GQA flash attention of S new queries over a KV cache (prefill, with or without past): the prefill
 half of `qwen3export::attention`. Graph: graphs/decoder.py Attention + attention_mask_bias.
-
-Visibility (shared with attention_decode.py): row b's cache holds n_b = kv_lens[b] valid positions (L if
-no kv_lens); query i sits at position n_b - S + i and sees key j iff j <= n_b - S + i and
-key_mask[b, j] != 0. With kv_lens absent this is the graph's rule; a query that sees no key gets zeros
-where the graph's finfo.min mask averages arbitrary values (only padding queries are in that case).
 """
 
 from __future__ import annotations
@@ -17,6 +12,10 @@ from qwen3export.errors import InputError
 from qwen3export.kernels.config import ArchLimits, CompileSpec, KernelConfig
 from qwen3export.kernels.launch import launch
 
+# VISIBILITY (shared with attention_decode.py): row b's cache holds n_b = kv_lens[b] valid positions (L
+# without kv_lens); query i sits at position n_b - S + i and sees key j iff j <= n_b - S + i and
+# key_mask[b, j] != 0. Without kv_lens this is the graph's rule; a query that sees no key gets zeros
+# where the graph's finfo.min mask averages arbitrary values (only padding queries are in that case).
 LOG2E = 1.4426950408889634  # scores are scaled by log2(e) so the kernel can use exp2
 
 
@@ -153,7 +152,7 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
 
 def visible_keys(b: int, s: int, cache_len: int, kv_lens, key_mask, device) -> torch.Tensor:
-    """[B, S, L] bool: which cache positions each query sees (the module docstring's rule)."""
+    """[B, S, L] bool: which cache positions each query sees (the VISIBILITY rule above)."""
     n = kv_lens.to(torch.int64) if kv_lens is not None else torch.full((b,), cache_len, device=device)
     q_pos = n[:, None] - s + torch.arange(s, device=device)  # [B, S]
     k_pos = torch.arange(cache_len, device=device)  # [L]
@@ -166,8 +165,8 @@ def visible_keys(b: int, s: int, cache_len: int, kv_lens, key_mask, device) -> t
 def attention_prefill_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                                 kv_lens: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
                                 config: KernelConfig | None = None) -> torch.Tensor:
-    """The graph's GQA attention (grouped heads share a kv head, no repeat) in fp32, with the module
-    docstring's visibility; rows that see no key are 0. `config` is accepted and ignored."""
+    """The graph's GQA attention (grouped heads share a kv head, no repeat) in fp32, with the VISIBILITY
+    rule above; rows that see no key are 0. `config` is accepted and ignored."""
     b, hq, s, d = q.shape
     hkv, cache_len = k.shape[1], k.shape[2]
     scale = d ** -0.5 if scale is None else scale

@@ -20,6 +20,7 @@ from typing import Any
 
 import triton
 
+from qwen3export.errors import InputError
 from qwen3export.kernels.config import ArchLimits, CompileSpec, KernelConfig, arch_limits
 from qwen3export.kernels.launch import INTERPRET_ENV, as_jit
 
@@ -33,7 +34,6 @@ _RESOURCE_LINE = re.compile(r"Function\s+(\S+):\s*\n\s*REG:(\d+)\s+STACK:(\d+)\s
 
 def kernel_module(name: str):
     if name not in KERNELS:
-        from qwen3export.errors import InputError
         raise InputError(f"unknown kernel {name!r}; known kernels: {', '.join(KERNELS)}")
     return importlib.import_module(f"qwen3export.kernels.{name}")
 
@@ -90,7 +90,8 @@ def measure(spec: CompileSpec, cc: int) -> dict[str, Any]:
                 "seconds": round(time.perf_counter() - start, 2)}
     # Triton allocates its shared memory dynamically (metadata.shared); cuobjdump's SHARED is the static part
     return {"registers": usage["registers"], "spill_bytes": usage["stack"], "local_bytes": usage["local"],
-            "shared_bytes": usage["shared"] + compiled.metadata.shared, "seconds": round(time.perf_counter() - start, 2)}
+            "shared_bytes": usage["shared"] + compiled.metadata.shared,
+            "seconds": round(time.perf_counter() - start, 2)}
 
 
 def verdict(measured: dict[str, Any], num_warps: int, limits: ArchLimits) -> tuple[bool, str]:
@@ -159,17 +160,22 @@ def _measure_in_subprocesses(jobs: list[dict[str, Any]], workers: int) -> list[d
     """Compile in clean interpreters: one that imported triton in interpreter mode cannot compile."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", INTERPRET_ENV)}
     portable = [{k: v for k, v in job.items() if k != "spec"} for job in jobs]
-    chunks = [portable[i::workers] for i in range(workers)]
-    procs = [subprocess.Popen([sys.executable, "-m", "qwen3export.kernels.compile"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for chunk in chunks if chunk]
-    outputs = [proc.communicate(json.dumps(chunk)) for proc, chunk in zip(procs, chunks)]
+    chunks = [chunk for chunk in (portable[i::workers] for i in range(workers)) if chunk]
     results: list[dict[str, Any]] = [{}] * len(jobs)
-    for worker, (proc, (stdout, stderr)) in enumerate(zip(procs, outputs)):
-        if proc.returncode != 0:
-            raise RuntimeError(f"kernel compile worker failed: {stderr.strip().splitlines()[-1:]}")
-        for offset, measured in enumerate(json.loads(stdout)):
-            results[worker + offset * workers] = measured
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for worker, chunk in enumerate(chunks):  # files, not pipes: workers run at once and never block
+            (Path(tmp) / f"{worker}.in").write_text(json.dumps(chunk))
+            with open(Path(tmp) / f"{worker}.in") as stdin, open(Path(tmp) / f"{worker}.out", "w") as stdout, \
+                    open(Path(tmp) / f"{worker}.err", "w") as stderr:
+                procs.append(subprocess.Popen([sys.executable, "-m", "qwen3export.kernels.compile"], stdin=stdin,
+                                              stdout=stdout, stderr=stderr, env=env))
+        for worker, proc in enumerate(procs):
+            if proc.wait() != 0:
+                tail = (Path(tmp) / f"{worker}.err").read_text().strip().splitlines()[-1:]
+                raise RuntimeError(f"kernel compile worker failed: {tail}")
+            for offset, measured in enumerate(json.loads((Path(tmp) / f"{worker}.out").read_text())):
+                results[worker + offset * workers] = measured
     return results
 
 
@@ -183,8 +189,6 @@ def compile_report(arch_or_cc: str | int, kernels: list[str] | None = None, dtyp
     num_warps, num_stages, registers, spill_bytes, local_bytes, shared_bytes, compile_seconds, cached,
     valid, reason}; a config is usable on the arch when all its records are valid.
     """
-    from qwen3export.errors import InputError
-
     if dtype not in DTYPES:
         raise InputError(f"kernel compile dtype {dtype!r} unknown; choose from {', '.join(DTYPES)}")
     arch = arch_limits(arch_or_cc)

@@ -42,7 +42,8 @@ class KernelConfig:
         object.__setattr__(self, "blocks", _sorted_items(self.blocks, "block"))
         object.__setattr__(self, "meta", _sorted_items(self.meta, "meta"))
         if self.num_warps not in _WARP_COUNTS:
-            raise ConfigError(f"kernel config for {self.kernel}: num_warps={self.num_warps} must be one of {_WARP_COUNTS}")
+            raise ConfigError(f"kernel config for {self.kernel}: num_warps={self.num_warps} must be one of "
+                              f"{_WARP_COUNTS}")
         if not 1 <= self.num_stages <= 8:
             raise ConfigError(f"kernel config for {self.kernel}: num_stages={self.num_stages} must be in 1..8")
         overlap = {k for k, _ in self.blocks} & {k for k, _ in self.meta}

@@ -1,12 +1,5 @@
-"""How launchers start a Triton kernel: compiled on a CUDA device, or through Triton's interpreter on CPU.
-
-Triton 3.9 picks compiler or interpreter when `@triton.jit` decorates a function (reading
-TRITON_INTERPRET then), and its own library (`tl.max`, `tl.sum`, `tl.sigmoid`, `tl.cumsum`…) is
-decorated when `triton.language` is imported. An interpreted function calling a library helper that was
-decorated for the compiler fails ("Cannot call @triton.jit'd outside of the scope of a kernel"), and a
-process that imported triton in interpreter mode cannot cross-compile. So the mode is per process:
-TRITON_INTERPRET=1 (or QWEN3EXPORT_TRITON_INTERPRET=1, see kernels/__init__.py) must be in the
-environment before triton is first imported; kernels/compile.py compiles in a clean subprocess then.
+"""How launchers start a Triton kernel: compiled on a CUDA device, or through Triton's interpreter on CPU
+tensors, a choice made once per process before triton is imported (see INTERPRETER MODE below).
 """
 
 from __future__ import annotations
@@ -20,6 +13,14 @@ from triton.runtime.jit import JITFunction
 
 from qwen3export.errors import TargetError
 
+# INTERPRETER MODE. Triton 3.9 picks compiler or interpreter when `@triton.jit` decorates a function
+# (reading TRITON_INTERPRET then), and its own library (tl.max, tl.sum, tl.sigmoid, tl.cumsum…) is
+# decorated when triton.language is imported. An interpreted kernel calling a library helper decorated
+# for the compiler fails ("Cannot call @triton.jit'd outside of the scope of a kernel"), and a process
+# that imported triton in interpreter mode cannot cross-compile ("'value' object has no attribute
+# 'dtype'"). So TRITON_INTERPRET=1, or QWEN3EXPORT_TRITON_INTERPRET=1 set before qwen3export.kernels is
+# imported (kernels/__init__.py), must be in the environment before triton's first import, and
+# kernels/compile.py compiles in clean subprocesses when this process interprets.
 INTERPRET_ENV = "QWEN3EXPORT_TRITON_INTERPRET"
 
 

@@ -76,7 +76,8 @@ def moe_routing(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, norm_t
                 config: KernelConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, H], router_weight [E, H] -> (weights [T, k] in x's dtype, expert ids [T, k] int64)."""
     if x.dim() != 2 or router_weight.dim() != 2 or x.shape[1] != router_weight.shape[1]:
-        raise InputError(f"moe_routing: x {tuple(x.shape)} must be [T, H] and router {tuple(router_weight.shape)} [E, H]")
+        raise InputError(f"moe_routing: x {tuple(x.shape)} must be [T, H] and router "
+                         f"{tuple(router_weight.shape)} [E, H]")
     if not 1 <= top_k <= router_weight.shape[0]:
         raise InputError(f"moe_routing: top_k={top_k} must be in 1..{router_weight.shape[0]} experts")
     if router_weight.dtype != x.dtype:
