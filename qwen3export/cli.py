@@ -156,6 +156,25 @@ def cmd_targets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from qwen3export.graphs.rope import parse_rope_flag
+    from qwen3export.targets import get_target
+
+    from .model import resolve_spec
+    from .plan import PlanOptions, plan_for_target, summary
+
+    target = get_target(args.target)
+    overrides = {"rope_scaling": parse_rope_flag(args.rope_scaling)} if args.rope_scaling else {}
+    spec = resolve_spec(args.model, **overrides)
+    dtype = args.dtype or ("bf16" if "bf16" in target.dtypes else target.dtypes[0])
+    target.check_dtype(dtype)
+    p = plan_for_target(spec, target, PlanOptions(dtype=dtype, quant=args.quant, group_size=args.group_size,
+                                                  tp=args.tp, ep=args.ep, max_batch=args.max_batch,
+                                                  max_seq=args.max_seq))
+    _emit(args, p, summary(p))
+    return 0
+
+
 # ------------------------------------------------------------------------- parser
 def make_parser() -> argparse.ArgumentParser:
     from .pipeline import BACKENDS
@@ -200,6 +219,18 @@ def make_parser() -> argparse.ArgumentParser:
     i.add_argument("artifact")
 
     add("targets", "list the known targets", cmd_targets)
+
+    pl = add("plan", "memory plan per rank for a model on a target, without reading weights", cmd_plan)
+    pl.add_argument("--model", default="tiny-moe", help="Hugging Face folder or preset")
+    pl.add_argument("--target", default="cpu")
+    pl.add_argument("--dtype", help="activation/weight dtype (default bf16 where the target has it)")
+    pl.add_argument("--quant", default="none", help="none | int8 | int4 | fp8 (weights)")
+    pl.add_argument("--group-size", type=int, default=128, help="int4 quantization group size")
+    pl.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    pl.add_argument("--ep", type=int, default=1, help="expert-parallel degree")
+    pl.add_argument("--max-batch", type=int, default=1)
+    pl.add_argument("--max-seq", type=int, help="tokens per sequence (default: the model's max positions)")
+    pl.add_argument("--rope-scaling", metavar="TYPE:FACTOR[:ORIG]", help="e.g. yarn:4.0")
     return p
 
 

@@ -73,6 +73,15 @@ def resolve(model: str | Path, seed: int = DEFAULT_SEED, **overrides: Any) -> tu
     raise ConfigError(f"unknown preset {text!r}; known presets: {', '.join(PRESETS)} (or give a model folder path)")
 
 
+def resolve_spec(model: str | Path, **overrides: Any) -> ModelSpec:
+    """Only the ModelSpec (config.json or preset); no weight file is opened."""
+    path = Path(str(model)).expanduser()
+    if path.is_dir():
+        spec = spec_from_hf_config(read_config(path), name=path.resolve().name, think_ids=read_think_ids(path))
+        return spec.replace(**overrides) if overrides else spec
+    return resolve(model, DEFAULT_SEED, **overrides)[0]  # presets open nothing either
+
+
 def resolve_ref(ref: ModelRef) -> tuple[ModelSpec, WeightSource]:
     spec, source, _ = resolve(ref.name, ref.seed, **dict(ref.overrides))
     return spec, source
