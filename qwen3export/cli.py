@@ -65,35 +65,62 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat_prompt(artifact, text: str, enable_thinking: bool) -> list[int]:
+    """Apply the checkpoint's own chat template (rendered with jinja2, as transformers does) and tokenize."""
+    from .chat import render_chat, load_tokenizer
+
+    tokenizer = load_tokenizer(artifact)
+    rendered = render_chat(artifact, [{"role": "user", "content": text}], enable_thinking)
+    return tokenizer.encode(rendered, add_special_tokens=False).ids
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    import numpy as np
     import torch
 
+    from qwen3export.graphs.sampling import SamplingParams, initial_state
+
     from .artifact import load_artifact
-    from .generation import check_token_ids, greedy_generate
+    from .generation import check_token_ids, sample_generate
+    from .pipeline import sampling_pair
     from .runner import open_engine
 
-    ids = _parse_ids(args.prompt_ids)
     if args.max_new_tokens <= 0:
         raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if (args.prompt is None) == (args.prompt_ids is None):
+        raise InputError("give exactly one of --prompt-ids 1,2,3 or --prompt \"text\"")
+    thinking = args.thinking == "on"
+    # sampling parameters: the manifest's per-mode defaults (Qwen3's, or the checkpoint's
+    # generation_config.json), then the flags; all validated before anything runs
     artifact = load_artifact(args.artifact)
+    flags = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                                            "presence_penalty") if getattr(args, k) is not None}
+    if args.greedy:
+        flags["temperature"] = 0.0
+    params = SamplingParams.recommended(thinking, artifact.manifest["sampling"]["defaults"],
+                                        thinking_budget=args.thinking_budget, **flags)
+    ids = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else _chat_prompt(artifact, args.prompt, thinking)
     engine = open_engine(artifact, args.threads)
-    prompt = torch.tensor([ids], dtype=torch.int64)
-    check_token_ids(prompt, engine.spec.vocab_size)
+    check_token_ids(torch.tensor([ids]), engine.spec.vocab_size)
     limit = engine.spec.max_positions
     if len(ids) + args.max_new_tokens > limit:
         raise InputError(f"prompt ({len(ids)}) + --max-new-tokens ({args.max_new_tokens}) exceeds the model's "
                          f"{limit} positions (max_position_embeddings with RoPE scaling); shorten one of them "
                          "or build with --rope-scaling yarn:4.0")
-    tokens, _, _ = greedy_generate(engine, engine.empty_cache(1), prompt, torch.ones_like(prompt),
-                                   args.max_new_tokens)
-    new = tokens[0].tolist()
-    stop = set(engine.spec.eos_token_ids)
-    if not args.no_stop:  # stop at the first EOS (kept in the output, like transformers)
-        for i, t in enumerate(new):
-            if t in stop:
-                new = new[: i + 1]
-                break
-    _emit(args, {"tokens": new}, " ".join(map(str, new)))
+    graph, session = sampling_pair(artifact, args.threads)
+    stop = () if args.no_stop else engine.spec.eos_token_ids
+    new, state = sample_generate(engine, engine.empty_cache(1), session, ids, params.to_tensors(1),
+                                 initial_state([ids], graph.vocab), args.max_new_tokens,
+                                 np.random.default_rng(args.seed), stop)
+    payload: dict[str, Any] = {"tokens": new, "thinking_tokens": int(state["think_spent"][0]),
+                               "params": params.__dict__}
+    text = " ".join(map(str, new))
+    if "tokenizer.json" in artifact.manifest["sampling"].get("tokenizer_files", []):
+        from .chat import load_tokenizer
+
+        payload["text"] = load_tokenizer(artifact).decode(new, skip_special_tokens=True)
+        text = payload["text"]
+    _emit(args, payload, text)
     return 0
 
 
@@ -204,9 +231,21 @@ def make_parser() -> argparse.ArgumentParser:
 
     r = add("run", "generate tokens with an artifact's engine", cmd_run)
     r.add_argument("artifact")
-    r.add_argument("--prompt-ids", required=True, help="comma-separated prompt token ids, e.g. 1,2,3")
+    r.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
+    r.add_argument("--prompt", help="text, wrapped in the checkpoint's chat template (needs its tokenizer)")
     r.add_argument("--max-new-tokens", type=int, default=32)
-    r.add_argument("--greedy", action="store_true", help="argmax decoding (the default until sampling lands)")
+    r.add_argument("--thinking", choices=("on", "off"), default="on",
+                   help="Qwen3 thinking mode (off: <think> can never be produced); default on")
+    r.add_argument("--thinking-budget", type=int, default=-1,
+                   help="max thinking tokens, then the early-stop sequence closes </think> (-1: unlimited)")
+    r.add_argument("--greedy", action="store_true", help="argmax decoding (temperature 0)")
+    r.add_argument("--temperature", type=float)
+    r.add_argument("--top-k", type=int)
+    r.add_argument("--top-p", type=float)
+    r.add_argument("--min-p", type=float)
+    r.add_argument("--repetition-penalty", type=float)
+    r.add_argument("--presence-penalty", type=float)
+    r.add_argument("--seed", type=int, default=0, help="seed of the uniforms fed to the sampling graph")
     r.add_argument("--no-stop", action="store_true", help="do not stop at the model's EOS tokens")
     r.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
 

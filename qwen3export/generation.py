@@ -66,3 +66,29 @@ def greedy_generate(step: Step, empty_cache: tuple, input_ids: torch.Tensor, att
         pos = position_ids_from_mask(mask)[:, -1:]
         logits, past = step(nxt[:, None], pos, mask, past)
     return torch.stack(out, 1), prefill_logits, steps
+
+
+@torch.no_grad()
+def sample_generate(step: Step, empty_cache: tuple, sampler, prompt: list[int], params: dict[str, torch.Tensor],
+                    state: dict[str, torch.Tensor], max_new_tokens: int, rng, stop_ids=()):
+    """Prefill, then one sampling-graph step per new token (graphs/sampling.py does penalties, filtering,
+    thinking control); stops after a token in `stop_ids` (kept) or `max_new_tokens`.
+
+    -> (new token ids, final sampling state).
+    """
+    from qwen3export.graphs.sampling import sample_step
+
+    if max_new_tokens <= 0:
+        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    ids = torch.tensor([prompt], dtype=torch.int64)
+    mask = torch.ones_like(ids)
+    logits, past = step(ids, position_ids_from_mask(mask), mask, empty_cache)
+    out: list[int] = []
+    stop = set(stop_ids)
+    while True:
+        token, state = sample_step(sampler, logits[:, -1].float(), state, params, rng)
+        out.append(int(token[0]))
+        if out[-1] in stop or len(out) == max_new_tokens:
+            return out, state
+        mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
+        logits, past = step(token[:, None], torch.tensor([[mask.shape[1] - 1]]), mask, past)

@@ -20,8 +20,8 @@ from .backends import onnx as onnx_backend
 from .capture import capture
 from .errors import InputError, ParityError, TargetError
 from .model import DEFAULT_SEED, ModelRef, build_module, resolve, resolve_ref
-from .parity import check_parity, summary_line
-from .runner import open_engine
+from .parity import check_parity, check_sampling_parity, summary_line
+from .runner import available_providers, open_engine
 from .spec import ModelSpec
 from .weights import parse_dtype
 
@@ -120,6 +120,7 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
             # 3. emit
             manifest["engine"] = stages.run("emit", f"{backend} engine -> {out}",
                                             lambda: onnx_backend.emit_decoder(ep, spec, tmp))
+            manifest["sampling"] = emit_sampling(spec, ref, tmp)
             # 4. verify: the engine against eager PyTorch on the same weights
             report = stages.run("verify", "parity against eager PyTorch",
                                 lambda: verify_engine(art.Artifact(tmp, manifest), module))
@@ -134,11 +135,55 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
     return results
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+
+
+def emit_sampling(spec: ModelSpec, ref: ModelRef, folder: Path) -> dict[str, Any]:
+    """The sampling graph (thinking control baked in) as sampling.onnx, plus the checkpoint's tokenizer,
+    chat template and generation_config copied beside it; returns the manifest's `sampling` entry."""
+    import shutil
+
+    from qwen3export.graphs.sampling import (SAMPLING_FILE, SamplingGraph, SamplingVocab, early_stop_ids,
+                                             emit_sampling_onnx, read_generation_config, sampling_defaults)
+
+    src = Path(ref.name) if ref.kind == "folder" else None
+    copied = [f for f in TOKENIZER_FILES if src is not None and (src / f).is_file()]
+    for f in copied:
+        shutil.copy2(src / f, folder / f)
+    tokenizer = None
+    if "tokenizer.json" in copied:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    vocab = SamplingVocab.from_spec(spec)
+    entry = emit_sampling_onnx(SamplingGraph(vocab, early_stop_ids(tokenizer, vocab)), folder / SAMPLING_FILE)
+    entry["defaults"] = sampling_defaults(read_generation_config(src) if src is not None else None)
+    entry["tokenizer_files"] = copied
+    return entry
+
+
+def sampling_pair(artifact: art.Artifact, threads: int | None = None):
+    """(torch SamplingGraph, ONNX Runtime session) of an artifact's sampling graph."""
+    from qwen3export.graphs.sampling import SamplingGraph, SamplingSession, SamplingVocab
+
+    entry = artifact.manifest["sampling"]
+    spec = ModelSpec.from_dict(artifact.manifest["model"]["spec"])
+    graph = SamplingGraph(SamplingVocab.from_spec(spec), entry["early_stop_ids"])
+    session = SamplingSession(artifact.file(entry["file"]), available_providers(
+        artifact.manifest["target"]["ort_providers"]), threads)
+    return graph, session
+
+
 def verify_engine(artifact: art.Artifact, eager: torch.nn.Module, threads: int | None = None) -> dict[str, Any]:
     engine = open_engine(artifact, threads)
     report = check_parity(engine, engine.empty_cache(2), eager, eager.empty_cache(2),
                           eager.spec.vocab_size, artifact.manifest["dtype"])
     report["providers"] = engine.providers
+    report["sampling"] = check_sampling_parity(*sampling_pair(artifact, threads))
+    if not report["sampling"]["identical"]:
+        report["passed"] = False
+        report["failures"].append(f"sampling graph differs from torch in {report['sampling']['mismatches']} "
+                                  "tokens/state rows")
     return report
 
 

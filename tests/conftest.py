@@ -7,8 +7,14 @@ and in tests, never by qwen3export itself.
 from __future__ import annotations
 
 import os
-import pytest
-import torch
+
+# Triton reads TRITON_INTERPRET when it is first imported, and transformers/torch may import it during
+# collection of any test module: set it here, before anything, so the kernel tests (tests/kernels) run
+# under the interpreter whatever the collection order. No GPU exists here; nothing else uses Triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -79,7 +79,8 @@ def test_default_build_layout_and_manifest(default_build):
     assert m["backend"] == "onnx" and m["target"]["name"] == "cpu" and m["dtype"] == "fp32"
     assert m["model"]["spec"]["name"] == "tiny-moe" and m["model"]["ref"] == {
         "kind": "preset", "name": "tiny-moe", "seed": 0, "overrides": {}}
-    assert set(m["files"]) == {"decoder.onnx"}
+    assert set(m["files"]) == {"decoder.onnx", "sampling.onnx"}
+    assert m["parity"]["sampling"]["identical"] and m["sampling"]["defaults"]["thinking"]["temperature"] == 0.6
     assert m["parity"]["passed"] and m["parity"]["logits_max_abs"] <= 1e-4 and m["parity"]["greedy_match"]
     assert {"torch", "onnx", "onnxruntime-gpu", "qwen3export"} <= set(m["versions"])
     sess_inputs = [i.name for i in onnx.load(str(default_build / "decoder.onnx"), load_external_data=False).graph.input]
@@ -99,7 +100,7 @@ def test_default_build_runs_like_transformers(default_build, tmp_path, capsys):
 def test_tiny_build_runs_like_transformers(tiny_build, tmp_path, capsys):
     spec = preset("tiny")
     folder = save_hf_checkpoint(spec, RandomSource(spec, seed=1), tmp_path / "hf")
-    code, out, _ = cli(capsys, "run", tiny_build, "--prompt-ids", "5,6,7", "--max-new-tokens", 20, "--json")
+    code, out, _ = cli(capsys, "run", tiny_build, "--prompt-ids", "5,6,7", "--max-new-tokens", 20, "--greedy", "--json")
     assert code == 0
     assert json.loads(out)["tokens"] == hf_generate(folder, [5, 6, 7], 20)
 
@@ -111,7 +112,8 @@ def test_build_from_transformers_moe_checkpoint(hf_moe_folder, tmp_path, capsys)
     report = json.loads(out)["artifacts"][0]["parity"]
     assert report["passed"] and report["greedy_tokens_matching"] == 32
     assert "[3/5] emit" in err  # progress on stderr
-    code, out, _ = cli(capsys, "run", out_dir, "--prompt-ids", "1,2,3,4", "--max-new-tokens", 16, "--json")
+    code, out, _ = cli(capsys, "run", out_dir, "--prompt-ids", "1,2,3,4", "--max-new-tokens", 16, "--greedy",
+                       "--json")
     assert json.loads(out)["tokens"] == hf_generate(hf_moe_folder, [1, 2, 3, 4], 16)
 
 
@@ -168,6 +170,12 @@ def test_malformed_config(tmp_path, capsys):
     (["--prompt-ids", "1,2,151936"], ["token id 151936 is out of range", "0..151935"]),
     (["--prompt-ids", "-1"], ["token id -1 is out of range"]),
     (["--prompt-ids", ""], ["--prompt-ids is empty"]),
+    (["--prompt-ids", "1", "--top-p", "1.5"], ["top_p"]),
+    (["--prompt-ids", "1", "--temperature", "-1"], ["temperature"]),
+    (["--prompt-ids", "1", "--thinking-budget", "-2"], ["thinking_budget"]),
+    (["--prompt-ids", "1", "--top-k", "-3"], ["top_k"]),
+    (["--prompt", "hi"], ["no tokenizer.json"]),
+    (["--prompt", "hi", "--prompt-ids", "1"], ["exactly one of"]),
     (["--prompt-ids", "1,x"], ["comma-separated integers"]),
     (["--prompt-ids", "1", "--max-new-tokens", "0"], ["--max-new-tokens must be >= 1"]),
     (["--prompt-ids", "1", "--max-new-tokens", "50000"], ["exceeds the model's 40960 positions"]),

@@ -1,0 +1,56 @@
+"""Chat templates and tokenizers shipped inside an artifact (copied from the checkpoint folder).
+
+The template is the checkpoint's own Jinja text (tokenizer_config.json "chat_template" or
+chat_template.jinja), rendered in a sandbox with the globals transformers provides.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .artifact import Artifact
+from .errors import ArtifactError, InputError
+
+
+def load_tokenizer(artifact: Artifact):
+    from tokenizers import Tokenizer
+
+    path = artifact.file("tokenizer.json")
+    if not path.is_file():
+        raise InputError(f"artifact {artifact.path.name} has no tokenizer.json (built from a preset?): use "
+                         "--prompt-ids, or build from a checkpoint folder with a tokenizer")
+    return Tokenizer.from_file(str(path))
+
+
+def chat_template(artifact: Artifact) -> str:
+    jinja = artifact.file("chat_template.jinja")
+    if jinja.is_file():
+        return jinja.read_text()
+    cfg = artifact.file("tokenizer_config.json")
+    if cfg.is_file():
+        template = json.loads(cfg.read_text()).get("chat_template")
+        if isinstance(template, str):
+            return template
+    raise InputError(f"artifact {artifact.path.name} has no chat template (tokenizer_config.json "
+                     "'chat_template' or chat_template.jinja): use --prompt-ids")
+
+
+def render_chat(artifact: Artifact, messages: list[dict[str, Any]], enable_thinking: bool) -> str:
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise InputError(f"chat template refused the conversation: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent,
+                                                                                  ensure_ascii=ensure_ascii)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        template = env.from_string(chat_template(artifact))
+        return template.render(messages=messages, add_generation_prompt=True, enable_thinking=enable_thinking)
+    except jinja2.TemplateError as e:
+        raise ArtifactError(f"the artifact's chat template cannot be rendered ({e}); rebuild from a checkpoint "
+                            "with a valid template") from None
