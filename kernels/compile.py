@@ -237,6 +237,20 @@ def valid_configs(records: list[dict[str, Any]]) -> dict[str, list[str]]:
     return out
 
 
+def summary(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per kernel: configs compiled, configs valid, and the DEFAULT_CONFIG's records (for the CLI's table)."""
+    usable = valid_configs(records)
+    out: dict[str, dict[str, Any]] = {}
+    for kernel, labels in usable.items():
+        default = kernel_module(kernel).DEFAULT_CONFIG.label
+        mine = [r for r in records if r["kernel"] == kernel]
+        out[kernel] = {
+            "configs": len({r["config"] for r in mine}), "valid": len(labels), "default": default,
+            "default_records": [{k: r[k] for k in ("function", "shape", "registers", "spill_bytes", "shared_bytes",
+                                                   "valid", "reason")} for r in mine if r["config"] == default]}
+    return out
+
+
 if __name__ == "__main__":  # compile worker: JSON jobs on stdin -> JSON measurements on stdout
     _jobs_in = json.loads(sys.stdin.read())
     json.dump([measure(_spec_of(job), job["cc"]) for job in _jobs_in], sys.stdout)

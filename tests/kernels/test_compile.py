@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from qwen3export.kernels.compile import KERNELS, compile_report, parse_resource_usage, valid_configs
+from qwen3export.kernels.compile import KERNELS, compile_report, parse_resource_usage, summary, valid_configs
 from qwen3export.kernels.config import ARCH_LIMITS, KernelConfig
 
 ARCHS = list(ARCH_LIMITS)
@@ -35,6 +35,8 @@ def test_default_configs_compile_without_spills(arch, dtype, compile_cache):
     assert not bad, f"default configs rejected on {arch}: {bad}"
     assert all(r["spill_bytes"] == 0 and r["registers"] <= 255 for r in records)
     assert all(labels for labels in valid_configs(records).values())  # >= 1 valid config per kernel
+    table = summary(records)
+    assert all(row["valid"] == row["configs"] == 1 and row["default_records"] for row in table.values())
 
 
 def test_oversized_config_is_rejected_and_cache_is_reused(compile_cache):
