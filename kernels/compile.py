@@ -205,13 +205,15 @@ def compile_report(arch_or_cc: str | int, kernels: list[str] | None = None, dtyp
         fresh = [measure(jobs[i]["spec"], arch.compute_capability) for i in todo]
     by_key = {}
     for i, result in zip(todo, fresh):
-        (cache / f"{keys[i]}.json").write_text(json.dumps(result, sort_keys=True))
+        partial = cache / f"{keys[i]}.json.{os.getpid()}"
+        partial.write_text(json.dumps(result, sort_keys=True))
+        partial.replace(cache / f"{keys[i]}.json")  # atomic: a concurrent reader never sees half a record
         by_key[keys[i]] = dict(result, fresh=True)
     measured = [by_key.get(k, m) for k, m in zip(keys, measured)]
     records = []
     for job, result in zip(jobs, measured):
         config = KernelConfig.from_dict(job["config"])
-        valid, reason = verdict(result, config.num_warps, arch)
+        valid, reason = verdict(result, job["spec"].num_warps, arch)  # the reduce kernel has its own warps
         records.append({
             "kernel": job["kernel"], "function": as_jit(job["spec"].fn).__name__, "arch": arch.arch,
             "dtype": dtype, "shape": job["spec"].shape, "config": config.label, "blocks": dict(config.blocks),
