@@ -202,6 +202,33 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kernels_compile(args: argparse.Namespace) -> int:
+    from qwen3export.kernels.compile import compile_report, summary
+    from qwen3export.targets import TARGETS, get_target
+
+    arch = args.target
+    if not (arch.lower().startswith("sm") or arch[:1].isdigit()):
+        target = get_target(arch)
+        if target.arch is None:
+            raise InputError(f"target {target.name} is not a GPU: kernels compile needs an sm_XX arch or a GPU "
+                             f"target ({', '.join(t for t, v in TARGETS.items() if v.arch)})")
+        arch = target.arch
+    kernels = [k.strip() for k in args.kernel.split(",")] if args.kernel else None
+    _eprint(f"compiling {'default configs' if args.defaults_only else 'the config space'} for {arch} "
+            f"({args.workers} workers; cached results are reused) ...")
+    records = compile_report(arch, kernels, args.dtype, configs="default" if args.defaults_only else "space",
+                             workers=args.workers)
+    table = summary(records)
+    payload = {"arch": arch, "dtype": args.dtype, "summary": table, "records": records}
+    lines = [f"{arch} {args.dtype}: kernel               valid/configs  default config -> regs/spill/shared"]
+    for kernel, s in table.items():
+        lines.append(f"  {kernel:22s} {s['valid']:>4d}/{s['configs']:<8d} {s['default']}")
+        lines += [f"      {r['function']:28s} {r['registers']:>4} regs {r['spill_bytes']:>5} B spill "
+                  f"{r['shared_bytes']:>7} B shared  {'ok' if r['valid'] else r['reason']}" for r in s["default_records"]]
+    _emit(args, payload, "\n".join(lines))
+    return 0
+
+
 # ------------------------------------------------------------------------- parser
 def make_parser() -> argparse.ArgumentParser:
     from .pipeline import BACKENDS
@@ -258,6 +285,22 @@ def make_parser() -> argparse.ArgumentParser:
     i.add_argument("artifact")
 
     add("targets", "list the known targets", cmd_targets)
+
+    ks = sub.add_parser("kernels", help="Triton kernel tools (cross-compilation per GPU arch)",
+                        description="Triton kernel tools (cross-compilation per GPU arch)")
+    ksub = ks.add_subparsers(dest="kernels_command", required=True, metavar="COMMAND")
+    kc = ksub.add_parser("compile", help="cross-compile every kernel x config for an arch; report registers, "
+                         "spills, shared memory and validity", description="cross-compile every kernel x config "
+                         "for an arch with triton.compile + GPUTarget (no GPU needed) and read the cubin's "
+                         "resource usage with cuobjdump")
+    kc.add_argument("--target", required=True, help="sm_80 | sm_86 | sm_89 | sm_90 | a GPU target name")
+    kc.add_argument("--kernel", help="comma-separated kernel names (default all)")
+    kc.add_argument("--dtype", default="fp16", help="fp16 | bf16 | fp32 (default fp16)")
+    kc.add_argument("--defaults-only", action="store_true", help="only each kernel's DEFAULT_CONFIG (fast)")
+    kc.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
+    kc.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    kc.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    kc.set_defaults(fn=cmd_kernels_compile)
 
     pl = add("plan", "memory plan per rank for a model on a target, without reading weights", cmd_plan)
     pl.add_argument("--model", default="tiny-moe", help="Hugging Face folder or preset")
