@@ -107,7 +107,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise InputError(f"prompt ({len(ids)}) + --max-new-tokens ({args.max_new_tokens}) exceeds the model's "
                          f"{limit} positions (max_position_embeddings with RoPE scaling); shorten one of them "
                          "or build with --rope-scaling yarn:4.0")
-    graph, session = sampling_pair(artifact, args.threads)
+    graph, session = sampling_pair(artifact, args.threads, engine)
     stop = () if args.no_stop else engine.spec.eos_token_ids
     new, state = sample_generate(engine, engine.empty_cache(1), session, ids, params.to_tensors(1),
                                  initial_state([ids], graph.vocab), args.max_new_tokens,

@@ -18,6 +18,7 @@ from qwen3export.targets import get_target
 from . import artifact as art
 from .backends import onnx as onnx_backend
 from .capture import capture
+from qwen3export.graphs.sampling import capture_sampling
 from .errors import InputError, ParityError, TargetError
 from .model import DEFAULT_SEED, ModelRef, build_module, resolve, resolve_ref
 from .parity import check_parity, check_sampling_parity, summary_line
@@ -25,7 +26,7 @@ from .runner import available_providers, open_engine
 from .spec import ModelSpec
 from .weights import parse_dtype
 
-BACKENDS = ("onnx",)
+BACKENDS = ("onnx", "aoti")
 Progress = Callable[[str], None]
 
 
@@ -89,6 +90,10 @@ def check_options(opts: BuildOptions):
         if b not in BACKENDS:
             raise TargetError(f"unknown backend {b!r}; known backends: {', '.join(BACKENDS)}")
         target.check_backend(b)
+        if b == "aoti":
+            from .backends.aoti import check_can_build
+
+            check_can_build(target)
     parse_dtype(opts.dtype)
     target.check_dtype(opts.dtype)
     return target
@@ -109,6 +114,7 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
     # 2. capture: one ExportedProgram for prefill and decode
     ep = stages.run("capture", "torch.export (dynamic batch, sequence, cache length)", lambda: capture(module))
     _dump(opts.dump_ir, "01-capture.txt", str(ep.graph_module.code))
+    sampling_ep = capture_sampling(sampling_graph_for(spec, ref))
 
     results = []
     for backend in opts.backends:
@@ -118,9 +124,10 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
                 model={"ref": ref.to_dict(), "spec": spec.to_dict(), "param_count": spec.param_count()},
                 target=target.to_dict(), backend=backend, dtype=opts.dtype)
             # 3. emit
+            # the sampling graph (thinking control baked in) ships beside every decoder
+            manifest["sampling"] = emit_sampling(spec, ref, tmp, sampling_ep)
             manifest["engine"] = stages.run("emit", f"{backend} engine -> {out}",
-                                            lambda: onnx_backend.emit_decoder(ep, spec, tmp))
-            manifest["sampling"] = emit_sampling(spec, ref, tmp)
+                                            lambda: emit_engine(backend, ep, sampling_ep, spec, tmp))
             # 4. verify: the engine against eager PyTorch on the same weights
             report = stages.run("verify", "parity against eager PyTorch",
                                 lambda: verify_engine(art.Artifact(tmp, manifest), module))
@@ -138,37 +145,60 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
 
-def emit_sampling(spec: ModelSpec, ref: ModelRef, folder: Path) -> dict[str, Any]:
-    """The sampling graph (thinking control baked in) as sampling.onnx, plus the checkpoint's tokenizer,
-    chat template and generation_config copied beside it; returns the manifest's `sampling` entry."""
+def _source_folder(ref: ModelRef) -> Path | None:
+    return Path(ref.name) if ref.kind == "folder" else None
+
+
+def sampling_graph_for(spec: ModelSpec, ref: ModelRef):
+    """The sampling graph with the early-stop sequence tokenized by the checkpoint's tokenizer, if any."""
+    from qwen3export.graphs.sampling import SamplingGraph, SamplingVocab, early_stop_ids
+
+    src = _source_folder(ref)
+    tokenizer = None
+    if src is not None and (src / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(src / "tokenizer.json"))
+    vocab = SamplingVocab.from_spec(spec)
+    return SamplingGraph(vocab, early_stop_ids(tokenizer, vocab))
+
+
+def emit_sampling(spec: ModelSpec, ref: ModelRef, folder: Path, sampling_ep) -> dict[str, Any]:
+    """The sampling graph as sampling.onnx, plus the checkpoint's tokenizer, chat template and
+    generation_config copied beside it; returns the manifest's `sampling` entry."""
     import shutil
 
-    from qwen3export.graphs.sampling import (SAMPLING_FILE, SamplingGraph, SamplingVocab, early_stop_ids,
-                                             emit_sampling_onnx, read_generation_config, sampling_defaults)
+    from qwen3export.graphs.sampling import SAMPLING_FILE, emit_sampling_onnx, read_generation_config, sampling_defaults
 
-    src = Path(ref.name) if ref.kind == "folder" else None
+    src = _source_folder(ref)
     copied = [f for f in TOKENIZER_FILES if src is not None and (src / f).is_file()]
     for f in copied:
         shutil.copy2(src / f, folder / f)
-    tokenizer = None
-    if "tokenizer.json" in copied:
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    vocab = SamplingVocab.from_spec(spec)
-    entry = emit_sampling_onnx(SamplingGraph(vocab, early_stop_ids(tokenizer, vocab)), folder / SAMPLING_FILE)
+    entry = emit_sampling_onnx(sampling_graph_for(spec, ref), folder / SAMPLING_FILE, sampling_ep)
     entry["defaults"] = sampling_defaults(read_generation_config(src) if src is not None else None)
     entry["tokenizer_files"] = copied
     return entry
 
 
-def sampling_pair(artifact: art.Artifact, threads: int | None = None):
-    """(torch SamplingGraph, ONNX Runtime session) of an artifact's sampling graph."""
+def emit_engine(backend: str, ep, sampling_ep, spec: ModelSpec, folder: Path) -> dict[str, Any]:
+    if backend == "onnx":
+        return onnx_backend.emit_decoder(ep, spec, folder)
+    if backend == "aoti":
+        from .backends import aoti
+
+        return aoti.emit(ep, sampling_ep, folder)
+    raise TargetError(f"unknown backend {backend!r}")
+
+
+def sampling_pair(artifact: art.Artifact, threads: int | None = None, engine=None):
+    """(torch SamplingGraph, the artifact's own sampler: ONNX Runtime session or AOTInductor package)."""
     from qwen3export.graphs.sampling import SamplingGraph, SamplingSession, SamplingVocab
 
     entry = artifact.manifest["sampling"]
     spec = ModelSpec.from_dict(artifact.manifest["model"]["spec"])
     graph = SamplingGraph(SamplingVocab.from_spec(spec), entry["early_stop_ids"])
+    if artifact.backend == "aoti":
+        return graph, (engine or open_engine(artifact, threads)).sampler
     session = SamplingSession(artifact.file(entry["file"]), available_providers(
         artifact.manifest["target"]["ort_providers"]), threads)
     return graph, session
@@ -179,7 +209,7 @@ def verify_engine(artifact: art.Artifact, eager: torch.nn.Module, threads: int |
     report = check_parity(engine, engine.empty_cache(2), eager, eager.empty_cache(2),
                           eager.spec.vocab_size, artifact.manifest["dtype"])
     report["providers"] = engine.providers
-    report["sampling"] = check_sampling_parity(*sampling_pair(artifact, threads))
+    report["sampling"] = check_sampling_parity(*sampling_pair(artifact, threads, engine))
     if not report["sampling"]["identical"]:
         report["passed"] = False
         report["failures"].append(f"sampling graph differs from torch in {report['sampling']['mismatches']} "

@@ -68,8 +68,15 @@ class OnnxEngine:
         return logits, present
 
 
-def open_engine(artifact: Artifact, threads: int | None = None) -> OnnxEngine:
-    if artifact.backend != "onnx":
-        raise ArtifactError(f"artifact {Path(artifact.path).name} has backend {artifact.backend!r}; "
-                            "`run` and `verify` execute onnx artifacts here")
-    return OnnxEngine(artifact, threads)
+def open_engine(artifact: Artifact, threads: int | None = None):
+    """The artifact's decoder as a step callable: ONNX Runtime session or AOTInductor package."""
+    if artifact.backend == "onnx":
+        return OnnxEngine(artifact, threads)
+    if artifact.backend == "aoti":
+        from .backends.aoti import AotiEngine
+
+        if threads:
+            torch.set_num_threads(threads)
+        return AotiEngine(artifact, ModelSpec.from_dict(artifact.manifest["model"]["spec"]))
+    raise ArtifactError(f"artifact {Path(artifact.path).name} has backend {artifact.backend!r}, which does not "
+                        "run on this machine (`run`/`verify` execute onnx and aoti artifacts)")

@@ -63,7 +63,7 @@ CPU = Target(
     # Softmax… are fp32-only there), so engines for this target are fp32.
     dtypes=("fp32",),
     ort_providers=("CPUExecutionProvider",),
-    backends=("onnx",),
+    backends=("onnx", "aoti"),
 )
 
 TARGETS: dict[str, Target] = {t.name: t for t in (CPU,)}
