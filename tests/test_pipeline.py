@@ -78,3 +78,23 @@ def test_force_replaces_atomically(tmp_path, capsys):
     second = art.load_artifact(out).manifest
     assert second["files"]["decoder.onnx"]["sha256"] != first and second["model"]["ref"]["seed"] == 2
     assert [p.name for p in tmp_path.iterdir()] == ["art"]
+
+
+def test_large_weights_go_to_external_data_with_checksums(monkeypatch, tmp_path, capsys):
+    """Over the protobuf limit, weights are written as decoder.onnx.data (the limit is lowered here so
+    that the tiny preset crosses it; the 0.6B benchmark crosses the real 2 GB one)."""
+    monkeypatch.setattr(onnx_backend, "PROTOBUF_LIMIT", 65 << 20)  # threshold (limit - 64 MiB) = 1 MiB
+    out = tmp_path / "art"
+    assert main(["build", "--model", "tiny", "--out", str(out)]) == 0
+    manifest = art.load_artifact(out).manifest
+    assert manifest["engine"]["external_data"] is True
+    assert {"decoder.onnx", "decoder.onnx.data"} <= set(manifest["files"])
+    assert manifest["files"]["decoder.onnx.data"]["size"] > 30 << 20  # the 151936 x 64 fp32 embedding
+    assert manifest["files"]["decoder.onnx"]["size"] < 5 << 20
+    data = out / "decoder.onnx.data"
+    blob = bytearray(data.read_bytes())
+    blob[-1] ^= 1
+    data.write_bytes(bytes(blob))
+    capsys.readouterr()
+    assert main(["run", str(out), "--prompt-ids", "1"]) == 2
+    assert "decoder.onnx.data does not match its sha256" in capsys.readouterr().err
