@@ -51,7 +51,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     overrides = {"rope_scaling": parse_rope_flag(args.rope_scaling)} if args.rope_scaling else {}
     opts = BuildOptions(model=args.model, target=args.target, backends=backends, dtype=args.dtype,
                         out=Path(args.out) if args.out else None, force=args.force, seed=args.seed,
-                        dump_ir=Path(args.dump_ir) if args.dump_ir else None, overrides=overrides)
+                        dump_ir=Path(args.dump_ir) if args.dump_ir else None, overrides=overrides,
+                        max_batch=args.max_batch, max_seq=args.max_seq)
     results = build(opts, progress=_eprint)
     payload = {"artifacts": [{"path": str(r.path), "backend": r.manifest["backend"],
                               "parity": r.manifest["parity"]} for r in results]}
@@ -61,7 +62,36 @@ def cmd_build(args: argparse.Namespace) -> int:
         lines.append(f"artifact: {r.path}\n  parity {'PASS' if p['passed'] else 'FAIL'} vs {p['reference']}: "
                      f"logits max abs {p['logits_max_abs']:.2e}, top-1 {p['top1_agreement']:.3f}, greedy "
                      f"{p['greedy_tokens_matching']}/{p['new_tokens']} tokens match")
+    pending = [r for r in results if r.manifest["engine"].get("tensorrt", {}).get("status") == "pending"]
+    for r in pending:
+        lines.append(f"tensorrt plan pending for {r.path}: missing {'; '.join(r.manifest['engine']['tensorrt']['missing'])}"
+                     f"; run `qwen3export finish {r.path}` on the target machine")
     _emit(args, payload, "\n".join(lines))
+    if pending:
+        from .backends.tensorrt import EXIT_PENDING
+
+        _eprint(f"qwen3export: pending: {len(pending)} TensorRT plan(s) need TensorRT and an NVIDIA GPU; every "
+                f"other step is done and verified (exit {EXIT_PENDING})")
+        return EXIT_PENDING
+    return 0
+
+
+def cmd_finish(args: argparse.Namespace) -> int:
+    """Build the pending TensorRT plan of an artifact on the target machine."""
+    from .artifact import load_artifact, seal
+    from .backends import tensorrt as trt_backend
+
+    artifact = load_artifact(args.artifact)
+    entry = artifact.manifest["engine"].get("tensorrt")
+    if entry is None:
+        raise InputError(f"artifact {artifact.path} has no TensorRT engine to finish (backend {artifact.backend})")
+    missing = trt_backend.missing_requirements()
+    if missing:
+        _eprint(f"qwen3export: pending: cannot build the TensorRT plan here: missing {'; '.join(missing)}")
+        return trt_backend.EXIT_PENDING
+    artifact.manifest["engine"]["tensorrt"] = trt_backend.build_plan(artifact.path)
+    seal(artifact.path, artifact.manifest)
+    _emit(args, artifact.manifest["engine"]["tensorrt"], f"tensorrt plan built in {artifact.path}")
     return 0
 
 
@@ -253,6 +283,8 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="replace an existing output folder")
     b.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights (default 0)")
     b.add_argument("--dump-ir", metavar="DIR", help="write each phase's graph into DIR")
+    b.add_argument("--max-batch", type=int, default=8, help="TensorRT profile: max batch (default 8)")
+    b.add_argument("--max-seq", type=int, help="TensorRT profile: max tokens per sequence (default min(positions, 8192))")
     b.add_argument("--rope-scaling", metavar="TYPE:FACTOR[:ORIG]",
                    help="RoPE scaling, e.g. yarn:4.0 (131,072 positions for Qwen3, original window 32768)")
 
@@ -285,6 +317,9 @@ def make_parser() -> argparse.ArgumentParser:
     i.add_argument("artifact")
 
     add("targets", "list the known targets", cmd_targets)
+
+    fi = add("finish", "build an artifact's pending TensorRT plan (on the target machine)", cmd_finish)
+    fi.add_argument("artifact")
 
     ks = sub.add_parser("kernels", help="Triton kernel tools (cross-compilation per GPU arch)",
                         description="Triton kernel tools (cross-compilation per GPU arch)")

@@ -26,7 +26,7 @@ from .runner import available_providers, open_engine
 from .spec import ModelSpec
 from .weights import parse_dtype
 
-BACKENDS = ("onnx", "aoti")
+BACKENDS = ("onnx", "aoti", "tensorrt")
 Progress = Callable[[str], None]
 
 
@@ -41,6 +41,8 @@ class BuildOptions:
     seed: int = DEFAULT_SEED
     dump_ir: Path | None = None
     overrides: dict[str, Any] = field(default_factory=dict)  # preset field overrides
+    max_batch: int = 8  # TensorRT optimization-profile maximum
+    max_seq: int | None = None  # TensorRT profile maximum (default: min(model positions, 8192))
 
 
 @dataclass
@@ -94,15 +96,20 @@ def check_options(opts: BuildOptions):
             from .backends.aoti import check_can_build
 
             check_can_build(target)
+        if b == "tensorrt" and target.kind != "gpu":
+            raise TargetError(f"--backend tensorrt needs an NVIDIA GPU target, not {target.name}")
     parse_dtype(opts.dtype)
     target.check_dtype(opts.dtype)
+    if opts.dtype != "fp32" and set(opts.backends) & {"onnx", "aoti"}:
+        raise TargetError(f"--dtype {opts.dtype} engines for onnx/aoti can only be verified on the target's GPU, and "
+                          "parity is checked before an artifact is written: build fp32 here, or use --backend "
+                          "tensorrt (fp32 ONNX verified here, precision set by TensorRT's builder flags)")
     return target
 
 
 def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[BuildResult]:
     target = check_options(opts)
     spec, source, ref = resolve(opts.model, opts.seed, **opts.overrides)
-    dtype = parse_dtype(opts.dtype)
     outs = {b: output_folder(opts, spec, target.name, b) for b in opts.backends}
     for out in outs.values():  # refuse before spending minutes on a build
         if out.exists() and not opts.force:
@@ -110,7 +117,8 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
     stages = _Stages(2 + 3 * len(opts.backends), progress)
 
     # 1. load: weights streamed tensor by tensor into the module (see weights.py)
-    module = stages.run("load", f"{source.description} as {opts.dtype}", lambda: build_module(spec, source, dtype))
+    # engines are verified here in fp32; TensorRT lowers precision through its builder flags
+    module = stages.run("load", f"{source.description} as fp32", lambda: build_module(spec, source, torch.float32))
     # 2. capture: one ExportedProgram for prefill and decode
     ep = stages.run("capture", "torch.export (dynamic batch, sequence, cache length)", lambda: capture(module))
     _dump(opts.dump_ir, "01-capture.txt", str(ep.graph_module.code))
@@ -122,12 +130,12 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
         with art.staging(out, opts.force) as tmp:
             manifest = art.default_manifest(
                 model={"ref": ref.to_dict(), "spec": spec.to_dict(), "param_count": spec.param_count()},
-                target=target.to_dict(), backend=backend, dtype=opts.dtype)
+                target=target.to_dict(), backend=backend, dtype="fp32")
             # 3. emit
             # the sampling graph (thinking control baked in) ships beside every decoder
             manifest["sampling"] = emit_sampling(spec, ref, tmp, sampling_ep)
             manifest["engine"] = stages.run("emit", f"{backend} engine -> {out}",
-                                            lambda: emit_engine(backend, ep, sampling_ep, spec, tmp))
+                                            lambda: emit_engine(backend, ep, sampling_ep, spec, tmp, opts, target))
             # 4. verify: the engine against eager PyTorch on the same weights
             report = stages.run("verify", "parity against eager PyTorch",
                                 lambda: verify_engine(art.Artifact(tmp, manifest), module))
@@ -180,9 +188,21 @@ def emit_sampling(spec: ModelSpec, ref: ModelRef, folder: Path, sampling_ep) -> 
     return entry
 
 
-def emit_engine(backend: str, ep, sampling_ep, spec: ModelSpec, folder: Path) -> dict[str, Any]:
+def emit_engine(backend: str, ep, sampling_ep, spec: ModelSpec, folder: Path, opts: BuildOptions | None = None,
+                target=None) -> dict[str, Any]:
     if backend == "onnx":
         return onnx_backend.emit_decoder(ep, spec, folder)
+    if backend == "tensorrt":
+        from .backends import tensorrt as trt_backend
+
+        entry = onnx_backend.emit_decoder(ep, spec, folder)
+        max_seq = opts.max_seq or min(spec.max_positions, 8192)
+        trt_backend.write_settings(folder, trt_backend.settings(spec, target, opts.dtype, opts.max_batch, max_seq))
+        missing = trt_backend.missing_requirements()
+        entry["tensorrt"] = ({"status": "pending", "missing": missing, "settings": trt_backend.SETTINGS_FILE,
+                              "finish": "qwen3export finish ARTIFACT (on a machine with TensorRT and the GPU)"}
+                             if missing else trt_backend.build_plan(folder))
+        return entry
     if backend == "aoti":
         from .backends import aoti
 

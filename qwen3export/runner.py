@@ -70,7 +70,7 @@ class OnnxEngine:
 
 def open_engine(artifact: Artifact, threads: int | None = None):
     """The artifact's decoder as a step callable: ONNX Runtime session or AOTInductor package."""
-    if artifact.backend == "onnx":
+    if artifact.backend in ("onnx", "tensorrt"):  # a tensorrt artifact carries its verified fp32 ONNX
         return OnnxEngine(artifact, threads)
     if artifact.backend == "aoti":
         from .backends.aoti import AotiEngine

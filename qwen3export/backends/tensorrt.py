@@ -1,0 +1,105 @@
+"""TensorRT backend: a TensorRT plan built from the decoder ONNX that ONNX Runtime has already verified.
+
+TensorRT needs NVIDIA's libraries and a GPU, which this project's machines do not have. So `build`
+writes everything the target machine needs (the verified ONNX, optimization profiles and builder
+settings as JSON) and marks the engine `pending`; `qwen3export finish ARTIFACT` on the target machine
+runs `build_plan` below. This module is the only code that touches TensorRT: thin, written against
+TensorRT 10's Python API, and type-checked in CI with mypy against the `tensorrt-stubs` package.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from qwen3export.errors import TargetError
+
+SETTINGS_FILE = "tensorrt/build.json"
+PLAN_FILE = "tensorrt/decoder.plan"
+TIMING_CACHE_FILE = "tensorrt/timing.cache"
+EXIT_PENDING = 3  # `build`/`finish` exit code: artifact complete and verified, TensorRT plan pending
+
+
+def missing_requirements() -> list[str]:
+    """What this machine lacks to build a TensorRT plan (empty when it can)."""
+    missing = []
+    try:
+        import tensorrt
+        usable = hasattr(tensorrt, "Builder")  # tensorrt-stubs alone leaves an empty namespace package
+    except ImportError:
+        usable = False
+    if not usable:
+        missing.append("the tensorrt Python package (pip install tensorrt-cu12 on the target machine)")
+    import torch
+
+    if not torch.cuda.is_available():
+        missing.append("an NVIDIA GPU with CUDA")
+    return missing
+
+
+def profiles(spec, max_batch: int, max_seq: int, opt_batch: int = 1, opt_seq: int = 512) -> dict[str, list[list[int]]]:
+    """min/opt/max shapes per input: prefill (S up to max_seq, no past) to decode (S 1, past up to max_seq)."""
+    opt_batch, opt_seq = min(opt_batch, max_batch), min(opt_seq, max_seq)
+    hkv, d = spec.num_key_value_heads, spec.head_dim
+    out = {
+        "input_ids": [[1, 1], [opt_batch, 1], [max_batch, max_seq]],
+        "position_ids": [[1, 1], [opt_batch, 1], [max_batch, max_seq]],
+        "attention_mask": [[1, 1], [opt_batch, opt_seq], [max_batch, max_seq]],
+    }
+    for i in range(spec.num_hidden_layers):
+        for kv in ("key", "value"):
+            out[f"past_key_values.{i}.{kv}"] = [[1, hkv, 0, d], [opt_batch, hkv, opt_seq - 1, d],
+                                                [max_batch, hkv, max_seq - 1, d]]
+    return out
+
+
+def settings(spec, target, dtype: str, max_batch: int, max_seq: int) -> dict[str, Any]:
+    """Builder settings recorded in the artifact (the ONNX itself is fp32; precision comes from flags)."""
+    flags = [f for f in target.trt_builder_flags if dtype != "fp32" or f == "TF32"]
+    return {"onnx": "decoder.onnx", "plan": PLAN_FILE, "timing_cache": TIMING_CACHE_FILE,
+            "target": target.name, "arch": target.arch, "dtype": dtype, "builder_flags": flags,
+            "profiles": profiles(spec, max_batch, max_seq), "workspace_bytes": 4 << 30,
+            "tensorrt_version": ">=10"}
+
+
+def write_settings(folder: Path, s: dict[str, Any]) -> None:
+    path = folder / SETTINGS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(s, indent=2, sort_keys=True) + "\n")
+
+
+def build_plan(folder: Path) -> dict[str, Any]:
+    """Build the TensorRT plan from the artifact's ONNX and settings (needs TensorRT and a GPU)."""
+    missing = missing_requirements()
+    if missing:
+        raise TargetError(f"TensorRT plan cannot be built here: missing {'; '.join(missing)}")
+    import tensorrt as trt
+
+    s = json.loads((folder / SETTINGS_FILE).read_text())
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(folder / s["onnx"])):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise TargetError(f"TensorRT's ONNX parser rejected {s['onnx']}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(s["workspace_bytes"]))
+    for flag in s["builder_flags"]:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in s["profiles"].items():
+        profile.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
+    config.add_optimization_profile(profile)
+    cache_path = folder / s["timing_cache"]
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise TargetError("TensorRT failed to build the plan; rerun with --debug to see its log")
+    (folder / s["plan"]).write_bytes(bytes(plan))
+    timing = config.get_timing_cache()
+    if timing is not None:
+        cache_path.write_bytes(bytes(timing.serialize()))
+    return {"status": "built", "plan": s["plan"], "timing_cache": s["timing_cache"], "tensorrt": trt.__version__}
