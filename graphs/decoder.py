@@ -34,8 +34,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.custom_ops = False  # Qwen3Decoder.use_custom_ops: call qwen3export:: kernels instead
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.custom_ops:
+            return torch.ops.qwen3export.rms_norm(x, self.weight, self.eps)
         return rms_norm_reference(x, self.weight, self.eps)
 
 
@@ -73,10 +76,19 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(d, spec.rms_norm_eps)
         self.k_norm = RMSNorm(d, spec.rms_norm_eps)
         self.scale = d ** -0.5
+        self.custom_ops = False
 
-    def forward(self, x, cos, sin, mask, past_k, past_v):
+    def forward(self, x, cos, sin, mask, past_k, past_v, attention_mask=None):
         b, s, _ = x.shape
         d, hkv, g = self.head_dim, self.n_kv, self.n_heads // self.n_kv
+        if self.custom_ops:  # the same computation through qwen3export:: kernels (kernels/ops.py)
+            q, k = torch.ops.qwen3export.qk_norm_rope(
+                self.q_proj(x).view(b, s, self.n_heads, d), self.k_proj(x).view(b, s, hkv, d),
+                self.q_norm.weight, self.k_norm.weight, cos, sin, self.q_norm.eps)  # [B, H, S, D]
+            v = self.v_proj(x).view(b, s, hkv, d).transpose(1, 2)
+            k, v = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
+            out = torch.ops.qwen3export.attention(q, k, v, attention_mask, None, self.scale)  # [B, Hq, S, D]
+            return self.o_proj(out.transpose(1, 2).reshape(b, s, self.n_heads * d)), k, v
         q = self.q_norm(self.q_proj(x).view(b, s, self.n_heads, d)).transpose(1, 2)  # [B, Hq, S, D]
         k = self.k_norm(self.k_proj(x).view(b, s, hkv, d)).transpose(1, 2)  # [B, Hkv, S, D]
         v = self.v_proj(x).view(b, s, hkv, d).transpose(1, 2)  # [B, Hkv, S, D]
@@ -148,9 +160,13 @@ class SparseMoeBlock(nn.Module):
         self.num_experts, self.inter = spec.num_experts, spec.moe_intermediate_size
         self.gate = Router(spec)
         self.experts = Experts(spec)
+        self.custom_ops = False
 
     def forward(self, x):
         b, s, h = x.shape
+        if self.custom_ops:
+            return torch.ops.qwen3export.moe(x, self.gate.weight, self.experts.gate_up_proj, self.experts.down_proj,
+                                             self.top_k, self.norm_topk_prob)
         t = x.reshape(b * s, h)  # [T, H]
         top_w, top_i = moe_routing_reference(t, self.gate.weight, self.top_k, self.norm_topk_prob)
         dense_w = torch.zeros(t.shape[0], self.num_experts, dtype=t.dtype).scatter(1, top_i, top_w)  # [T, E]
@@ -170,8 +186,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, past_k, past_v):
-        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_k, past_v)
+    def forward(self, x, cos, sin, mask, past_k, past_v, attention_mask=None):
+        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_k, past_v, attention_mask)
         x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k, v
@@ -239,6 +255,16 @@ class Qwen3Decoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
 
+    def use_custom_ops(self, enabled: bool = True) -> "Qwen3Decoder":
+        """Route norms, q/k-norm+RoPE, attention and MoE through the qwen3export:: custom ops (Triton on
+        CUDA, the interpreter under QWEN3EXPORT_TRITON_INTERPRET=1, references otherwise)."""
+        import qwen3export.kernels.ops  # noqa: F401  (registers the ops)
+
+        for m in self.modules():
+            if hasattr(m, "custom_ops"):
+                m.custom_ops = enabled
+        return self
+
     def empty_cache(self, batch: int) -> KVCache:
         s = self.spec
         z = torch.zeros(batch, s.num_key_value_heads, 0, s.head_dim, dtype=self.dtype)
@@ -250,7 +276,7 @@ class Qwen3Decoder(nn.Module):
         mask = attention_mask_bias(attention_mask, input_ids.shape[1], x.dtype)
         present = []
         for layer, (pk, pv) in zip(self.model.layers, past):
-            x, k, v = layer(x, cos, sin, mask, pk, pv)
+            x, k, v = layer(x, cos, sin, mask, pk, pv, attention_mask)
             present.append((k, v))
         logits = self.lm_head(self.model.norm(x))  # [B, S, V]
         return logits, tuple(present)
