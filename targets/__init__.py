@@ -5,6 +5,7 @@ The emit, tune and verify stages read a Target; nothing else knows what hardware
 
 from __future__ import annotations
 
-from .spec import TARGETS, Target, get_target, target_names
+from .registry import TARGETS, get_target, gpu_targets, target_names
+from .spec import Target
 
-__all__ = ["TARGETS", "Target", "get_target", "target_names"]
+__all__ = ["TARGETS", "Target", "get_target", "gpu_targets", "target_names"]
