@@ -1,0 +1,188 @@
+"""Modelled time of a kernel config on a target: the tune stage's objective when no matching GPU is present.
+
+time = sum over the config's launches (autotune/workloads.py) of waves x roofline(wave) + launch overhead,
+with occupancy taken from the registers and shared memory the config really uses once compiled for the
+target's arch (kernels/compile.py compile_report). Assumptions (every figure below is a model, not a
+measurement; tables built from it are tagged "modelled"):
+
+1. Programs are spread over SMs first, then stacked up to the occupancy limit B (blocks per SM, from
+   warps, registers with per-warp allocation rounding, shared memory plus the 1 KB per block CUDA
+   reserves on cc 8.x/9.0, and the blocks-per-SM cap). A launch of P programs runs in ceil(P / (SMs x B))
+   waves; a wave with n programs keeps min(SMs, n) SMs busy and the others idle.
+2. A busy SM gets 1/SMs of the peak FLOP/s and of the DRAM bandwidth; compute and memory overlap fully
+   within a wave (roofline: the wave takes the longer of the two).
+3. Tensor-core FLOPs reach peak only if (a) at least 4 warps are resident (one per SM sub-partition) and
+   (b) shared memory can feed the warp tiles: a warp tile wm x wn (the block's MMA tile split over its
+   warps) loads (wm + wn) elements per 2 wm wn FLOPs, at 128 bytes per clock per SM (32 banks x 4 B).
+   SIMT FLOPs use the fp32 peak.
+4. DRAM latency is hidden only by bytes in flight (Little's law): an SM needs bandwidth/SMs x 0.6 us of
+   requests outstanding; fewer resident programs or shallower pipelines (num_stages) slow it
+   proportionally. 0.6 us is the order of the global-memory load latency that microbenchmarks report for
+   A100/H100 (~500-800 cycles; Jia et al., "Dissecting the Ampere GPU architecture through
+   microbenchmarking", GTC 2021; Luo et al., "Benchmarking and Dissecting the Nvidia Hopper GPU
+   Architecture", arXiv:2402.13499).
+5. Each launch costs 2 us of fixed overhead (launch + tail drain).
+6. A config whose compile records are invalid (spills, over the per-block limits, compile error) or that
+   fits zero blocks per SM is invalid: it has no time and must never be chosen.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qwen3export.kernels.config import KernelConfig, arch_limits
+from qwen3export.targets import Target
+
+from .workloads import ELEMENT_BYTES, Launch, launches
+
+MEMORY_LATENCY_S = 0.6e-6
+LAUNCH_OVERHEAD_S = 2e-6
+SMEM_BYTES_PER_CLOCK = 128
+SHARED_RESERVED_PER_BLOCK = 1024  # CUDA Programming Guide, tech specs: 1 KB shared memory per block for the system
+TENSOR_WARPS_PER_SM = 4
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one compiled Triton function uses (worst case over the compile shapes)."""
+
+    registers: int
+    shared_bytes: int
+    valid: bool = True
+    reason: str = "ok"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Modelled seconds (None when invalid) with the reason and per-launch details."""
+
+    seconds: float | None
+    reason: str = "ok"
+    launches: tuple[dict[str, Any], ...] = field(default=())
+
+    @property
+    def valid(self) -> bool:
+        return self.seconds is not None
+
+    @property
+    def microseconds(self) -> float | None:
+        return None if self.seconds is None else self.seconds * 1e6
+
+
+def resources_from_records(records: list[dict[str, Any]]) -> dict[str, Resources]:
+    """compile_report records of ONE config -> function name -> Resources (max over shapes, valid if all are)."""
+    out: dict[str, Resources] = {}
+    for r in records:
+        prev = out.get(r["function"])
+        regs, shared = r.get("registers") or 0, r.get("shared_bytes") or 0
+        if prev is not None:
+            regs, shared = max(regs, prev.registers), max(shared, prev.shared_bytes)
+        valid = r["valid"] and (prev is None or prev.valid)
+        reason = r["reason"] if not r["valid"] else (prev.reason if prev is not None else "ok")
+        out[r["function"]] = Resources(regs, shared, valid, reason)
+    return out
+
+
+def compiled_resources(target: Target, kernel: str, config: KernelConfig, dtype: str,
+                       cache_dir: str | Path | None = None) -> dict[str, Resources]:
+    """Cross-compile `config` for the target's arch (cached on disk by compile_report) and read its usage."""
+    from qwen3export.kernels.compile import compile_report
+
+    records = compile_report(target.arch, [kernel], dtype, configs=[config], cache_dir=cache_dir)
+    return resources_from_records(records)
+
+
+def blocks_per_sm(target: Target, resources: Resources, num_warps: int) -> tuple[int, str]:
+    """Resident programs per SM and the limit that sets it."""
+    limits = arch_limits(target.arch)
+    by = {"warps": target.max_warps_per_sm // num_warps, "blocks": target.max_blocks_per_sm}
+    block_regs = limits.block_registers(max(resources.registers, 1), num_warps)
+    by["registers"] = target.registers_per_sm // block_regs
+    if resources.shared_bytes:
+        by["shared"] = target.shared_mem_per_sm // (resources.shared_bytes + SHARED_RESERVED_PER_BLOCK)
+    limiter = min(by, key=lambda k: by[k])
+    return by[limiter], limiter
+
+
+def mma_efficiency(target: Target, tile: tuple[int, int], num_warps: int, element_bytes: int, dtype: str) -> float:
+    """Fraction of tensor peak shared memory can feed (assumption 3)."""
+    area = tile[0] * tile[1] / num_warps
+    wm = min(float(tile[0]), max(16.0, math.sqrt(area)))
+    wn = area / wm
+    flops_per_element = 2 * wm * wn / (wm + wn)
+    feed = SMEM_BYTES_PER_CLOCK / element_bytes * flops_per_element * target.clock_hz  # FLOP/s per SM
+    return min(1.0, feed / (target.peak_flops[dtype] / target.sm_count))
+
+
+def _wave_seconds(target: Target, launch: Launch, n: int, dtype: str, mma_eff: float) -> float:
+    busy = min(target.sm_count, n)
+    resident = math.ceil(n / busy)  # programs per busy SM, <= per_sm
+    warps = resident * launch.num_warps
+    if launch.tensor_core:
+        rate = target.peak_flops[dtype] * mma_eff * min(1.0, warps / TENSOR_WARPS_PER_SM)
+    else:
+        rate = target.peak_flops["fp32"]
+    sm_rate = rate / target.sm_count
+    sm_bandwidth = target.memory_bandwidth / target.sm_count
+    latency_hidden = min(1.0, resident * launch.inflight_bytes / (sm_bandwidth * MEMORY_LATENCY_S))
+    per_program_flops = launch.flops / launch.programs
+    per_program_bytes = launch.bytes / launch.programs
+    compute = resident * per_program_flops / sm_rate
+    memory = resident * per_program_bytes / (sm_bandwidth * max(latency_hidden, 1e-9))
+    return max(compute, memory)
+
+
+def launch_seconds(target: Target, launch: Launch, resources: Resources, dtype: str) -> tuple[float, dict[str, Any]]:
+    per_sm, limiter = blocks_per_sm(target, resources, launch.num_warps)
+    if per_sm < 1:
+        raise ValueError(f"{launch.function}: 0 blocks fit an SM ({limiter})")
+    e = ELEMENT_BYTES[dtype]
+    mma_eff = mma_efficiency(target, launch.mma_tile, launch.num_warps, e, dtype) if launch.mma_tile else 1.0
+    slots = target.sm_count * per_sm
+    full, tail = divmod(launch.programs, slots)
+    seconds = full * _wave_seconds(target, launch, slots, dtype, mma_eff) if full else 0.0
+    if tail:
+        seconds += _wave_seconds(target, launch, tail, dtype, mma_eff)
+    seconds += LAUNCH_OVERHEAD_S
+    waves = full + (1 if tail else 0)
+    detail = {"function": launch.function, "programs": launch.programs, "blocks_per_sm": per_sm,
+              "occupancy_limit": limiter, "waves": waves, "last_wave_sms": min(target.sm_count, tail or slots),
+              "mma_efficiency": round(mma_eff, 3), "us": round(seconds * 1e6, 3)}
+    return seconds, detail
+
+
+def estimate(target: Target, kernel: str, shape: dict, config: KernelConfig, dtype: str,
+             resources: dict[str, Resources]) -> Estimate:
+    """Modelled time of `config` for `shape`; invalid (seconds None) when any launched function is."""
+    total, details = 0.0, []
+    for launch in launches(kernel, shape, config, dtype):
+        res = resources.get(launch.function)
+        if res is None:
+            return Estimate(None, f"no compile record for {launch.function}")
+        if not res.valid:
+            return Estimate(None, f"{launch.function}: {res.reason}")
+        try:
+            seconds, detail = launch_seconds(target, launch, res, dtype)
+        except ValueError as exc:
+            return Estimate(None, str(exc))
+        total += seconds
+        details.append(detail)
+    return Estimate(total, "ok", tuple(details))
+
+
+def lower_bound(target: Target, kernel: str, shape: dict, config: KernelConfig, dtype: str) -> Estimate:
+    """The estimate with the fewest registers and no shared memory: occupancy limited only by warps and the
+    blocks-per-SM cap. More resident programs never make the model slower, so no compile of `config` can
+    beat this; the search uses it to skip compiling configs that cannot win."""
+    ideal = Resources(registers=1, shared_bytes=0)
+    return estimate(target, kernel, shape, config, dtype,
+                    {launch.function: ideal for launch in launches(kernel, shape, config, dtype)})
+
+
+def modelled_seconds(target: Target, kernel: str, shape: dict, config: KernelConfig, dtype: str,
+                     cache_dir: str | Path | None = None) -> Estimate:
+    """estimate() with the config compiled for the target's arch (compile_report's disk cache)."""
+    return estimate(target, kernel, shape, config, dtype, compiled_resources(target, kernel, config, dtype, cache_dir))

@@ -1,0 +1,269 @@
+"""`qwen3export tune`: run the studies for a target's kernels over a model's shapes, then write the tables.
+
+Stage "tune" of the pipeline: Target + ModelSpec shapes -> tables (autotune/tables.py). Modelled objective
+(autotune/cost_model.py) unless a CUDA device of the target's compute capability is present (measured,
+autotune/measure.py). Studies live in `storage` (default: SQLite file in out_dir), so a killed tune
+resumes where it stopped and `workers` local processes (or machines sharing a PostgreSQL URL) split them.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+
+from qwen3export.errors import InputError, TargetError
+from qwen3export.kernels.config import KernelConfig
+from qwen3export.model import resolve_spec
+from qwen3export.targets import Target, get_target
+
+from . import search
+from .cost_model import Resources, compiled_resources, estimate, lower_bound
+from .tables import config_params, shape_key, table_entry, table_filename, user_dir, write_table
+from .workloads import kernels_for, workload
+
+DEFAULT_TRIALS = 32
+SHIPPED_MODELS = ("qwen3-0.6b", "qwen3-8b", "qwen3-30b-a3b", "qwen3-235b-a22b")
+TUNABLE_DTYPES = ("bf16", "fp16", "fp32")  # what the kernels compile for (kernels/compile.py DTYPES)
+# (target, kernel, config, dtype) -> function -> Resources; the default cross-compiles (cost_model.py)
+ResourcesFn = Callable[[Target, str, KernelConfig, str], "dict[str, Resources]"]
+
+
+@dataclass(frozen=True)
+class Task:
+    """One table to tune: a kernel at one model shape, over its buckets."""
+
+    kernel: str
+    shape: dict
+    buckets: tuple[dict, ...]
+    models: tuple[str, ...]
+
+
+def plan_tasks(kernel: str | None, models: list[str]) -> list[Task]:
+    """Tables the models need, one per distinct (kernel, model shape)."""
+    found: dict[tuple[str, str], Task] = {}
+    for model in models:
+        spec = resolve_spec(model)
+        kernels = kernels_for(spec)
+        if kernel is not None and kernel not in kernels:
+            raise InputError(f"kernel {kernel!r} does not run in model {spec.name}; its kernels: {', '.join(kernels)}")
+        for name in [kernel] if kernel else kernels:
+            w = workload(name)
+            shape = w.fixed(spec)
+            key = (name, repr(sorted(shape.items())))
+            prior = found.get(key)
+            found[key] = Task(name, shape, w.buckets, (prior.models if prior else ()) + (spec.name,))
+    return list(found.values())
+
+
+MEMORY = ":memory:"  # storage for throwaway runs (shipped tables): fast, one process, nothing to resume
+
+
+def storage_for(url: str) -> optuna.storages.BaseStorage:
+    """An optuna storage for ':memory:', a SQLite or a server URL. RDB storages wait on SQLite's lock instead
+    of failing at once, and heartbeat so a killed process's trials are failed (not left running) on resume."""
+    if url == MEMORY:
+        return optuna.storages.InMemoryStorage()
+    kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=30, grace_period=60)
+
+
+def _modelled(target: Target, kernel: str, shape: dict, dtype: str, resources: ResourcesFn | None,
+              cache_dir: Path | None) -> search.Objective:
+    def evaluate(config: KernelConfig) -> tuple[float | None, str]:
+        res = (resources or (lambda t, k, c, d: compiled_resources(t, k, c, d, cache_dir)))(target, kernel, config,
+                                                                                             dtype)
+        est = estimate(target, kernel, shape, config, dtype, res)
+        return est.microseconds, est.reason
+
+    return evaluate
+
+
+def _objective(target: Target, task: Task, bucket: dict, dtype: str, source: str, resources: ResourcesFn | None,
+               cache_dir: Path | None) -> tuple[search.Objective, Callable[[KernelConfig], float | None] | None]:
+    """(objective, lower bound or None). The modelled objective's bound (cost_model.lower_bound) lets the search
+    skip compiling configs that cannot beat the study's best."""
+    shape = task.shape | bucket
+    if source == "measured":
+        from .measure import measured_objective
+
+        return measured_objective(target, task.kernel, shape, dtype), None
+    bound = lambda config: lower_bound(target, task.kernel, shape, config, dtype).microseconds  # noqa: E731
+    return _modelled(target, task.kernel, shape, dtype, resources, cache_dir), bound
+
+
+def run_worker(index: int, target_name: str, tasks: list[Task], dtype: str, source: str,
+               storage: str | optuna.storages.BaseStorage, trials: int, seed: int, resources: ResourcesFn | None = None, cache_dir: Path | None = None,
+               on_trial: Callable | None = None) -> int:
+    """Run every study of `tasks` to `trials` finished trials (one process; several may run at once on one
+    storage). Worker i starts at study i so parallel workers spread out. Returns trials run here."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    target = get_target(target_name)
+    storage = storage_for(storage) if isinstance(storage, str) else storage
+    studies = [(task, bucket) for task in tasks for bucket in task.buckets]
+    ran = 0
+    for task, bucket in studies[index % max(1, len(studies)):] + studies[:index % max(1, len(studies))]:
+        key = search.StudyKey.make(target.name, task.kernel, dtype, task.shape, bucket, source)
+        kernel_space = search.kept_space(task.kernel, target.arch)
+        study = search.open_study(key, storage, seed=seed + index, space_size=len(kernel_space))
+        evaluate, bound = _objective(target, task, bucket, dtype, source, resources, cache_dir)
+        objective = search.trial_objective(task.kernel, kernel_space, evaluate, bound)
+        ran += search.run_study(study, objective, min(trials, len(kernel_space)),
+                                callbacks=[on_trial] if on_trial else [])
+    return ran
+
+
+def _worker_main(args: tuple) -> int:
+    return run_worker(*args)
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="trial", desc="tune", dynamic_ncols=True)
+
+
+def tune(target: str, kernel: str | None = None, model: str | None = None, trials: int = DEFAULT_TRIALS,
+         storage: str | None = None, workers: int = 1, out_dir: str | Path | None = None, progress: bool = True,
+         dtype: str = "bf16", seed: int = 0, source: str | None = None, plots: bool = True,
+         resources: ResourcesFn | None = None, cache_dir: str | Path | None = None,
+         buckets: list[dict] | None = None) -> dict[str, Any]:
+    """Tune `target`'s kernels (one, or all the model runs) for `model` (preset or HF folder; default the four
+    shipped Qwen3 shapes) and write one table per (kernel, model shape) under out_dir/<target>/.
+
+    trials: finished trials per study (capped at the config space's size; a space that small is searched
+    exhaustively); storage: optuna URL (default sqlite:///<out_dir>/tune.db); workers: local processes on that
+    storage; source: "modelled" | "measured" (default: measured iff a GPU of the target's arch is present);
+    buckets: tune only these buckets (e.g. [{"M": 16}]) instead of the kernel's defaults.
+    Returns the summary: per kernel and bucket the best config, its objective (us), trials and source.
+    """
+    tgt = get_target(target)
+    if tgt.kind != "gpu":
+        raise TargetError(f"tune needs a GPU target (its kernels are Triton); {tgt.name} is a {tgt.kind}")
+    tgt.check_dtype(dtype)
+    if dtype not in TUNABLE_DTYPES:
+        raise TargetError(f"the Triton kernels are not built for dtype {dtype}; tune one of {', '.join(TUNABLE_DTYPES)}")
+    if trials < 1 or workers < 1:
+        raise InputError(f"--trials ({trials}) and --workers ({workers}) must be at least 1")
+    if storage == MEMORY and workers > 1:
+        raise InputError(f"--storage {MEMORY} lives in one process; give a SQLite or PostgreSQL URL for --workers")
+    from .measure import device_matches
+
+    source = source or ("measured" if device_matches(tgt) else "modelled")
+    if source == "measured" and not device_matches(tgt):
+        raise TargetError(f"measured tuning for {tgt.name} needs a CUDA GPU of compute capability {tgt.arch}; "
+                          f"run it on one, or use the modelled objective")
+    if source not in ("modelled", "measured"):
+        raise InputError(f"source {source!r} must be 'modelled' or 'measured'")
+    out = Path(out_dir) if out_dir is not None else user_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    storage_url = storage or f"sqlite:///{(out / 'tune.db').resolve()}"
+    tasks = plan_tasks(kernel, [model] if model else list(SHIPPED_MODELS))
+    if buckets is not None:
+        for task in tasks:
+            wrong = [b for b in buckets if sorted(b) != sorted(workload(task.kernel).bucket_keys)]
+            if wrong:
+                raise InputError(f"{task.kernel} buckets are keyed by {workload(task.kernel).bucket_keys}, got {wrong}")
+        tasks = [Task(t.kernel, t.shape, tuple(buckets), t.models) for t in tasks]
+    cache = Path(cache_dir) if cache_dir is not None else None
+    started = time.perf_counter()
+
+    # studies are created (and seeded with DEFAULT_CONFIG / the whole small space) once, here
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    rdb = storage_for(storage_url)
+    studies = {}
+    budget = 0
+    for task in tasks:
+        for bucket in task.buckets:
+            key = search.StudyKey.make(tgt.name, task.kernel, dtype, task.shape, bucket, source)
+            kernel_space = search.kept_space(task.kernel, tgt.arch)
+            study = search.open_study(key, rdb, seed=seed, space_size=len(kernel_space))
+            want = min(trials, len(kernel_space))
+            search.seed_study(study, task.kernel, kernel_space, want)
+            budget += max(0, want - len(search.finished_trials(study)))
+            studies[key] = (task, bucket, study)
+
+    bar = _progress_bar(budget, progress)
+    args = (tgt.name, tasks, dtype, source, storage_url, trials, seed, resources, cache)
+    if workers == 1:
+        run_worker(0, tgt.name, tasks, dtype, source, rdb, trials, seed, resources, cache,
+                   on_trial=(lambda study, trial: bar.update(1)) if bar else None)
+    else:
+        ctx = multiprocessing.get_context("spawn")  # fresh interpreters: torch/triton state is not forked
+        with ctx.Pool(workers) as pool:
+            pending = pool.map_async(_worker_main, [(i, *args) for i in range(workers)])
+            done_before = sum(len(search.finished_trials(s)) for _, _, s in studies.values())
+            while not pending.ready():
+                pending.wait(1.0)
+                if bar:
+                    done = sum(len(search.finished_trials(s)) for _, _, s in studies.values())
+                    bar.update(min(budget, done - done_before) - bar.n)
+            pending.get()
+    if bar:
+        bar.update(budget - bar.n)
+        bar.close()
+
+    results, written = [], {}
+    for key, (task, bucket, study) in studies.items():
+        config, value, finished = search.best_config(study, task.kernel)
+        entry = table_entry(config, source, value, finished)
+        written.setdefault((task.kernel, repr(sorted(task.shape.items()))), (task, {}))[1][
+            shape_key(bucket)] = entry
+        results.append({"kernel": task.kernel, "table": table_filename(tgt.name, task.kernel, dtype, task.shape),
+                        "bucket": shape_key(bucket), "config": config.label, "params": config_params(config),
+                        "objective_us": entry["objective_us"], "trials": finished, "source": source,
+                        "study": key.name, "models": list(task.models)})
+    tables, pngs = [], []
+    for task, entries in written.values():
+        path = write_table(out, tgt, task.kernel, dtype, task.shape, entries)
+        tables.append(str(path))
+    if plots:
+        from .plots import save_study_plots
+
+        for key, (task, bucket, study) in studies.items():
+            stem = out / table_filename(tgt.name, task.kernel, dtype, task.shape)
+            stem = stem.with_name(stem.name.removesuffix(".json") + f",{shape_key(bucket)}")
+            pngs += [str(p) for p in save_study_plots(study, stem)]
+    return {"target": tgt.name, "arch": tgt.arch, "dtype": dtype, "source": source, "storage": storage_url,
+            "out_dir": str(out), "workers": workers, "trials_per_study": trials, "studies": len(studies),
+            "tables": sorted(tables), "plots": len(pngs), "seconds": round(time.perf_counter() - started, 1),
+            "results": results}
+
+
+SHIPPED_TRIALS = 24
+
+
+def regenerate_shipped(targets: list[str] | None = None, dtypes: tuple[str, ...] = ("bf16",),
+                       trials: int = SHIPPED_TRIALS, progress: bool = False) -> list[dict[str, Any]]:
+    """Rebuild the shipped tables autotune/tables/<target>/ for the four Qwen3 shapes: modelled, in-memory
+    studies (nothing to resume), no plots. Run as `python -m qwen3export.autotune.tune [target ...]`."""
+    import shutil
+
+    from .tables import SHIPPED_DIR
+    from qwen3export.targets import gpu_targets
+
+    summaries = []
+    for name in targets or [t.name for t in gpu_targets()]:
+        shutil.rmtree(SHIPPED_DIR / name, ignore_errors=True)
+        for dtype in dtypes:
+            summary = tune(name, trials=trials, storage=MEMORY, out_dir=SHIPPED_DIR, progress=progress, dtype=dtype,
+                           source="modelled", plots=False)
+            summaries.append({k: v for k, v in summary.items() if k != "results"})
+            print(json.dumps(summaries[-1]), flush=True)
+    return summaries
+
+
+if __name__ == "__main__":
+    import sys
+
+    regenerate_shipped(sys.argv[1:] or None)
