@@ -9,8 +9,12 @@ measurement; tables built from it are tagged "modelled"):
    warps, registers with per-warp allocation rounding, shared memory plus the 1 KB per block CUDA
    reserves on cc 8.x/9.0, and the blocks-per-SM cap). A launch of P programs runs in ceil(P / (SMs x B))
    waves; a wave with n programs keeps min(SMs, n) SMs busy and the others idle.
-2. A busy SM gets 1/SMs of the peak FLOP/s and of the DRAM bandwidth; compute and memory overlap fully
-   within a wave (roofline: the wave takes the longer of the two).
+2. A busy SM gets 1/SMs of the peak FLOP/s; the busy SMs share the DRAM bandwidth, each drawing at most
+   32 bytes per clock, so a few busy SMs cannot use all of it: an A100 or H100 needs ~40% of its SMs
+   to saturate HBM, an L4 or A10G (GDDR6) ~10-15%. (An assumption: the A100 whitepaper's L2 delivers
+   5120 B/clock to 108 SMs, ~47 B/clock each, and DRAM latency keeps one SM below its L2 share.)
+   Every byte a program loads, L2 hits included (a GEMM's re-read tiles, the router every routing program
+   reads), passes its SM's port. Compute and memory overlap fully within a wave (roofline: the longer).
 3. Tensor-core FLOPs reach peak only if (a) at least 4 warps are resident (one per SM sub-partition) and
    (b) shared memory can feed the warp tiles: a warp tile wm x wn (the block's MMA tile split over its
    warps) loads (wm + wn) elements per 2 wm wn FLOPs, at 128 bytes per clock per SM (32 banks x 4 B).
@@ -41,6 +45,7 @@ from .workloads import ELEMENT_BYTES, Launch, launches
 MEMORY_LATENCY_S = 0.6e-6
 LAUNCH_OVERHEAD_S = 2e-6
 SMEM_BYTES_PER_CLOCK = 128
+SM_LOAD_BYTES_PER_CLOCK = 32  # what one SM can draw from DRAM (assumption 2)
 SHARED_RESERVED_PER_BLOCK = 1024  # CUDA Programming Guide, tech specs: 1 KB shared memory per block for the system
 TENSOR_WARPS_PER_SM = 4
 
@@ -119,20 +124,19 @@ def mma_efficiency(target: Target, tile: tuple[int, int], num_warps: int, elemen
 
 def _wave_seconds(target: Target, launch: Launch, n: int, dtype: str, mma_eff: float) -> float:
     busy = min(target.sm_count, n)
-    resident = math.ceil(n / busy)  # programs per busy SM, <= per_sm
+    resident = math.ceil(n / busy)  # programs on the busiest SM
     warps = resident * launch.num_warps
     if launch.tensor_core:
         rate = target.peak_flops[dtype] * mma_eff * min(1.0, warps / TENSOR_WARPS_PER_SM)
     else:
         rate = target.peak_flops["fp32"]
-    sm_rate = rate / target.sm_count
-    sm_bandwidth = target.memory_bandwidth / target.sm_count
-    latency_hidden = min(1.0, resident * launch.inflight_bytes / (sm_bandwidth * MEMORY_LATENCY_S))
-    per_program_flops = launch.flops / launch.programs
-    per_program_bytes = launch.bytes / launch.programs
-    compute = resident * per_program_flops / sm_rate
-    memory = resident * per_program_bytes / (sm_bandwidth * max(latency_hidden, 1e-9))
-    return max(compute, memory)
+    compute = resident * (launch.flops / launch.programs) / (rate / target.sm_count)  # SMs compute privately
+    # DRAM is shared: the wave's bytes at the busy SMs' combined draw, and no SM faster than its own port
+    sm_port = SM_LOAD_BYTES_PER_CLOCK * target.clock_hz
+    bandwidth = min(target.memory_bandwidth, busy * sm_port)
+    latency_hidden = min(1.0, resident * launch.inflight_bytes / (bandwidth / busy * MEMORY_LATENCY_S))
+    memory = max(n * launch.bytes / launch.programs / bandwidth, resident * launch.bytes_per_program / sm_port)
+    return max(compute, memory / max(latency_hidden, 1e-9))
 
 
 def launch_seconds(target: Target, launch: Launch, resources: Resources, dtype: str) -> tuple[float, dict[str, Any]]:
@@ -174,12 +178,20 @@ def estimate(target: Target, kernel: str, shape: dict, config: KernelConfig, dty
 
 
 def lower_bound(target: Target, kernel: str, shape: dict, config: KernelConfig, dtype: str) -> Estimate:
-    """The estimate with the fewest registers and no shared memory: occupancy limited only by warps and the
-    blocks-per-SM cap. More resident programs never make the model slower, so no compile of `config` can
-    beat this; the search uses it to skip compiling configs that cannot win."""
-    ideal = Resources(registers=1, shared_bytes=0)
-    return estimate(target, kernel, shape, config, dtype,
-                    {launch.function: ideal for launch in launches(kernel, shape, config, dtype)})
+    """What no compile of `config` can beat: each launch's total FLOPs at the whole GPU's peak (scaled by the
+    tile's shared-memory feed, which depends on the config alone) or its DRAM bytes at the full bandwidth,
+    plus the launch overhead. Every wave in estimate() is at least its share of this, so the search may skip
+    compiling a config whose bound is above the best time found."""
+    total = 0.0
+    e = ELEMENT_BYTES[dtype]
+    for launch in launches(kernel, shape, config, dtype):
+        if launch.tensor_core:
+            eff = mma_efficiency(target, launch.mma_tile, launch.num_warps, e, dtype) if launch.mma_tile else 1.0
+            rate = target.peak_flops[dtype] * eff
+        else:
+            rate = target.peak_flops["fp32"]
+        total += max(launch.flops / rate, launch.bytes / target.memory_bandwidth) + LAUNCH_OVERHEAD_S
+    return Estimate(total, "lower bound")
 
 
 def modelled_seconds(target: Target, kernel: str, shape: dict, config: KernelConfig, dtype: str,

@@ -109,7 +109,7 @@ def trial_objective(kernel: str, space: tuple[KernelConfig, ...] | list[KernelCo
         config = config_from_params(kernel, params)
         trial.set_user_attr("config", config.label)
         if config.label not in labels:
-            trial.set_user_attr("invalid", "not in the kernel's CONFIG_SPACE after keep()")
+            trial.set_user_attr("pruned", "not in the kernel's CONFIG_SPACE after keep()")
             raise optuna.TrialPruned("outside the kept config space")
         complete = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         for done in complete:
@@ -119,11 +119,11 @@ def trial_objective(kernel: str, space: tuple[KernelConfig, ...] | list[KernelCo
         if bound is not None and complete:
             best, floor = min(t.value for t in complete), bound(config)
             if floor is not None and floor > best:
-                trial.set_user_attr("invalid", f"cannot beat {best:.3f} us: lower bound {floor:.3f} us")
+                trial.set_user_attr("pruned", f"cannot beat {best:.3f} us: lower bound {floor:.3f} us")
                 raise optuna.TrialPruned("lower bound above the best")
         microseconds, reason = evaluate(config)
         if microseconds is None or not math.isfinite(microseconds):
-            trial.set_user_attr("invalid", reason)
+            trial.set_user_attr("pruned", reason)
             raise optuna.TrialPruned(reason)
         return float(microseconds)
 

@@ -47,6 +47,8 @@ class Task:
 
 def plan_tasks(kernel: str | None, models: list[str]) -> list[Task]:
     """Tables the models need, one per distinct (kernel, model shape)."""
+    if kernel is not None:
+        workload(kernel)  # InputError naming the tunable kernels
     found: dict[tuple[str, str], Task] = {}
     for model in models:
         spec = resolve_spec(model)
@@ -70,10 +72,21 @@ def storage_for(url: str) -> optuna.storages.BaseStorage:
     of failing at once, and heartbeat so a killed process's trials are failed (not left running) on resume."""
     if url == MEMORY:
         return optuna.storages.InMemoryStorage()
+    url = _postgres_driver(url)
     kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
         return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=30, grace_period=60)
+
+
+def _postgres_driver(url: str) -> str:
+    """SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; use psycopg2 (psycopg2-binary) when only it is here."""
+    import importlib.util
+
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
+    return url
 
 
 def _modelled(target: Target, kernel: str, shape: dict, dtype: str, resources: ResourcesFn | None,
@@ -101,7 +114,8 @@ def _objective(target: Target, task: Task, bucket: dict, dtype: str, source: str
 
 
 def run_worker(index: int, target_name: str, tasks: list[Task], dtype: str, source: str,
-               storage: str | optuna.storages.BaseStorage, trials: int, seed: int, resources: ResourcesFn | None = None, cache_dir: Path | None = None,
+               storage: str | optuna.storages.BaseStorage, trials: int, seed: int,
+               resources: ResourcesFn | None = None, cache_dir: Path | None = None,
                on_trial: Callable | None = None) -> int:
     """Run every study of `tasks` to `trials` finished trials (one process; several may run at once on one
     storage). Worker i starts at study i so parallel workers spread out. Returns trials run here."""
@@ -133,6 +147,21 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, unit="trial", desc="tune", dynamic_ncols=True)
 
 
+def _write_tables(tgt: Target, dtype: str, source: str, studies: dict, out: Path) -> tuple[list[dict], list[str]]:
+    """Each study's best config into its table (one file per kernel and model shape); the summary rows."""
+    results, grouped = [], {}
+    for key, (task, bucket, study) in studies.items():
+        config, value, finished = search.best_config(study, task.kernel)
+        entry = table_entry(config, source, value, finished)
+        grouped.setdefault((task.kernel, shape_key(task.shape)), (task, {}))[1][shape_key(bucket)] = entry
+        results.append({"kernel": task.kernel, "table": table_filename(tgt.name, task.kernel, dtype, task.shape),
+                        "bucket": shape_key(bucket), "config": config.label, "params": config_params(config),
+                        "objective_us": entry["objective_us"], "trials": finished, "source": source,
+                        "study": key.name, "models": list(task.models)})
+    tables = [str(write_table(out, tgt, task.kernel, dtype, task.shape, entries)) for task, entries in grouped.values()]
+    return results, sorted(tables)
+
+
 def tune(target: str, kernel: str | None = None, model: str | None = None, trials: int = DEFAULT_TRIALS,
          storage: str | None = None, workers: int = 1, out_dir: str | Path | None = None, progress: bool = True,
          dtype: str = "bf16", seed: int = 0, source: str | None = None, plots: bool = True,
@@ -160,11 +189,11 @@ def tune(target: str, kernel: str | None = None, model: str | None = None, trial
     from .measure import device_matches
 
     source = source or ("measured" if device_matches(tgt) else "modelled")
+    if source not in ("modelled", "measured"):
+        raise InputError(f"source {source!r} must be 'modelled' or 'measured'")
     if source == "measured" and not device_matches(tgt):
         raise TargetError(f"measured tuning for {tgt.name} needs a CUDA GPU of compute capability {tgt.arch}; "
                           f"run it on one, or use the modelled objective")
-    if source not in ("modelled", "measured"):
-        raise InputError(f"source {source!r} must be 'modelled' or 'measured'")
     out = Path(out_dir) if out_dir is not None else user_dir()
     out.mkdir(parents=True, exist_ok=True)
     storage_url = storage or f"sqlite:///{(out / 'tune.db').resolve()}"
@@ -213,30 +242,17 @@ def tune(target: str, kernel: str | None = None, model: str | None = None, trial
         bar.update(budget - bar.n)
         bar.close()
 
-    results, written = [], {}
-    for key, (task, bucket, study) in studies.items():
-        config, value, finished = search.best_config(study, task.kernel)
-        entry = table_entry(config, source, value, finished)
-        written.setdefault((task.kernel, repr(sorted(task.shape.items()))), (task, {}))[1][
-            shape_key(bucket)] = entry
-        results.append({"kernel": task.kernel, "table": table_filename(tgt.name, task.kernel, dtype, task.shape),
-                        "bucket": shape_key(bucket), "config": config.label, "params": config_params(config),
-                        "objective_us": entry["objective_us"], "trials": finished, "source": source,
-                        "study": key.name, "models": list(task.models)})
-    tables, pngs = [], []
-    for task, entries in written.values():
-        path = write_table(out, tgt, task.kernel, dtype, task.shape, entries)
-        tables.append(str(path))
+    results, tables = _write_tables(tgt, dtype, source, studies, out)
+    pngs = []
     if plots:
         from .plots import save_study_plots
 
         for key, (task, bucket, study) in studies.items():
-            stem = out / table_filename(tgt.name, task.kernel, dtype, task.shape)
-            stem = stem.with_name(stem.name.removesuffix(".json") + f",{shape_key(bucket)}")
-            pngs += [str(p) for p in save_study_plots(study, stem)]
+            table = out / table_filename(tgt.name, task.kernel, dtype, task.shape)
+            pngs += save_study_plots(study, table.with_name(table.name.removesuffix(".json") + f",{shape_key(bucket)}"))
     return {"target": tgt.name, "arch": tgt.arch, "dtype": dtype, "source": source, "storage": storage_url,
             "out_dir": str(out), "workers": workers, "trials_per_study": trials, "studies": len(studies),
-            "tables": sorted(tables), "plots": len(pngs), "seconds": round(time.perf_counter() - started, 1),
+            "tables": tables, "plots": len(pngs), "seconds": round(time.perf_counter() - started, 1),
             "results": results}
 
 

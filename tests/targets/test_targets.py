@@ -43,6 +43,15 @@ def test_figures_are_plausible(name):
     assert {"onnx", "tensorrt", "kernels"} <= set(t.backends)
 
 
+@pytest.mark.parametrize("name", GPU_NAMES)
+def test_peak_matches_an_architectural_rate_at_the_quoted_clock(name):
+    """Dense fp16 tensor FLOP per clock per SM: 4096 (sm_90), 2048 (sm_80), 1024 (Ada datacenter), 512 (GA102/AD102
+    with half-rate fp32 accumulate: A10G, RTX 4090). Catches a sparse figure or a wrong SM count."""
+    t = get_target(name)
+    per_clock = t.peak_flops["fp16"] / (t.sm_count * t.clock_hz)
+    assert min(abs(per_clock / rate - 1) for rate in (512, 1024, 2048, 4096)) < 0.015, per_clock
+
+
 def test_sparsity_figures_are_not_used():
     # H100 SXM datasheet: 1,979 TF BF16 *with sparsity*; dense is half. A100: 312 dense (624 sparse).
     assert get_target("h100").peak_flops["bf16"] < 1.0e15
@@ -71,7 +80,7 @@ def test_bf16_refused_before_sm_80_and_on_cpu():
     with pytest.raises(TargetError, match=r"bf16 needs sm_80 or newer"):
         Target(name="t4", description="", kind="gpu", compute_capability=75, sm_count=40, shared_mem_per_sm=64 << 10,
                shared_mem_per_block=64 << 10, registers_per_sm=65536, max_threads_per_sm=1024, max_warps_per_sm=32,
-               max_blocks_per_sm=16, memory_bytes=16 * 10**9, memory_bandwidth=320e9,
+               max_blocks_per_sm=16, memory_bytes=16 * 10**9, memory_bandwidth=320e9, clock_hz=1.59e9,
                peak_flops={"fp32": 8.1e12, "fp16": 65e12}, dtypes=("fp16", "fp32"),
                ort_providers=("CPUExecutionProvider",)).check_dtype("bf16")
     with pytest.raises(TargetError, match="target cpu cannot run dtype bf16: it supports fp32; pass --dtype fp32"):

@@ -1,0 +1,132 @@
+"""Autotune benchmark: how many trials the seeded search needs to reach the exhaustive optimum of the modelled
+objective, per target and kernel, its wall time, and how fast this machine cross-compiles configs per arch.
+
+Prints one JSON object. Every time from the cost model is labelled "modelled" (keys end in _modelled): no
+kernel runs here. The exhaustive optimum needs every config of the kernel's kept space compiled for the
+arch (cached on disk by kernels/compile.py, so a second run is fast).
+
+    python benchmarks/autotune.py [--targets a100,h100] [--kernels fused_moe,attention_decode] [--seeds 3]
+                                  [--compile-sample 6] [--compile-arch sm_90]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import optuna
+import torch
+import triton
+
+from qwen3export import __version__
+from qwen3export.autotune import search
+from qwen3export.autotune.cost_model import estimate, lower_bound, resources_from_records
+from qwen3export.autotune.workloads import workload
+from qwen3export.kernels.compile import compile_report, kernel_module
+from qwen3export.spec import preset
+from qwen3export.targets import get_target
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+MODEL_FOR = {"fused_moe": "qwen3-30b-a3b", "moe_routing": "qwen3-30b-a3b", "moe_align": "qwen3-30b-a3b"}
+
+
+def machine() -> dict:
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "triton": triton.__version__, "optuna": optuna.__version__,
+            "qwen3export": __version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def space_resources(target, kernel: str, dtype: str, workers: int) -> dict:
+    """label -> function -> Resources for the whole kept space (one compile_report over it, cached)."""
+    records = compile_report(target.arch, [kernel], dtype, configs="space", workers=workers)
+    by_label: dict = {}
+    for r in records:
+        by_label.setdefault(r["config"], []).append(r)
+    return {label: resources_from_records(rs) for label, rs in by_label.items()}
+
+
+def search_figures(target_name: str, kernel: str, dtype: str, seeds: int, workers: int) -> list[dict]:
+    target = get_target(target_name)
+    space = search.kept_space(kernel, target.arch)
+    resources = space_resources(target, kernel, dtype, workers)
+    w = workload(kernel)
+    shape_fixed = w.fixed(preset(MODEL_FOR.get(kernel, "qwen3-8b")))
+    default = kernel_module(kernel).DEFAULT_CONFIG
+    rows = []
+    for bucket in (w.buckets[0], w.buckets[len(w.buckets) // 2], w.buckets[-1]):
+        shape = shape_fixed | bucket
+
+        def evaluate(config):
+            est = estimate(target, kernel, shape, config, dtype, resources[config.label])
+            return est.microseconds, est.reason
+
+        _, optimum = search.exhaustive_optimum(space, evaluate)
+        reached, walls = [], []
+        for seed in range(seeds):
+            study = optuna.create_study(sampler=search.make_sampler(seed, len(space)))
+            search.seed_study(study, kernel, space, len(space) - 1)  # default first, then TPE
+            started = time.perf_counter()
+            search.run_study(study, search.trial_objective(
+                kernel, space, evaluate, lambda c: lower_bound(target, kernel, shape, c, dtype).microseconds),
+                len(space))
+            walls.append(time.perf_counter() - started)
+            reached.append(search.trials_to_reach(study, optimum))
+        default_us = evaluate(default)[0] if default in space else None
+        rows.append({"target": target_name, "kernel": kernel, "dtype": dtype, "shape": shape,
+                     "space_size": len(space), "trials_to_optimum": reached,
+                     "median_trials_to_optimum": statistics.median(r for r in reached if r is not None),
+                     "fraction_of_space": round(statistics.median(r for r in reached if r is not None) / len(space), 3),
+                     "optimum_us_modelled": round(optimum, 3),
+                     "default_us_modelled": None if default_us is None else round(default_us, 3),
+                     "default_over_optimum_modelled": None if default_us is None else round(default_us / optimum, 3),
+                     "search_wall_s": round(statistics.median(walls), 3)})
+    return rows
+
+
+def compile_throughput(arch: str, kernels: list[str], dtype: str, sample: int) -> list[dict]:
+    """Configs compiled per minute on this machine (fresh cache, in-process, one worker)."""
+    rows = []
+    for kernel in kernels:
+        configs = list(search.kept_space(kernel, arch))[:: max(1, len(search.kept_space(kernel, arch)) // sample)][:sample]
+        with tempfile.TemporaryDirectory() as cache:
+            started = time.perf_counter()
+            records = compile_report(arch, [kernel], dtype, configs=configs, cache_dir=cache)
+            seconds = time.perf_counter() - started
+        rows.append({"arch": arch, "kernel": kernel, "configs": len(configs), "compiles": len(records),
+                     "seconds": round(seconds, 1), "configs_per_minute": round(60 * len(configs) / seconds, 1),
+                     "valid": sum(r["valid"] for r in records)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", default="a100")
+    parser.add_argument("--kernels", default="fused_moe,attention_decode,attention_prefill")
+    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2, help="compile workers for the exhaustive spaces")
+    parser.add_argument("--compile-arch", default="sm_90")
+    parser.add_argument("--compile-kernels", default="rms_norm,fused_moe")
+    parser.add_argument("--compile-sample", type=int, default=4)
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    rows = [row for t in args.targets.split(",") for k in args.kernels.split(",")
+            for row in search_figures(t, k, args.dtype, args.seeds, args.workers)]
+    out = {"machine": machine(), "objective": "modelled (autotune/cost_model.py); no kernel was run",
+           "search": rows,
+           "compile_throughput": compile_throughput(args.compile_arch, args.compile_kernels.split(","), args.dtype,
+                                                    args.compile_sample) if args.compile_sample else [],
+           "wall_s": round(time.perf_counter() - started, 1)}
+    json.dump(out, sys.stdout, indent=1)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
