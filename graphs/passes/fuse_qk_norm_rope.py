@@ -10,7 +10,7 @@ from torch import fx
 from torch.export import ExportedProgram
 
 from .fuse_rms_norm import check_rms_norm, rms_norm_tree
-from .match import Bindings, V, call, full_slice_end, is_dim, one_of, same_sizes, shape
+from .match import Bindings, V, call, full_slice_end, is_dim, one_of, same_sizes, shape, swaps
 from .rewrite import Pattern, PassResult, Rewrite
 
 aten = torch.ops.aten
@@ -40,7 +40,7 @@ def check_site(b: Bindings) -> str | None:
     if xs is None or len(xs) != 4 or cs is None or ss is None:
         return "its input is not [B, S, H, D]"
     d = xs[3]
-    if {b["t0"] % 4, b["t1"] % 4} != {1, 2}:
+    if not swaps(b["t0"], b["t1"], 4, 1, 2):
         return "the norm output is not moved to [B, H, S, D] by transpose(1, 2)"
     if not all(is_dim(b[k], 4, 3) for k in ("dim_hi", "dim_lo", "dim_cat")):
         return "rotate_half does not act on the last dimension"

@@ -9,12 +9,17 @@ from typing import Callable, Sequence
 
 from torch.export import ExportedProgram
 
+from .fuse_add_rms_norm import PATTERNS as ADD_RMS_NORM_PATTERNS
 from .fuse_add_rms_norm import fuse_add_rms_norm
+from .fuse_qk_norm_rope import PATTERNS as QK_NORM_ROPE_PATTERNS
 from .fuse_qk_norm_rope import fuse_qk_norm_rope
+from .fuse_rms_norm import PATTERNS as RMS_NORM_PATTERNS
 from .fuse_rms_norm import fuse_rms_norm
+from .replace_attention import PATTERNS as ATTENTION_PATTERNS
 from .replace_attention import replace_attention
+from .replace_moe import PATTERNS as MOE_PATTERNS
 from .replace_moe import replace_moe
-from .rewrite import PassResult
+from .rewrite import Pattern, PassResult
 
 log = logging.getLogger("qwen3export.lower")
 Pass = Callable[[ExportedProgram], PassResult]
@@ -29,6 +34,15 @@ DEFAULT_PASSES: tuple[Pass, ...] = (
     fuse_rms_norm,
     fuse_add_rms_norm,
 )
+
+# pass name -> the (pattern, check) entries it tries at each candidate node, first match wins
+PATTERNS: dict[str, tuple[Pattern, ...]] = {
+    "qk_norm_rope": QK_NORM_ROPE_PATTERNS,
+    "attention": ATTENTION_PATTERNS,
+    "moe": MOE_PATTERNS,
+    "rms_norm": RMS_NORM_PATTERNS,
+    "add_rms_norm": ADD_RMS_NORM_PATTERNS,
+}
 
 
 def run_passes(ep: ExportedProgram, passes: Sequence[Pass] = DEFAULT_PASSES,

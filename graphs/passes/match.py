@@ -206,8 +206,14 @@ def same_sizes(a: Iterable[Any], b: Iterable[Any]) -> bool:
 
 def is_dim(value: Any, rank: int, dim: int) -> bool:
     """`value` names dimension `dim` (>= 0) of a rank-`rank` tensor, counting from either end."""
-    return isinstance(value, int) and not isinstance(value, bool) and value % rank == dim if -rank <= value < rank \
-        else False
+    if not isinstance(value, int) or isinstance(value, bool) or not -rank <= value < rank:
+        return False
+    return value % rank == dim
+
+
+def swaps(d0: Any, d1: Any, rank: int, i: int, j: int) -> bool:
+    """`transpose(d0, d1)` on a rank-`rank` tensor exchanges dims i and j."""
+    return (is_dim(d0, rank, i) and is_dim(d1, rank, j)) or (is_dim(d0, rank, j) and is_dim(d1, rank, i))
 
 
 def full_slice_end(value: Any, size: Any) -> bool:

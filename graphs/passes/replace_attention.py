@@ -8,7 +8,8 @@ from torch import fx
 from torch.export import ExportedProgram
 
 from .fuse_rms_norm import maybe_cast
-from .match import ANY, Bindings, V, call, dtype, full_slice_end, is_dim, maybe, same_size, same_sizes, shape, val
+from .match import (ANY, Bindings, V, call, dtype, full_slice_end, is_dim, maybe, same_size, same_sizes, shape, swaps,
+                    val)
 from .rewrite import Pattern, PassResult, Rewrite
 
 aten = torch.ops.aten
@@ -80,7 +81,7 @@ def check_attention(b: Bindings) -> str | None:
         return "q is not split into [B, Hkv, G, S, D] groups (query head h -> kv head h // G)"
     if not (same_sizes((ks[0], ks[3]), (bsz, d)) and same_sizes((vs[0], vs[1], vs[3]), (bsz, hkv, d))):
         return "k/v do not have q's batch, head dim and the kv head count"
-    if {b["kt0"] % 5, b["kt1"] % 5} != {3, 4}:
+    if not swaps(b["kt0"], b["kt1"], 5, 3, 4):
         return "the key is not transposed over its last two dims"
     if not same_sizes(shape(b["out"]), qs):
         return "the output is not merged back to [B, Hq, S, D]"

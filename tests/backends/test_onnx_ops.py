@@ -48,7 +48,8 @@ def export(ep, spec, flavour: str):
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         return torch.onnx.export(ep, (), dynamo=True, opset_version=OPSET, input_names=inputs, output_names=outputs,
-                                 optimize=True, verbose=False, custom_translation_table=custom_translation_table(flavour))
+                                 optimize=True, verbose=False,
+                                 custom_translation_table=custom_translation_table(flavour))
 
 
 class OrtStep:

@@ -10,7 +10,7 @@ from lowering_checks import assert_same_function, custom_op_counts, op_counts, r
 
 import qwen3export
 from qwen3export.capture import capture
-from qwen3export.graphs.passes import DEFAULT_PASSES, lower, run_passes
+from qwen3export.graphs.passes import DEFAULT_PASSES, PATTERNS, lower, run_passes
 
 # sites per pass: q/k norm+RoPE and attention once per layer; MoE per sparse layer; every hidden norm
 # (2 per layer + final) becomes rms_norm, then all but the first layer's input norm take their residual add
@@ -54,6 +54,7 @@ def test_run_passes_returns_each_pass_result_in_order(captured):
     lines = []
     lowered, results = run_passes(ep, progress=lines.append)
     assert [r.name for r in results] == ["qk_norm_rope", "attention", "moe", "rms_norm", "add_rms_norm"]
+    assert list(PATTERNS) == [r.name for r in results]  # the registry names each pass's patterns
     assert len(results) == len(DEFAULT_PASSES) and results[-1].program is lowered
     assert lines[1] == "lower: attention: 2 site(s)"
 
