@@ -1,9 +1,10 @@
 """The search: one optuna study per (target, kernel, dtype, model shape, bucket) over the kernel's config space.
 
 Per-parameter categorical choices taken from the kernel's CONFIG_SPACE after its keep() filter; a seeded
-TPESampler; combinations outside the kept space and configs the objective finds invalid (spills, limits,
-wrong results) end as optuna.TrialPruned and are never chosen. Studies live in any optuna storage (SQLite
-file, PostgreSQL URL), so an interrupted tune resumes and several processes can share one study.
+TPESampler; combinations outside the kept space, configs the objective finds invalid (spills, limits, wrong
+results) and configs whose lower bound cannot beat the study's best (skipping their compile) end as
+optuna.TrialPruned and are never chosen. Studies live in any optuna storage (SQLite file, PostgreSQL URL),
+so an interrupted tune resumes and several processes can share one study.
 """
 
 from __future__ import annotations
