@@ -67,6 +67,12 @@ def parameter_choices(space: tuple[KernelConfig, ...] | list[KernelConfig]) -> d
     return {name: sorted(values) for name, values in sorted(choices.items())}
 
 
+def searched_params(config: KernelConfig, space: tuple[KernelConfig, ...] | list[KernelConfig]) -> dict[str, int]:
+    """The config's values of the parameters that vary over the space (those the sampler suggests)."""
+    varying = {name for name, values in parameter_choices(space).items() if len(values) > 1}
+    return {k: v for k, v in config_params(config).items() if k in varying}
+
+
 def make_sampler(seed: int, space_size: int) -> optuna.samplers.TPESampler:
     # multivariate TPE models the parameters jointly (tile sizes and warps interact); constant_liar keeps
     # parallel workers from proposing the same point; ~10 % of the space (>= 5, <= 10) as random start.
@@ -93,7 +99,7 @@ def seed_study(study: optuna.Study, kernel: str, space: tuple[KernelConfig, ...]
     default = kernel_module(kernel).DEFAULT_CONFIG
     queue = [c for c in space if c == default] + ([c for c in space if c != default] if trials >= len(space) else [])
     for config in queue:
-        study.enqueue_trial(config_params(config), skip_if_exists=True)
+        study.enqueue_trial(searched_params(config, space), skip_if_exists=True)
     return len(queue)
 
 
@@ -103,12 +109,15 @@ def trial_objective(kernel: str, space: tuple[KernelConfig, ...] | list[KernelCo
     study's best (when `bound` gives a lower bound, checked before the expensive evaluation) and what is
     invalid; reuse the value of a config the study already evaluated (TPE re-proposes points in small spaces)."""
     choices = parameter_choices(space)
+    fixed = {name: values[0] for name, values in choices.items() if len(values) == 1}  # not worth a dimension
     labels = {c.label for c in space}
 
     def objective(trial: optuna.Trial) -> float:
-        params = {name: trial.suggest_categorical(name, values) for name, values in choices.items()}
+        params = fixed | {name: trial.suggest_categorical(name, values) for name, values in choices.items()
+                          if name not in fixed}
         config = config_from_params(kernel, params)
         trial.set_user_attr("config", config.label)
+        trial.set_user_attr("params", params)
         if config.label not in labels:
             trial.set_user_attr("pruned", "not in the kernel's CONFIG_SPACE after keep()")
             raise optuna.TrialPruned("outside the kept config space")
@@ -152,7 +161,7 @@ def best_config(study: optuna.Study, kernel: str) -> tuple[KernelConfig, float, 
         raise InputError(f"study {study.study_name} has no valid config: every trial was pruned "
                          f"({len(finished_trials(study))} finished); widen the config space or check the kernel")
     best = min(complete, key=lambda t: (t.value, t.number))
-    return config_from_params(kernel, best.params), float(best.value), len(finished_trials(study))
+    return config_from_params(kernel, best.user_attrs["params"]), float(best.value), len(finished_trials(study))
 
 
 def exhaustive_optimum(space: tuple[KernelConfig, ...] | list[KernelConfig], evaluate: Objective) -> tuple[KernelConfig, float]:

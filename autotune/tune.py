@@ -261,17 +261,17 @@ SHIPPED_TRIALS = 24
 
 def regenerate_shipped(targets: list[str] | None = None, dtypes: tuple[str, ...] = ("bf16",),
                        trials: int = SHIPPED_TRIALS, progress: bool = False) -> list[dict[str, Any]]:
-    """Rebuild the shipped tables autotune/tables/<target>/ for the four Qwen3 shapes: modelled, in-memory
-    studies (nothing to resume), no plots. Run as `python -m qwen3export.autotune.tune [target ...]`."""
-    import shutil
-
+    """Rebuild the shipped tables autotune/tables/<target>/*dtype=<dtype>.json for the four Qwen3 shapes:
+    modelled, in-memory studies (nothing to resume), no plots.
+    Run as `python -m qwen3export.autotune.tune [--dtype=fp16] [target ...]`."""
     from .tables import SHIPPED_DIR
     from qwen3export.targets import gpu_targets
 
     summaries = []
-    for name in targets or [t.name for t in gpu_targets()]:
-        shutil.rmtree(SHIPPED_DIR / name, ignore_errors=True)
-        for dtype in dtypes:
+    for dtype in dtypes:
+        for name in targets or [t.name for t in gpu_targets()]:
+            for old in (SHIPPED_DIR / name).glob(f"*,dtype={dtype}.json"):
+                old.unlink()
             summary = tune(name, trials=trials, storage=MEMORY, out_dir=SHIPPED_DIR, progress=progress, dtype=dtype,
                            source="modelled", plots=False)
             summaries.append({k: v for k, v in summary.items() if k != "results"})
@@ -282,4 +282,5 @@ def regenerate_shipped(targets: list[str] | None = None, dtypes: tuple[str, ...]
 if __name__ == "__main__":
     import sys
 
-    regenerate_shipped(sys.argv[1:] or None)
+    chosen = tuple(a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--dtype=")) or ("bf16",)
+    regenerate_shipped([a for a in sys.argv[1:] if not a.startswith("--")] or None, dtypes=chosen)
