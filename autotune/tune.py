@@ -264,16 +264,25 @@ def regenerate_shipped(targets: list[str] | None = None, dtypes: tuple[str, ...]
     """Rebuild the shipped tables autotune/tables/<target>/*dtype=<dtype>.json for the four Qwen3 shapes:
     modelled, in-memory studies (nothing to resume), no plots.
     Run as `python -m qwen3export.autotune.tune [--dtype=fp16] [target ...]`."""
+    import shutil
+    import tempfile
+
     from .tables import SHIPPED_DIR
     from qwen3export.targets import gpu_targets
 
     summaries = []
     for dtype in dtypes:
         for name in targets or [t.name for t in gpu_targets()]:
-            for old in (SHIPPED_DIR / name).glob(f"*,dtype={dtype}.json"):
-                old.unlink()
-            summary = tune(name, trials=trials, storage=MEMORY, out_dir=SHIPPED_DIR, progress=progress, dtype=dtype,
-                           source="modelled", plots=False)
+            with tempfile.TemporaryDirectory() as fresh:  # the old tables stay until the new ones exist
+                summary = tune(name, trials=trials, storage=MEMORY, out_dir=fresh, progress=progress, dtype=dtype,
+                               source="modelled", plots=False)
+                for old in (SHIPPED_DIR / name).glob(f"*,dtype={dtype}.json"):
+                    old.unlink()
+                (SHIPPED_DIR / name).mkdir(parents=True, exist_ok=True)
+                for new in (Path(fresh) / name).glob("*.json"):
+                    shutil.move(new, SHIPPED_DIR / name / new.name)
+            summary["out_dir"], summary["tables"] = str(SHIPPED_DIR), [str(SHIPPED_DIR / name / Path(t).name)
+                                                                       for t in summary["tables"]]
             summaries.append({k: v for k, v in summary.items() if k != "results"})
             print(json.dumps(summaries[-1]), flush=True)
     return summaries
