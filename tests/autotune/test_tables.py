@@ -96,12 +96,13 @@ def test_user_tables_take_precedence_over_shipped(tmp_path):
     assert mine["qk_norm_rope"]["shipped"]
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("target", [t.name for t in gpu_targets()])
-def test_shipped_tables_cover_every_gpu_target_and_model(target):
+def test_shipped_tables_cover_every_gpu_target_and_model(target, dtype):
     tgt = get_target(target)
     for model in MODELS:
         spec = preset(model)
-        items = select_configs(target, spec, "bf16", dirs=[])
+        items = select_configs(target, spec, dtype, dirs=[])
         assert {i["kernel"] for i in items} >= {"rms_norm", "qk_norm_rope", "attention_prefill", "attention_decode"}
         assert spec.is_moe == ("fused_moe" in {i["kernel"] for i in items})
         for item in items:
@@ -114,6 +115,6 @@ def test_shipped_tables_cover_every_gpu_target_and_model(target):
 
 def test_shipped_tables_are_small():
     files = list(SHIPPED_DIR.rglob("*.json"))
-    assert len(files) >= 7 * 15
+    assert len(files) == 7 * 20 * 2  # targets x (kernel, model shape) x (bf16, fp16)
     assert sum(f.stat().st_size for f in files) < 2 * 1024 * 1024
     assert not list(SHIPPED_DIR.rglob("*.png")) and not list(SHIPPED_DIR.rglob("*.db"))
