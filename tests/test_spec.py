@@ -82,7 +82,7 @@ BAD = [
     ({"rms_norm_eps": -1.0}, "rms_norm_eps"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"use_sliding_window": True}, "use_sliding_window"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}, "rope_scaling"),
     ({"quantization_config": {"quant_method": "awq"}}, "quantization_config"),
 ]
 
