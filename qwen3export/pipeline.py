@@ -168,6 +168,8 @@ def sampling_graph_for(spec: ModelSpec, ref: ModelRef):
 
         tokenizer = Tokenizer.from_file(str(src / "tokenizer.json"))
     vocab = SamplingVocab.from_spec(spec)
+    if not vocab.has_thinking:  # no <think>/</think> in this vocabulary: thinking control does not apply
+        return SamplingGraph(vocab)
     return SamplingGraph(vocab, early_stop_ids(tokenizer, vocab))
 
 
