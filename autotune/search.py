@@ -73,6 +73,11 @@ def searched_params(config: KernelConfig, space: tuple[KernelConfig, ...] | list
     return {k: v for k, v in config_params(config).items() if k in varying}
 
 
+def study_budget(trials: int, space_size: int, space_fraction: float = 0.0) -> int:
+    """Finished trials a study runs to: `trials`, raised to `space_fraction` of the space, capped at the space."""
+    return min(space_size, max(trials, math.ceil(space_fraction * space_size)))
+
+
 def make_sampler(seed: int, space_size: int) -> optuna.samplers.TPESampler:
     # multivariate TPE models the parameters jointly (tile sizes and warps interact); constant_liar keeps
     # parallel workers from proposing the same point; ~10 % of the space (>= 5, <= 10) as random start.

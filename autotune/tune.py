@@ -116,7 +116,7 @@ def _objective(target: Target, task: Task, bucket: dict, dtype: str, source: str
 def run_worker(index: int, target_name: str, tasks: list[Task], dtype: str, source: str,
                storage: str | optuna.storages.BaseStorage, trials: int, seed: int,
                resources: ResourcesFn | None = None, cache_dir: Path | None = None,
-               on_trial: Callable | None = None) -> int:
+               on_trial: Callable | None = None, space_fraction: float = 0.0) -> int:
     """Run every study of `tasks` to `trials` finished trials (one process; several may run at once on one
     storage). Worker i starts at study i so parallel workers spread out. Returns trials run here."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -130,7 +130,7 @@ def run_worker(index: int, target_name: str, tasks: list[Task], dtype: str, sour
         study = search.open_study(key, storage, seed=seed + index, space_size=len(kernel_space))
         evaluate, bound = _objective(target, task, bucket, dtype, source, resources, cache_dir)
         objective = search.trial_objective(task.kernel, kernel_space, evaluate, bound)
-        ran += search.run_study(study, objective, min(trials, len(kernel_space)),
+        ran += search.run_study(study, objective, search.study_budget(trials, len(kernel_space), space_fraction),
                                 callbacks=[on_trial] if on_trial else [])
     return ran
 
@@ -166,14 +166,15 @@ def tune(target: str, kernel: str | None = None, model: str | None = None, trial
          storage: str | None = None, workers: int = 1, out_dir: str | Path | None = None, progress: bool = True,
          dtype: str = "bf16", seed: int = 0, source: str | None = None, plots: bool = True,
          resources: ResourcesFn | None = None, cache_dir: str | Path | None = None,
-         buckets: list[dict] | None = None) -> dict[str, Any]:
+         buckets: list[dict] | None = None, space_fraction: float = 0.0) -> dict[str, Any]:
     """Tune `target`'s kernels (one, or all the model runs) for `model` (preset or HF folder; default the four
     shipped Qwen3 shapes) and write one table per (kernel, model shape) under out_dir/<target>/.
 
     trials: finished trials per study (capped at the config space's size; a space that small is searched
     exhaustively); storage: optuna URL (default sqlite:///<out_dir>/tune.db); workers: local processes on that
     storage; source: "modelled" | "measured" (default: measured iff a GPU of the target's arch is present);
-    buckets: tune only these buckets (e.g. [{"M": 16}]) instead of the kernel's defaults.
+    buckets: tune only these buckets (e.g. [{"M": 16}]) instead of the kernel's defaults; space_fraction: run
+    at least this fraction of each kernel's config space (big spaces get more trials than `trials`).
     Returns the summary: per kernel and bucket the best config, its objective (us), trials and source.
     """
     tgt = get_target(target)
@@ -217,16 +218,16 @@ def tune(target: str, kernel: str | None = None, model: str | None = None, trial
             key = search.StudyKey.make(tgt.name, task.kernel, dtype, task.shape, bucket, source)
             kernel_space = search.kept_space(task.kernel, tgt.arch)
             study = search.open_study(key, rdb, seed=seed, space_size=len(kernel_space))
-            want = min(trials, len(kernel_space))
+            want = search.study_budget(trials, len(kernel_space), space_fraction)
             search.seed_study(study, task.kernel, kernel_space, want)
             budget += max(0, want - len(search.finished_trials(study)))
             studies[key] = (task, bucket, study)
 
     bar = _progress_bar(budget, progress)
-    args = (tgt.name, tasks, dtype, source, storage_url, trials, seed, resources, cache)
+    args = (tgt.name, tasks, dtype, source, storage_url, trials, seed, resources, cache, None, space_fraction)
     if workers == 1:
         run_worker(0, tgt.name, tasks, dtype, source, rdb, trials, seed, resources, cache,
-                   on_trial=(lambda study, trial: bar.update(1)) if bar else None)
+                   on_trial=(lambda study, trial: bar.update(1)) if bar else None, space_fraction=space_fraction)
     else:
         ctx = multiprocessing.get_context("spawn")  # fresh interpreters: torch/triton state is not forked
         with ctx.Pool(workers) as pool:
@@ -251,12 +252,14 @@ def tune(target: str, kernel: str | None = None, model: str | None = None, trial
             table = out / table_filename(tgt.name, task.kernel, dtype, task.shape)
             pngs += save_study_plots(study, table.with_name(table.name.removesuffix(".json") + f",{shape_key(bucket)}"))
     return {"target": tgt.name, "arch": tgt.arch, "dtype": dtype, "source": source, "storage": storage_url,
-            "out_dir": str(out), "workers": workers, "trials_per_study": trials, "studies": len(studies),
+            "out_dir": str(out), "workers": workers, "trials_per_study": trials, "space_fraction": space_fraction,
+            "studies": len(studies),
             "tables": tables, "plots": len(pngs), "seconds": round(time.perf_counter() - started, 1),
             "results": results}
 
 
 SHIPPED_TRIALS = 24
+SHIPPED_SPACE_FRACTION = 0.3  # benchmarks/autotune.py: 24 trials left fused_moe at M=4096 1.4x off its optimum
 
 
 def regenerate_shipped(targets: list[str] | None = None, dtypes: tuple[str, ...] = ("bf16",),
@@ -275,7 +278,7 @@ def regenerate_shipped(targets: list[str] | None = None, dtypes: tuple[str, ...]
         for name in targets or [t.name for t in gpu_targets()]:
             with tempfile.TemporaryDirectory() as fresh:  # the old tables stay until the new ones exist
                 summary = tune(name, trials=trials, storage=MEMORY, out_dir=fresh, progress=progress, dtype=dtype,
-                               source="modelled", plots=False)
+                               source="modelled", plots=False, space_fraction=SHIPPED_SPACE_FRACTION)
                 for old in (SHIPPED_DIR / name).glob(f"*,dtype={dtype}.json"):
                     old.unlink()
                 (SHIPPED_DIR / name).mkdir(parents=True, exist_ok=True)

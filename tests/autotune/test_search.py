@@ -90,6 +90,12 @@ def test_small_space_is_searched_exhaustively_default_first():
     assert "num_stages" not in study.trials[0].params  # rms_norm's space has one value: not a search dimension
 
 
+def test_study_budget():
+    assert search.study_budget(24, 15) == 15  # small space: all of it (enumerated)
+    assert search.study_budget(24, 180, 0.3) == 54  # big space: 30 % of it
+    assert search.study_budget(24, 72, 0.3) == 24
+
+
 def test_all_invalid_study_fails_loudly():
     tgt = get_target("a100")
     space = search.kept_space("rms_norm", tgt.arch)
