@@ -1,0 +1,287 @@
+"""Weight quantization: the quantized-weight representation, round-to-nearest (RTN) symmetric quantization of
+a checkpoint's linear weights (int8 / int4 weight-only, fp8 e4m3) and the eager dequantize reference.
+
+Load stage: `QuantizedSource` wraps a WeightSource; kernels (kernels/wq_matmul.py, fused_moe_wq.py,
+fp8_matmul.py) and the ONNX emitters (backends/onnx_quant.py) read `QuantizedWeight` as it is laid out here.
+Pre-quantized AWQ / GPTQ checkpoints load into the same representation (qwen3export/prequantized.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InputError, WeightsError
+from .spec import ModelSpec
+from .weights import WeightSource, expected_tensors
+
+QUANT_MODES = ("int8", "int4", "fp8")
+BITS = {"int8": 8, "int4": 4, "fp8": 8}
+# float8_e4m3fn's largest finite value (OCP 8-bit floating point spec, E4M3: S.1111.110 = 448)
+FP8_MAX = 448.0
+# the projections of nn.Linear layers that are quantized; the router (mlp.gate), embedding and norms are not
+QUANTIZED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _qmax(bits: int) -> int:
+    """Largest symmetric code magnitude: 127 for int8, 7 for int4 (the code -2^(b-1) is never produced, so
+    the grid is symmetric around zero and +-absmax are both exact)."""
+    return 2 ** (bits - 1) - 1
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A linear weight W [..., N, K] (out x in, as nn.Linear stores it) quantized along K in groups.
+
+    int modes:  W[..., n, k] = (code[..., n, k] - zero[..., n, g]) * scale[..., n, g],  g = k // group_size
+      codes are unsigned: int8 `qweight` uint8 [..., N, K]; int4 `qweight` uint8 [..., N, K/2] with two codes
+      per byte, even k in the low nibble and odd k in the high one. This is ONNX Runtime's com.microsoft
+      MatMulNBits layout: qweight.view(N, K/group, group*bits/8) is its input B, scales its [N, K/group]
+      (ContribOperators.md, MatMulNBits: "packed uint8 tensor of shape (N, k_blocks, blob_size)", "the first
+      4 bits are stored in the lower 4 bits of a byte").
+      zero_points: uint8 [..., N, K/group] (AWQ / GPTQ asymmetric checkpoints) or None = 2^(bits-1), i.e.
+      128 / 8, the symmetric RTN case and MatMulNBits' default zero point.
+    fp8:  W[..., n, k] = float(qweight[..., n, k]) * scale[..., n, 0]; qweight float8_e4m3fn [..., N, K],
+      scales float32 [..., N, 1] (per output channel), zero_points None, group_size = K.
+    Leading dims (...) stack experts: [E, N, K] for an MoE layer's gate_up or down.
+    """
+
+    mode: str
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zero_points: torch.Tensor | None
+    group_size: int
+
+    def __post_init__(self) -> None:
+        if self.mode not in QUANT_MODES:
+            raise InputError(f"unknown quantization mode {self.mode!r}; choose one of {', '.join(QUANT_MODES)}")
+        lead, n = tuple(self.qweight.shape[:-2]), self.qweight.shape[-2]
+        k = self.in_features
+        want = {"int8": torch.uint8, "int4": torch.uint8, "fp8": torch.float8_e4m3fn}[self.mode]
+        problems = []
+        if self.qweight.dtype != want:
+            problems.append(f"qweight dtype {self.qweight.dtype} (want {want})")
+        if self.group_size <= 0 or k % self.group_size:
+            problems.append(f"group size {self.group_size} does not divide K={k}")
+        elif tuple(self.scales.shape) != (*lead, n, k // self.group_size):
+            problems.append(f"scales {tuple(self.scales.shape)} (want {(*lead, n, k // self.group_size)})")
+        if self.zero_points is not None and (self.mode == "fp8" or self.zero_points.dtype != torch.uint8
+                                             or self.zero_points.shape != self.scales.shape):
+            problems.append(f"zero_points {self.zero_points.dtype} {tuple(self.zero_points.shape)} "
+                            "(want uint8 shaped like scales, and none for fp8)")
+        if problems:
+            raise WeightsError(f"inconsistent {self.mode} quantized weight: {'; '.join(problems)}")
+
+    @property
+    def bits(self) -> int:
+        return BITS[self.mode]
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[-1] * (2 if self.mode == "int4" else 1)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The dequantized weight's shape [..., N, K]."""
+        return (*self.qweight.shape[:-1], self.in_features)
+
+    @property
+    def n_groups(self) -> int:
+        return self.scales.shape[-1]
+
+    def codes(self) -> torch.Tensor:
+        """Unsigned integer codes [..., N, K] (uint8), int4 unpacked; int modes only."""
+        if self.mode == "fp8":
+            raise InputError("fp8 weights have no integer codes; use dequantize()")
+        if self.mode == "int8":
+            return self.qweight
+        return torch.stack([self.qweight & 0xF, self.qweight >> 4], -1).flatten(-2)
+
+    def zeros(self) -> torch.Tensor:
+        """Zero points [..., N, n_groups] as uint8, the symmetric default 2^(bits-1) filled in."""
+        if self.zero_points is not None:
+            return self.zero_points
+        return torch.full(self.scales.shape, 2 ** (self.bits - 1), dtype=torch.uint8, device=self.scales.device)
+
+    def nbytes(self) -> int:
+        """Bytes stored: codes + scales + zero points (what decode reads per token for this weight)."""
+        total = self.qweight.numel() * self.qweight.element_size() + self.scales.numel() * self.scales.element_size()
+        return total + (self.zero_points.numel() if self.zero_points is not None else 0)
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """The artifact's tensors for parameter `name` ('….weight' -> '….qweight', '….scales', '….zero_points')."""
+        base = name.removesuffix(".weight")
+        out = {f"{base}.qweight": self.qweight, f"{base}.scales": self.scales}
+        if self.zero_points is not None:
+            out[f"{base}.zero_points"] = self.zero_points
+        return out
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [..., K] in 0..15 (K even) -> uint8 [..., K/2], even k in the low nibble."""
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def check_group_size(group_size: int, in_features: int, what: str = "weight") -> None:
+    """int4 groups: a power of two >= 16 (MatMulNBits' block_size rule) that divides in_features."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 16 or group_size & (
+            group_size - 1):
+        raise InputError(f"--group-size {group_size!r} must be a power of two >= 16 (16, 32, 64, 128, …)")
+    if in_features % group_size:
+        fits = [g for g in (16, 32, 64, 128, 256) if in_features % g == 0]
+        hint = f"; e.g. --group-size {fits[-1]}" if fits else ""
+        raise InputError(f"--group-size {group_size} does not divide in_features {in_features} of {what}{hint}")
+
+
+@torch.no_grad()
+def quantize_weight(weight: torch.Tensor, mode: str, group_size: int = 128,
+                    scale_dtype: torch.dtype = torch.float16, name: str = "weight") -> QuantizedWeight:
+    """Round-to-nearest symmetric quantization of W [..., N, K] along K.
+
+    int8: one scale per output channel, scale = absmax / 127, codes round(W / scale) + 128.
+    int4: one scale per group of `group_size` along K, scale = absmax / 7, codes round(W / scale) + 8.
+    fp8:  one fp32 scale per output channel, scale = absmax / 448, codes float8_e4m3fn(W / scale).
+    The scale is rounded to `scale_dtype` (pass the engine's activation dtype: MatMulNBits wants A's dtype)
+    before the codes are computed, so dequantize() is exactly what an engine computes. torch.round rounds
+    half to even. An all-zero group gets scale 0 and dequantizes to zeros.
+    """
+    if mode not in QUANT_MODES:
+        raise InputError(f"unknown --quant {mode!r}; choose one of none, {', '.join(QUANT_MODES)}")
+    if weight.dim() < 2 or not weight.is_floating_point():
+        raise WeightsError(f"{name}: only floating-point matrices [..., N, K] are quantized, got "
+                           f"{weight.dtype} {tuple(weight.shape)}")
+    w = weight.float()
+    if not torch.isfinite(w).all():
+        raise WeightsError(f"{name} holds inf or NaN; the checkpoint is corrupt")
+    k = w.shape[-1]
+    if mode == "int4":
+        check_group_size(group_size, k, name)
+    group = group_size if mode == "int4" else k
+    grouped = w.unflatten(-1, (k // group, group))  # [..., N, G, group]
+    absmax = grouped.abs().amax(-1)  # [..., N, G]
+    if mode == "fp8":
+        scales = absmax / FP8_MAX
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+        codes = (grouped / safe[..., None]).clamp(-FP8_MAX, FP8_MAX).flatten(-2).to(torch.float8_e4m3fn)
+        return QuantizedWeight("fp8", codes, scales, None, k)
+    qmax = _qmax(BITS[mode])
+    scales = (absmax / qmax).to(scale_dtype)
+    safe = torch.where(scales > 0, scales.float(), torch.ones_like(absmax))
+    q = torch.round(grouped / safe[..., None]).clamp(-qmax, qmax)
+    codes = (q + 2 ** (BITS[mode] - 1)).to(torch.uint8).flatten(-2)  # [..., N, K]
+    return QuantizedWeight(mode, pack_int4(codes) if mode == "int4" else codes, scales, None, group)
+
+
+def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The eager reference: W [..., N, K] computed in fp32 from codes, zero points and scales, cast to `dtype`."""
+    scales = qw.scales.float().repeat_interleave(qw.group_size, -1)  # [..., N, K]
+    if qw.mode == "fp8":
+        return (qw.qweight.float() * scales).to(dtype)
+    zeros = qw.zeros().float().repeat_interleave(qw.group_size, -1)
+    return ((qw.codes().float() - zeros) * scales).to(dtype)
+
+
+def quantize_activation_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token fp8: x [..., K] -> (float8_e4m3fn [..., K], fp32 scale [..., 1]), x ≈ codes * scale.
+    A zero row gets scale 1 (its codes are zeros). kernels/fp8_matmul.py computes the same in its kernel."""
+    xf = x.float()
+    scale = xf.abs().amax(-1, keepdim=True) / FP8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def cat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """Concatenate along N (gate rows then up rows -> an expert's gate_up); mode and group size must agree."""
+    return _join(parts, lambda ts: torch.cat(ts, -2))
+
+
+def stack(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """Stack along a new leading dim (experts -> [E, N, K])."""
+    return _join(parts, lambda ts: torch.stack(ts, 0))
+
+
+def _join(parts: list[QuantizedWeight], join) -> QuantizedWeight:
+    first = parts[0]
+    if any(p.mode != first.mode or p.group_size != first.group_size for p in parts):
+        raise WeightsError("cannot join quantized weights of different modes or group sizes: "
+                           f"{sorted({(p.mode, p.group_size) for p in parts})}")
+    zeros = None if all(p.zero_points is None for p in parts) else join([p.zeros() for p in parts])
+    return QuantizedWeight(first.mode, join([p.qweight for p in parts]), join([p.scales for p in parts]), zeros,
+                           first.group_size)
+
+
+# ------------------------------------------------------------------ which tensors, and a quantizing source
+@dataclass(frozen=True)
+class QuantConfig:
+    """What `build --quant` asks for. group_size applies to int4 (int8 / fp8 are per output channel);
+    scale_dtype is the dtype int scales are stored in (the engine's activation dtype; fp8 scales are fp32)."""
+
+    mode: str
+    group_size: int = 128
+    quantize_lm_head: bool = False
+    scale_dtype: torch.dtype = torch.float16
+
+    def __post_init__(self) -> None:
+        if self.mode not in QUANT_MODES:
+            raise InputError(f"unknown --quant {self.mode!r}; choose one of none, {', '.join(QUANT_MODES)}")
+        if self.mode == "int4":
+            check_group_size(self.group_size, self.group_size)
+        if self.scale_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise InputError(f"quantization scales must be fp16, bf16 or fp32, got {self.scale_dtype}")
+
+
+def is_quantized(name: str, quantize_lm_head: bool = False) -> bool:
+    """Whether a Hugging Face tensor name is a quantized linear weight: attention q/k/v/o and MLP / expert
+    gate/up/down projections; lm_head when asked. Embedding, norms and the MoE router (mlp.gate) are not."""
+    if name == "lm_head.weight":
+        return quantize_lm_head
+    parts = name.split(".")
+    return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in QUANTIZED_PROJECTIONS
+
+
+def quantized_names(spec: ModelSpec, quantize_lm_head: bool = False) -> list[str]:
+    """Every tensor of `spec`'s checkpoint that `is_quantized`, in checkpoint order."""
+    return [n for n in expected_tensors(spec) if is_quantized(n, quantize_lm_head)]
+
+
+def check_quantizable(spec: ModelSpec, config: QuantConfig) -> None:
+    """int4's group size divides every quantized weight's in_features; else name the first that it does not."""
+    if config.mode != "int4":
+        return
+    shapes = expected_tensors(spec)
+    for name in quantized_names(spec, config.quantize_lm_head):
+        check_group_size(config.group_size, shapes[name][-1], name)
+
+
+class QuantizedSource:
+    """A WeightSource whose linear weights are RTN-quantized: `quantized(name)` gives the QuantizedWeight,
+    `get(name)` its dequantized fp32 tensor (so load_into() builds the eager model that runs the same
+    dequantized weights as the engine: the tight half of issue 9's parity), other tensors pass through."""
+
+    def __init__(self, source: WeightSource, spec: ModelSpec, config: QuantConfig):
+        check_quantizable(spec, config)
+        self.source, self.spec, self.config = source, spec, config
+        self.description = f"{source.description}, {config.mode}" + (
+            f" g{config.group_size}" if config.mode == "int4" else "")
+        self._quantized = set(quantized_names(spec, config.quantize_lm_head))
+
+    def names(self) -> set[str]:
+        return self.source.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.source.shape(name)
+
+    def is_quantized(self, name: str) -> bool:
+        return name in self._quantized
+
+    def quantized(self, name: str) -> QuantizedWeight:
+        if name not in self._quantized:
+            raise WeightsError(f"tensor {name} is not quantized under --quant {self.config.mode}")
+        scale_dtype = torch.float32 if self.config.mode == "fp8" else self.config.scale_dtype
+        return quantize_weight(self.source.get(name), self.config.mode, self.config.group_size, scale_dtype, name)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name in self._quantized:
+            return dequantize(self.quantized(name))
+        return self.source.get(name)

@@ -1,0 +1,157 @@
+"""qwen3export/quant.py: RTN int8 / int4 / fp8 quantization, the MatMulNBits-compatible layout, dequantize,
+which tensors are quantized, and the quantizing weight source."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen3export.errors import InputError, WeightsError
+from qwen3export.graphs.decoder import Qwen3Decoder
+from qwen3export.quant import (FP8_MAX, QuantConfig, QuantizedSource, QuantizedWeight, cat_rows, check_quantizable,
+                               dequantize, is_quantized, quantize_activation_fp8, quantize_weight, quantized_names,
+                               stack)
+from qwen3export.spec import preset
+from qwen3export.weights import RandomSource, check_names, load_into
+
+
+def _w(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 0.02
+
+
+@pytest.mark.parametrize("mode,group,shape", [("int8", None, (48, 96)), ("int4", 32, (40, 128)),
+                                              ("int4", 128, (3, 17, 256))])
+def test_int_rtn_error_is_at_most_half_a_step(mode, group, shape):
+    w = _w(*shape)
+    qw = quantize_weight(w, mode, group or 128, scale_dtype=torch.float32)
+    g = qw.group_size
+    assert g == (group or shape[-1]) and qw.shape == shape and qw.scales.shape == (*shape[:-1], shape[-1] // g)
+    step = qw.scales.repeat_interleave(g, -1)
+    err = (dequantize(qw) - w).abs()
+    assert (err <= step / 2 + 1e-7).all()
+    # symmetric: the group's absmax is reproduced exactly
+    grouped = w.unflatten(-1, (-1, g))
+    idx = grouped.abs().argmax(-1, keepdim=True)
+    back = dequantize(qw).unflatten(-1, (-1, g))
+    torch.testing.assert_close(back.gather(-1, idx), grouped.gather(-1, idx), rtol=1e-6, atol=0)
+
+
+def test_int4_layout_is_matmulnbits_low_nibble_first():
+    w = torch.tensor([[-7.0, 7.0, 0.0, 1.0] * 4])  # [1, 16], absmax 7 -> scale 1
+    qw = quantize_weight(w, "int4", group_size=16, scale_dtype=torch.float32)
+    assert qw.qweight.dtype == torch.uint8 and qw.qweight.shape == (1, 8)
+    # codes = q + 8: k=0 -> 1 (low nibble), k=1 -> 15 (high nibble); k=2 -> 8, k=3 -> 9
+    assert qw.qweight[0, :2].tolist() == [1 | (15 << 4), 8 | (9 << 4)]
+    assert qw.zero_points is None and qw.zeros().tolist() == [[8]]
+    # MatMulNBits' B is (N, k_blocks, blob_size) = qweight viewed per block
+    assert qw.qweight.view(1, 1, 8).shape == (1, 16 // 16, 16 * 4 // 8)
+    torch.testing.assert_close(dequantize(qw), w)
+
+
+def test_int8_codes_are_offset_by_128():
+    w = torch.tensor([[-127.0, 0.0, 127.0, 63.4]])
+    qw = quantize_weight(w, "int8", scale_dtype=torch.float32)
+    assert qw.qweight.tolist() == [[1, 128, 255, 191]] and qw.scales.tolist() == [[1.0]]
+
+
+def test_scales_are_rounded_before_the_codes_so_requantizing_is_idempotent():
+    w = _w(64, 256, seed=3)
+    for mode in ("int8", "int4"):
+        qw = quantize_weight(w, mode, 64, scale_dtype=torch.float16)
+        assert qw.scales.dtype == torch.float16
+        again = quantize_weight(dequantize(qw), mode, 64, scale_dtype=torch.float16)
+        assert torch.equal(again.qweight, qw.qweight) and torch.equal(again.scales, qw.scales)
+
+
+def test_all_zero_rows_dequantize_to_zero():
+    w = _w(4, 64)
+    w[1] = 0
+    for mode in ("int8", "int4", "fp8"):
+        qw = quantize_weight(w, mode, 32)
+        assert torch.equal(dequantize(qw)[1], torch.zeros(64))
+
+
+def test_fp8_per_channel_relative_error():
+    w = _w(32, 80, seed=1)
+    qw = quantize_weight(w, "fp8")
+    assert qw.qweight.dtype == torch.float8_e4m3fn and qw.scales.shape == (32, 1) and qw.scales.dtype == torch.float32
+    assert qw.group_size == 80 and qw.zero_points is None
+    # e4m3 keeps 3 mantissa bits: relative rounding error <= 2^-4 for normal values; absmax -> 448 exactly
+    deq = dequantize(qw)
+    normal = w.abs() >= qw.scales * 2.0**-6
+    assert ((deq - w).abs()[normal] <= w.abs()[normal] * 2.0**-4 + 1e-9).all()
+    assert torch.allclose(qw.qweight.float().abs().amax(-1), torch.full((32,), FP8_MAX))
+
+
+def test_fp8_activation_per_token():
+    x = torch.randn(5, 64) * torch.tensor([1.0, 10.0, 1e-3, 0.0, 100.0])[:, None]
+    codes, scale = quantize_activation_fp8(x)
+    assert codes.dtype == torch.float8_e4m3fn and scale.shape == (5, 1)
+    assert scale[3].item() == 1.0 and torch.equal(codes[3].float(), torch.zeros(64))
+    torch.testing.assert_close(codes.float() * scale, x, rtol=2.0**-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("group,k,match", [(100, 200, "power of two"), (8, 64, "power of two"),
+                                           (128, 64, "does not divide in_features 64 .*--group-size 64"),
+                                           (True, 64, "power of two")])
+def test_bad_group_size_is_one_line(group, k, match):
+    with pytest.raises(InputError, match=match) as err:
+        quantize_weight(_w(8, k), "int4", group)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_mode_and_bad_inputs():
+    with pytest.raises(InputError, match="unknown --quant 'int3'"):
+        quantize_weight(_w(8, 64), "int3")
+    with pytest.raises(InputError, match="unknown --quant"):
+        QuantConfig("nf4")
+    with pytest.raises(WeightsError, match="inf or NaN"):
+        quantize_weight(torch.tensor([[float("nan")] * 16]), "int8", name="x.q_proj.weight")
+    with pytest.raises(WeightsError, match="inconsistent int4"):
+        QuantizedWeight("int4", torch.zeros(4, 8, dtype=torch.uint8), torch.ones(4, 2), None, 16)
+
+
+def test_which_tensors_are_quantized():
+    spec = preset("tiny-moe")
+    names = quantized_names(spec)
+    assert "model.layers.0.mlp.gate_proj.weight" in names  # dense layer (mlp_only_layers)
+    assert "model.layers.1.mlp.experts.7.down_proj.weight" in names
+    assert all(f"model.layers.2.self_attn.{p}_proj.weight" in names for p in "qkvo")
+    for kept in ("model.layers.1.mlp.gate.weight", "model.embed_tokens.weight", "model.norm.weight",
+                 "model.layers.0.self_attn.q_norm.weight", "model.layers.0.input_layernorm.weight", "lm_head.weight"):
+        assert not is_quantized(kept), kept
+    assert is_quantized("lm_head.weight", quantize_lm_head=True)
+    assert len(names) == 3 * 4 + 3 + 2 * 8 * 3  # 3 layers' attention, 1 dense MLP, 2 MoE layers x 8 experts x 3
+
+
+def test_group_size_is_checked_against_every_quantized_weight():
+    spec = preset("tiny")  # hidden 64: in_features 64 for q/k/v/gate/up
+    with pytest.raises(InputError, match="in_features 64 of model.layers.0.self_attn.q_proj.weight"):
+        check_quantizable(spec, QuantConfig("int4", 128))
+    check_quantizable(spec, QuantConfig("int4", 32))
+
+
+def test_cat_rows_and_stack_match_dequantized_concat():
+    parts = [quantize_weight(_w(16, 64, seed=s), "int4", 32) for s in range(3)]
+    joined = cat_rows(parts[:2])
+    torch.testing.assert_close(dequantize(joined), torch.cat([dequantize(p) for p in parts[:2]]))
+    stacked = stack([joined, cat_rows([parts[2], parts[0]])])
+    assert stacked.shape == (2, 32, 64) and stacked.zero_points is None
+    torch.testing.assert_close(dequantize(stacked)[1, :16], dequantize(parts[2]))
+    with pytest.raises(WeightsError, match="different modes"):
+        stack([parts[0], quantize_weight(_w(16, 64), "int8")])
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "fp8"])
+def test_quantized_source_loads_dequantized_weights(mode):
+    spec = preset("tiny-moe")
+    source = QuantizedSource(RandomSource(spec), spec, QuantConfig(mode, group_size=32))
+    check_names(spec, source)
+    name = "model.layers.1.mlp.experts.3.up_proj.weight"
+    assert source.is_quantized(name) and not source.is_quantized("model.layers.1.mlp.gate.weight")
+    torch.testing.assert_close(source.get(name), dequantize(source.quantized(name)))
+    assert torch.equal(source.get("model.norm.weight"), RandomSource(spec).get("model.norm.weight"))
+    module = Qwen3Decoder.empty(spec, torch.float32)
+    load_into(module, spec, source, torch.float32)
+    up = module.model.layers[1].mlp.experts.gate_up_proj[3, spec.moe_intermediate_size:]
+    torch.testing.assert_close(up, source.get(name))
