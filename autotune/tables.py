@@ -12,13 +12,13 @@ Keys are sorted on write so tables diff stably (vLLM's fused_moe/configs/*.json,
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 from qwen3export import __version__
 from qwen3export.errors import ConfigError, TargetError
+from qwen3export.kernels.active import nearest_bucket, parse_shape_key, shape_key  # noqa: F401 (re-exported)
 from qwen3export.kernels.compile import kernel_module
 from qwen3export.kernels.config import KernelConfig
 from qwen3export.spec import ModelSpec
@@ -44,18 +44,6 @@ def user_dir() -> Path:
 def search_dirs(dirs: list[Path] | None = None) -> list[Path]:
     """Where tables are looked up, first hit wins: given dirs (else the user dir), then the shipped tables."""
     return [Path(d) for d in (dirs if dirs is not None else [user_dir()])] + [SHIPPED_DIR]
-
-
-def shape_key(shape: dict[str, int]) -> str:
-    """{'M': 16, 'E': 128} -> 'E=128,M=16' (names sorted)."""
-    return ",".join(f"{k}={shape[k]}" for k in sorted(shape))
-
-
-def parse_shape_key(key: str) -> dict[str, int]:
-    try:
-        return {name: int(value) for name, value in (part.split("=") for part in key.split(","))}
-    except ValueError:
-        raise ConfigError(f"bad shape key {key!r}: expected 'NAME=int,…'") from None
 
 
 def table_filename(target: str, kernel: str, dtype: str, shape: dict[str, int]) -> str:
@@ -153,19 +141,6 @@ def find_table(target: str, kernel: str, dtype: str, shape: dict[str, int], dirs
                             f"`{tune_command(target, kernel, dtype, model)}`")
 
 
-def nearest_bucket(keys: list[str], query: dict[str, int]) -> str:
-    """The bucket closest to `query` in log2 distance summed over the bucket dims (ties: the smaller bucket)."""
-    def distance(key: str) -> tuple[float, list[int]]:
-        bucket = parse_shape_key(key)
-        missing = set(bucket) - set(query)
-        if missing:
-            raise ConfigError(f"bucket lookup needs {sorted(missing)}, got {sorted(query)}")
-        return sum(abs(math.log2(max(query[k], 1)) - math.log2(max(v, 1))) for k, v in bucket.items()), \
-            [bucket[k] for k in sorted(bucket)]
-
-    return min(keys, key=distance)
-
-
 def config_for(target: str, kernel: str, dtype: str, shape: dict[str, int], dirs: list[Path] | None = None
                ) -> tuple[KernelConfig, dict[str, Any]]:
     """The tuned config for a full problem shape (model dims + bucket dims): nearest bucket of its table."""
@@ -177,19 +152,38 @@ def config_for(target: str, kernel: str, dtype: str, shape: dict[str, int], dirs
     return config_from_params(kernel, entry), entry
 
 
-def select_configs(target: str | Target, spec: ModelSpec, dtype: str, dirs: list[Path] | None = None
-                   ) -> list[dict[str, Any]]:
+def select_configs(target: str | Target, spec: ModelSpec, dtype: str, dirs: list[Path] | None = None,
+                   missing: str = "raise") -> list[dict[str, Any]]:
     """Per kernel the model runs: its table and every bucket's config with its tag (measured/modelled), for the
-    artifact manifest. Raises MissingTableError (with the tune command) for the first kernel without a table."""
+    artifact manifest. A kernel without a table: missing="raise" raises MissingTableError (with the tune
+    command); missing="default" selects the kernel's DEFAULT_CONFIG for every shape (bucket "*"), tagged
+    source "default" (neither tuned nor modelled), with the tune command that would replace it."""
+    if missing not in ("raise", "default"):
+        raise ConfigError(f"select_configs(missing={missing!r}): choose 'raise' or 'default'")
     target = get_target(target) if isinstance(target, str) else target
     target.check_dtype(dtype)
     out = []
     for kernel in kernels_for(spec):
         shape = workload(kernel).fixed(spec)
-        path, table = find_table(target.name, kernel, dtype, shape, dirs, model=spec.name)
+        try:
+            path, table = find_table(target.name, kernel, dtype, shape, dirs, model=spec.name)
+        except MissingTableError:
+            if missing == "raise":
+                raise
+            out.append({"kernel": kernel, "table": None, "shipped": False, "shape": shape,
+                        "configs": {"*": {"config": kernel_module(kernel).DEFAULT_CONFIG.to_dict(),
+                                          "source": "default"}},
+                        "sources": ["default"], "tune": tune_command(target.name, kernel, dtype, spec.name)})
+            continue
         configs = {key: {"config": config_from_params(kernel, entry).to_dict(),
                          **{k: entry[k] for k in PROVENANCE}} for key, entry in sorted(table["entries"].items())}
         out.append({"kernel": kernel, "table": table_filename(target.name, kernel, dtype, shape),
                     "shipped": path.is_relative_to(SHIPPED_DIR), "shape": shape, "configs": configs,
                     "sources": sorted({c["source"] for c in configs.values()})})
     return out
+
+
+def active_selection(selected: list[dict[str, Any]]) -> dict[str, dict[str, KernelConfig]]:
+    """select_configs' (or a manifest's) entries -> kernels/active.py's {kernel: {bucket: KernelConfig}}."""
+    return {e["kernel"]: {key: KernelConfig.from_dict(c["config"]) for key, c in e["configs"].items()}
+            for e in selected}

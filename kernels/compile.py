@@ -48,9 +48,9 @@ def parse_resource_usage(text: str) -> dict[str, dict[str, int]]:
             for m in _RESOURCE_LINE.finditer(text)}
 
 
-def cross_compile(spec: CompileSpec, cc: int):
-    """triton.compile of one spec for compute capability `cc` (no GPU needed); returns triton's CompiledKernel."""
-    from triton.backends.compiler import GPUTarget
+def ast_source(spec: CompileSpec):
+    """The triton ASTSource of one spec: signature, constexprs and divisibility hints as the runtime specialises.
+    A kernel pack rebuilds the same source to relaunch its cubins (qwen3export/backends/kernel_pack.py)."""
     from triton.compiler import ASTSource
 
     fn = as_jit(spec.fn)
@@ -65,10 +65,16 @@ def cross_compile(spec: CompileSpec, cc: int):
             signature[name] = spec.scalars.get(name, "i32")
             if name in spec.aligned:
                 attrs[(index,)] = [["tt.divisibility", 16]]
-    source = ASTSource(fn, signature, constexprs=dict(spec.constexprs), attrs=attrs)
+    return ASTSource(fn, signature, constexprs=dict(spec.constexprs), attrs=attrs)
+
+
+def cross_compile(spec: CompileSpec, cc: int):
+    """triton.compile of one spec for compute capability `cc` (no GPU needed); returns triton's CompiledKernel."""
+    from triton.backends.compiler import GPUTarget
+
     # enable_fp_fusion given explicitly: Triton 3.9 warns that its default (on) changes in 3.10
     options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages, "enable_fp_fusion": True}
-    return triton.compile(source, target=GPUTarget("cuda", cc, 32), options=options)
+    return triton.compile(ast_source(spec), target=GPUTarget("cuda", cc, 32), options=options)
 
 
 def measure(spec: CompileSpec, cc: int) -> dict[str, Any]:

@@ -143,7 +143,8 @@ def _check(x, gate_up, down, topk_weights, topk_ids):
 
 
 def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, config: KernelConfig | None = None) -> torch.Tensor:
+              topk_ids: torch.Tensor, config: KernelConfig | None = None,
+              align_config: KernelConfig | None = None) -> torch.Tensor:
     """x [T, H], gate_up [E, 2I, H], down [E, H, I], topk_weights/topk_ids [T, k] -> out [T, H] in x's dtype:
     out[t] = sum_j w[t, j] * down[e] silu(gate[e] x[t]) * (up[e] x[t]), e = topk_ids[t, j]."""
     _check(x, gate_up, down, topk_weights, topk_ids)
@@ -155,7 +156,7 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_w
     x = x if x.stride(-1) == 1 else x.contiguous()
     gate_up, down = gate_up.contiguous(), down.contiguous()
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
-    sorted_ids, expert_ids, n_padded = moe_align(topk_ids, n_experts, block_m)
+    sorted_ids, expert_ids, n_padded = moe_align(topk_ids, n_experts, block_m, align_config)
     n_tiles_m = expert_ids.shape[0]  # an upper bound: tiles past n_padded return at once
     act = torch.empty(n_pairs, inter, dtype=x.dtype, device=x.device)
     partial = torch.empty(n_pairs, hidden, dtype=x.dtype, device=x.device)

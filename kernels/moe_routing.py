@@ -134,7 +134,7 @@ def compile_specs(config: KernelConfig, dtype: str, shape: dict) -> list[Compile
     return [CompileSpec(
         _moe_routing_kernel,
         pointers={"x_ptr": dtype, "router_ptr": dtype, "weights_ptr": dtype, "ids_ptr": "i64"},
-        constexprs={"TOP_K": shape["top_k"], "NORMALIZE": True,
+        constexprs={"TOP_K": shape["top_k"], "NORMALIZE": bool(shape.get("normalize", True)),
                     "BLOCK_E": max(16, triton.next_power_of_2(shape["experts"])),
                     "BLOCK_K": triton.next_power_of_2(shape["top_k"])} | config.constexprs,
         aligned=("hidden", "stride_xt", "stride_re"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from qwen3export.kernels.active import config_for
 from qwen3export.kernels.attention_decode import attention_decode
 from qwen3export.kernels.attention_prefill import attention_prefill, attention_prefill_reference
 from qwen3export.kernels.fused_moe import fused_moe, fused_moe_reference
@@ -18,10 +19,17 @@ from qwen3export.kernels.rms_norm import add_rms_norm, add_rms_norm_reference, r
 Tensor = torch.Tensor
 
 
+def _rows(x: Tensor) -> int:
+    """Tokens in a [..., N] activation: the M of the norm kernels' tuned buckets."""
+    return x.numel() // max(x.shape[-1], 1)
+
+
 @torch.library.custom_op("qwen3export::rms_norm", mutates_args=())
 def rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """x [..., N], weight [N] -> [..., N] (graphs/decoder.py rms_norm_reference)."""
-    return rms_norm(x, weight, eps) if ops_run_triton(x) else rms_norm_reference(x, weight, eps)
+    if ops_run_triton(x):
+        return rms_norm(x, weight, eps, config_for("rms_norm", M=_rows(x)))
+    return rms_norm_reference(x, weight, eps)
 
 
 @rms_norm_op.register_fake
@@ -33,7 +41,7 @@ def _(x, weight, eps):
 def add_rms_norm_op(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """(rms_norm(x + residual), x + residual): the residual add that precedes every decoder-layer norm."""
     if ops_run_triton(x):
-        return add_rms_norm(x, residual, weight, eps)
+        return add_rms_norm(x, residual, weight, eps, config_for("rms_norm", M=_rows(x)))
     return add_rms_norm_reference(x, residual, weight, eps)
 
 
@@ -47,7 +55,8 @@ def qk_norm_rope_op(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, co
                     eps: float) -> tuple[Tensor, Tensor]:
     """q [B, S, Hq, D], k [B, S, Hkv, D], cos/sin [B, S, D] -> (q [B, Hq, S, D], k [B, Hkv, S, D])."""
     if ops_run_triton(q):
-        return qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps)
+        return qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps,
+                            config_for("qk_norm_rope", M=q.shape[0] * q.shape[1]))
     return qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps)
 
 
@@ -71,8 +80,10 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None,
     """
     if not ops_run_triton(q):
         return attention_prefill_reference(q, k, v, scale, kv_lens, attention_mask)
-    kernel = attention_decode if q.shape[2] == 1 else attention_prefill
-    return kernel(q, k, v, scale, kv_lens, attention_mask)
+    if q.shape[2] == 1:
+        config = config_for("attention_decode", B=q.shape[0], L=k.shape[2])
+        return attention_decode(q, k, v, scale, kv_lens, attention_mask, config)
+    return attention_prefill(q, k, v, scale, kv_lens, attention_mask, config_for("attention_prefill", S=q.shape[2]))
 
 
 @attention_op.register_fake
@@ -90,8 +101,10 @@ def moe_op(x: Tensor, router_weight: Tensor, gate_up: Tensor, down: Tensor, top_
     """
     tokens = x.reshape(-1, x.shape[-1])  # [T, H]
     if ops_run_triton(x):
-        weights, ids = moe_routing(tokens, router_weight, top_k, norm_topk_prob)
-        return fused_moe(tokens, gate_up, down, weights, ids).view(x.shape)
+        rows = tokens.shape[0]
+        weights, ids = moe_routing(tokens, router_weight, top_k, norm_topk_prob, config_for("moe_routing", M=rows))
+        return fused_moe(tokens, gate_up, down, weights, ids, config_for("fused_moe", M=rows),
+                         align_config=config_for("moe_align", M=rows)).view(x.shape)
     weights, ids = moe_routing_reference(tokens, router_weight, top_k, norm_topk_prob)
     return fused_moe_reference(tokens, gate_up, down, weights, ids).view(x.shape)
 

@@ -1,0 +1,372 @@
+"""The `kernels` backend: the model's Triton kernels cross-compiled for the target's arch, one per tuned config.
+
+For every kernel the model runs (autotune/workloads.py kernels_for) and every distinct config its tuned table
+selects (autotune/tables.py select_configs; a kernel without a table gets its DEFAULT_CONFIG, tagged
+"default"), each @triton.jit function is compiled for the target's sm_XX with the model's own constants
+(head_dim, GQA group, experts, top-k, hidden sizes) and the pack keeps, per function, Triton's own files:
+
+    kernels/<kernel>/<config label>/<function>.json    Triton's metadata (name, num_warps, shared, target, hash…)
+    kernels/<kernel>/<config label>/<function>.cubin   the binary for the arch
+    kernels/<kernel>/<config label>/<function>.ptx     PTX (newer GPUs JIT it)
+    kernels/<kernel>/<config label>/<function>.source  the Python source it was compiled from
+
+plus kernels/pack.json: the selection (kernel -> shape bucket -> config, with its measured/modelled/default
+tag), the launch signature of every function, and its resource report (registers, spills, shared memory) read
+from the cubin with the bundled cuobjdump. The manifest lists every file with its sha256 (artifact.seal).
+
+`load_kernel_pack` rebuilds Triton's CompiledKernel objects from those files (what Triton does on a cache hit)
+and `KernelPack.launch` runs one on a CUDA device of the pack's arch: the only GPU-only code here.
+Verification on this machine (`verify_kernel_pack`): every cubin is re-read (resources as recorded, within
+the arch's limits, no spills), every CompiledKernel is rebuilt from the pack, and the model is run with the
+pack's configs through Triton's interpreter against eager PyTorch (small models; see INTERPRET_MAX_PARAMS).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from qwen3export.errors import ArtifactError, ParityError, TargetError
+from qwen3export.spec import ModelSpec
+
+PACK_DIR = "kernels"
+PACK_INDEX = "kernels/pack.json"
+PACK_SUFFIXES = (".json", ".cubin", ".ptx", ".source")
+INTERPRET_MAX_PARAMS = 200_000_000  # the interpreter runs numpy per tile: larger models take too long to check
+WORKER_TIMEOUT_S = 1800
+
+
+def pack_dtype(target, dtype: str) -> str:
+    """The dtype the kernels are compiled for: the build's if it is a GPU compute dtype, else the target's best
+    16-bit dtype (engines are verified in fp32 here; on the GPU they run in 16 bits)."""
+    if dtype in ("fp16", "bf16"):
+        target.check_dtype(dtype)
+        return dtype
+    return "bf16" if "bf16" in target.dtypes else "fp16"
+
+
+def compile_shape(kernel: str, spec: ModelSpec, config: dict[str, Any] | None = None,
+                  block_m: int | None = None) -> dict[str, Any]:
+    """The model's constants in each kernel's compile_specs vocabulary (kernels/<name>.py COMPILE_SHAPES)."""
+    if kernel == "rms_norm":
+        return {"hidden": spec.hidden_size}
+    if kernel in ("qk_norm_rope", "attention_prefill"):
+        return {"head_dim": spec.head_dim}
+    if kernel == "attention_decode":
+        return {"head_dim": spec.head_dim, "group": spec.num_attention_heads // spec.num_key_value_heads}
+    if kernel == "moe_routing":
+        return {"hidden": spec.hidden_size, "experts": spec.num_experts, "top_k": spec.num_experts_per_tok,
+                "normalize": spec.norm_topk_prob}
+    if kernel == "moe_align":
+        return {"experts": spec.num_experts, "block_m": block_m or 64}
+    if kernel == "fused_moe":
+        return {"hidden": spec.hidden_size, "inter": spec.moe_intermediate_size}
+    raise TargetError(f"the kernels backend has no compile shape for kernel {kernel!r}")
+
+
+def plan_jobs(selection: list[dict[str, Any]], spec: ModelSpec, dtype: str, cc: int) -> list[dict[str, Any]]:
+    """One compile job per (kernel, distinct config, Triton function). moe_align is compiled once per BLOCK_M
+    that the selected fused_moe configs use (its sort tile must equal the expert GEMM's)."""
+    from qwen3export.kernels.compile import kernel_module
+    from qwen3export.kernels.config import KernelConfig
+
+    block_ms = sorted({c["config"]["blocks"]["BLOCK_M"] for e in selection if e["kernel"] == "fused_moe"
+                       for c in e["configs"].values()}) or [None]
+    jobs: list[dict[str, Any]] = []
+    for entry in selection:
+        kernel = entry["kernel"]
+        configs = {KernelConfig.from_dict(c["config"]) for c in entry["configs"].values()}
+        for config in sorted(configs, key=lambda c: c.label):
+            for block_m in (block_ms if kernel == "moe_align" else [None]):
+                shape = compile_shape(kernel, spec, block_m=block_m)
+                specs = kernel_module(kernel).compile_specs(config, dtype, shape)
+                for index, cs in enumerate(specs):
+                    label = config.label + (f",block_m={block_m}" if block_m else "")
+                    function = getattr(cs.fn, "__name__", None) or cs.fn.fn.__name__
+                    jobs.append({"kernel": kernel, "config": config.to_dict(), "label": label, "dtype": dtype,
+                                 "shape": shape, "index": index, "cc": cc, "function": function,
+                                 "variant": f"{index}-{function}", "dir": f"{PACK_DIR}/{kernel}/{label}/{index}"})
+    return jobs
+
+
+def _spec(job: dict[str, Any]):
+    from qwen3export.kernels.compile import kernel_module
+    from qwen3export.kernels.config import KernelConfig
+
+    return kernel_module(job["kernel"]).compile_specs(KernelConfig.from_dict(job["config"]), job["dtype"],
+                                                      job["shape"])[job["index"]]
+
+
+def _launch_signature(spec) -> list[dict[str, Any]]:
+    """Every argument of the @triton.jit function in order: pointer (with element type), scalar or constexpr
+    (with its compiled value). A launcher passes them all, constexprs included, as Triton's own launch does."""
+    from qwen3export.kernels.launch import as_jit
+
+    out = []
+    for name in as_jit(spec.fn).arg_names:
+        if name in spec.constexprs:
+            value = spec.constexprs[name]
+            out.append({"name": name, "kind": "constexpr", "value": value if isinstance(value, (bool, int, float))
+                        else str(value)})
+        elif name in spec.pointers:
+            out.append({"name": name, "kind": "pointer", "dtype": spec.pointers[name]})
+        else:
+            out.append({"name": name, "kind": "scalar", "dtype": spec.scalars.get(name, "i32"),
+                        "divisible_by_16": name in spec.aligned})
+    return out
+
+
+def _compile_job(job: dict[str, Any], root: Path) -> dict[str, Any]:
+    """Compile one function for its arch, copy Triton's files into the pack, read the cubin's resources."""
+    from qwen3export.kernels.compile import _cuobjdump, cross_compile, parse_resource_usage
+
+    spec = _spec(job)
+    compiled = cross_compile(spec, job["cc"])
+    folder = root / job["dir"]
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for name, path in sorted(compiled.metadata_group.items()):
+        if Path(name).suffix in PACK_SUFFIXES:
+            shutil.copyfile(path, folder / name)
+            files.append(f"{job['dir']}/{name}")
+    cubin = folder / f"{compiled.metadata.name}.cubin"
+    text = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
+                          check=True).stdout
+    usage = parse_resource_usage(text)[compiled.metadata.name]
+    return {"name": compiled.metadata.name, "hash": compiled.hash, "files": files,
+            "num_warps": compiled.metadata.num_warps, "num_stages": compiled.metadata.num_stages,
+            "registers": usage["registers"], "spill_bytes": usage["stack"], "local_bytes": usage["local"],
+            "shared_bytes": usage["shared"] + compiled.metadata.shared, "signature": _launch_signature(spec)}
+
+
+def _clean_env() -> dict[str, str]:
+    """An interpreter that imported triton in interpreter mode cannot compile: workers start without it."""
+    from qwen3export.kernels.launch import INTERPRET_ENV
+
+    return {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", INTERPRET_ENV)}
+
+
+def compile_jobs(jobs: list[dict[str, Any]], root: Path) -> list[dict[str, Any]]:
+    """Run the compile jobs in a clean subprocess (`python -m qwen3export.backends.kernel_pack compile`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "jobs.json").write_text(json.dumps(jobs))
+        proc = subprocess.run([sys.executable, "-m", "qwen3export.backends.kernel_pack", "compile",
+                               str(Path(tmp) / "jobs.json"), str(root), str(Path(tmp) / "out.json")],
+                              env=_clean_env(), capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise TargetError(f"cross-compiling the kernel pack failed: {tail}")
+        return json.loads((Path(tmp) / "out.json").read_text())
+
+
+def emit_kernel_pack(spec: ModelSpec, target, dtype: str, folder: Path, tables: list[Path] | None = None,
+                     progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Write the pack into `folder` (an artifact being staged); returns the manifest's `engine` entry."""
+    from qwen3export.autotune.tables import select_configs
+    from qwen3export.kernels.compile import verdict
+    from qwen3export.kernels.config import arch_limits
+
+    if target.kind != "gpu":
+        raise TargetError(f"--backend kernels cross-compiles for an NVIDIA GPU arch; target {target.name} has none")
+    kdtype = pack_dtype(target, dtype)
+    selection = select_configs(target, spec, kdtype, tables, missing="default")
+    jobs = plan_jobs(selection, spec, kdtype, target.compute_capability)
+    progress(f"cross-compiling {len(jobs)} kernel functions for {target.arch} ({kdtype})")
+    results = compile_jobs(jobs, folder)
+    limits = arch_limits(target.compute_capability)
+    functions, invalid = [], []
+    for job, res in zip(jobs, results):
+        valid, reason = verdict({k: res[k] for k in ("registers", "spill_bytes", "local_bytes", "shared_bytes")},
+                                res["num_warps"], limits)
+        functions.append({"kernel": job["kernel"], "config": job["label"], "variant": job["variant"],
+                          "shape": job["shape"], "index": job["index"], "config_dict": job["config"],
+                          "valid": valid, "reason": reason, **res})
+        if not valid:
+            invalid.append(f"{job['kernel']} {job['label']} {job['function']}: {reason}")
+    if invalid:
+        raise TargetError(f"the tuned kernel configs do not fit {target.arch} at this model's shapes "
+                          f"({'; '.join(invalid[:3])}); retune with `qwen3export tune --target {target.name} "
+                          f"--model {spec.name}`")
+    index = {"schema": 1, "arch": target.arch, "compute_capability": target.compute_capability, "dtype": kdtype,
+             "triton": _triton_version(), "selection": selection, "functions": functions}
+    (folder / PACK_INDEX).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+    sources = sorted({s for e in selection for s in e["sources"]})
+    return {"format": "triton-kernel-pack", "index": PACK_INDEX, "arch": target.arch, "dtype": kdtype,
+            "functions": len(functions), "kernels": [_kernel_summary(e) for e in selection],
+            "sources": sources, "status": "built",
+            "loader": "qwen3export.backends.kernel_pack.load_kernel_pack (needs a CUDA GPU of this arch to launch)"}
+
+
+def _kernel_summary(entry: dict[str, Any]) -> dict[str, Any]:
+    return {"kernel": entry["kernel"], "table": entry["table"], "shipped": entry["shipped"],
+            "sources": entry["sources"],
+            "configs": {key: {"config": _label(c["config"]), "source": c["source"],
+                              **({"objective_us": c["objective_us"]} if "objective_us" in c else {})}
+                        for key, c in entry["configs"].items()}}
+
+
+def _label(config: dict[str, Any]) -> str:
+    from qwen3export.kernels.config import KernelConfig
+
+    return KernelConfig.from_dict(config).label
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+# ------------------------------------------------------------------------------------------------ load
+@dataclass
+class KernelPack:
+    """A loaded pack: Triton CompiledKernel objects by (kernel, config label, variant), variant being
+    "<index>-<function name>" (one kernel may compile a function more than once, e.g. rms_norm with and
+    without the residual add)."""
+
+    folder: Path
+    index: dict[str, Any]
+    compiled: dict[tuple[str, str, str], Any] = field(default_factory=dict)
+
+    def selection(self) -> dict[str, dict[str, Any]]:
+        """kernels/active.py's {kernel: {bucket: KernelConfig}} for these configs."""
+        from qwen3export.autotune.tables import active_selection
+
+        return active_selection(self.index["selection"])
+
+    def function(self, kernel: str, label: str, variant: str):
+        try:
+            return self.compiled[(kernel, label, variant)]
+        except KeyError:
+            raise TargetError(f"kernel pack {self.folder} has no {kernel} {variant} for config {label}") from None
+
+    def launch(self, kernel: str, label: str, variant: str, grid: tuple[int, ...], *args: Any) -> None:
+        """Launch one packed function on the current CUDA device (which must be the pack's arch): every
+        argument of the @triton.jit signature in order (pack.json `signature`), constexprs included."""
+        import torch
+
+        if not torch.cuda.is_available():
+            raise TargetError("launching a kernel pack needs a CUDA GPU; this machine has none")
+        major, minor = torch.cuda.get_device_capability()
+        if 10 * major + minor != self.index["compute_capability"]:
+            raise TargetError(f"this kernel pack is for {self.index['arch']}; the GPU here is sm_{major}{minor}")
+        self.function(kernel, label, variant)[grid](*args)
+
+
+def load_kernel_pack(folder: str | Path) -> KernelPack:
+    """Rebuild every packed function as a Triton CompiledKernel (no GPU needed until a launch)."""
+    from triton.compiler import CompiledKernel
+
+    from qwen3export.kernels.compile import ast_source
+
+    folder = Path(folder)
+    path = folder / PACK_INDEX
+    if not path.is_file():
+        raise ArtifactError(f"{folder} has no {PACK_INDEX}; it is not a kernel-pack artifact")
+    index = json.loads(path.read_text())
+    pack = KernelPack(folder, index)
+    for f in index["functions"]:
+        group = {Path(p).name: str(folder / p) for p in f["files"]}
+        missing = [p for p in f["files"] if not (folder / p).is_file()]
+        if missing:
+            raise ArtifactError(f"kernel pack file {missing[0]} is missing; rebuild the artifact")
+        job = {"kernel": f["kernel"], "config": f["config_dict"], "dtype": index["dtype"], "shape": f["shape"],
+               "index": f["index"]}
+        compiled = CompiledKernel(ast_source(_spec(job)), group, f["hash"])
+        pack.compiled[(f["kernel"], f["config"], f["variant"])] = compiled
+    return pack
+
+
+# ---------------------------------------------------------------------------------------------- verify
+def verify_kernel_pack(folder: Path, manifest: dict[str, Any], progress: Callable[[str], None] = lambda s: None
+                       ) -> dict[str, Any]:
+    """What can be proven without a GPU; `passed` is False if any check fails (the build then stops)."""
+    from qwen3export.kernels.compile import _cuobjdump, parse_resource_usage
+
+    index = json.loads((folder / PACK_INDEX).read_text())
+    failures: list[str] = []
+    pack = load_kernel_pack(folder)
+    for f in index["functions"]:
+        compiled = pack.compiled[(f["kernel"], f["config"], f["variant"])]
+        cubin = folder / f"{Path(f['files'][0]).parent}/{f['name']}.cubin"
+        text = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
+        usage = parse_resource_usage(text).get(f["name"])
+        if usage is None or usage["registers"] != f["registers"] or usage["stack"] != f["spill_bytes"]:
+            failures.append(f"{f['kernel']} {f['name']}: cubin resources differ from the recorded report")
+        if compiled.metadata.num_warps != f["num_warps"] or compiled.metadata.target.arch != index["compute_capability"]:
+            failures.append(f"{f['kernel']} {f['name']}: metadata does not match the pack index")
+        if not f["valid"]:
+            failures.append(f"{f['kernel']} {f['name']}: {f['reason']}")
+    report: dict[str, Any] = {
+        "reference": "kernel pack: cubins re-read with cuobjdump; CompiledKernel rebuilt from the pack",
+        "functions": len(index["functions"]), "launched_on_gpu": False,
+        "gpu": "not run: no CUDA GPU of this arch here (the loader launches them on the target)"}
+    spec = ModelSpec.from_dict(manifest["model"]["spec"])
+    if spec.param_count() <= INTERPRET_MAX_PARAMS:
+        progress("running the model with the pack's configs through Triton's interpreter")
+        report["interpreter"] = interpreter_parity(folder, manifest)
+        if not report["interpreter"]["passed"]:
+            failures += [f"interpreter: {x}" for x in report["interpreter"]["failures"]]
+    else:
+        report["interpreter"] = {"passed": None, "not_run": f"{spec.param_count():,} parameters is over the "
+                                 f"interpreter check's {INTERPRET_MAX_PARAMS:,}; the kernels are checked against "
+                                 "their references by the test suite at representative shapes"}
+    report["failures"], report["passed"] = failures, not failures
+    return report
+
+
+def interpreter_parity(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The eager model routed through the qwen3export:: custom ops with the pack's configs active, its kernels run
+    by Triton's interpreter on CPU (fp32), against the same model in plain PyTorch: prefill + greedy decode."""
+    from qwen3export.kernels.launch import INTERPRET_ENV
+
+    env = _clean_env() | {"TRITON_INTERPRET": "1", INTERPRET_ENV: "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "manifest.json").write_text(json.dumps(manifest))
+        proc = subprocess.run([sys.executable, "-m", "qwen3export.backends.kernel_pack", "interpret", str(folder),
+                               str(Path(tmp) / "manifest.json"), str(Path(tmp) / "out.json")], env=env,
+                              capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ParityError(f"the kernel pack's interpreter check crashed: {tail}")
+        return json.loads((Path(tmp) / "out.json").read_text())
+
+
+def _interpret_main(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from qwen3export.artifact import Artifact
+    from qwen3export.kernels.active import kernel_configs
+    from qwen3export.parity import check_parity
+    from qwen3export.pipeline import eager_for
+
+    artifact = Artifact(folder, manifest | {"dtype": "fp32"})
+    eager = eager_for(artifact)
+    kernels = eager_for(artifact).use_custom_ops()
+    pack = load_kernel_pack(folder)
+    with torch.no_grad(), kernel_configs(pack.selection()):
+        report = check_parity(kernels, kernels.empty_cache(2), eager, eager.empty_cache(2), eager.spec.vocab_size,
+                              "fp32")
+    report["reference"] = ("eager PyTorch vs the same model through the qwen3export:: ops, Triton kernels run by "
+                           "the interpreter (fp32) with the pack's configs")
+    return report
+
+
+if __name__ == "__main__":
+    command = sys.argv[1]
+    if command == "compile":  # jobs.json root out.json
+        jobs_in = json.loads(Path(sys.argv[2]).read_text())
+        Path(sys.argv[4]).write_text(json.dumps([_compile_job(j, Path(sys.argv[3])) for j in jobs_in]))
+    elif command == "interpret":  # folder manifest.json out.json
+        result = _interpret_main(Path(sys.argv[2]), json.loads(Path(sys.argv[3]).read_text()))
+        Path(sys.argv[4]).write_text(json.dumps(result))
+    else:
+        raise SystemExit(f"unknown command {command!r}")
