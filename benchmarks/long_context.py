@@ -5,7 +5,12 @@ a small YaRN-scaled model. Prints one JSON object.
 
 The cache is filled with random keys/values of the requested length (a 128K-token prefill of the
 reference graph would materialise a 128K x 128K score matrix), then `--steps` tokens are decoded
-through the engine at positions just past it. Figures are measured on this machine.
+through the engine at positions just past it. Those figures are measured on this machine.
+
+`modelled_attention_decode` adds, per GPU target, the attention_decode kernel's time per token at each cache
+length for `--gpu-model` (default qwen3-8b: 32 query heads over 8 KV heads, head_dim 128, bf16, batch 1)
+with the target's tuned config (autotune tables): the autotune cost model over the config's real compiled
+resources (kernels compile). It is labelled `modelled`: no GPU ran it.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="dist/bench")
+    ap.add_argument("--gpu-model", default="qwen3-8b", help="model shape of the modelled per-target figures")
+    ap.add_argument("--no-modelled", action="store_true", help="skip the modelled per-target figures")
     args = ap.parse_args()
 
     from qwen3export.artifact import load_artifact
@@ -71,7 +78,37 @@ def main() -> None:
         "model": spec.name, "rope_scaling": spec.rope_scaling, "max_positions": spec.max_positions,
         "dtype": "fp32", "batch": 1, "steps": args.steps, "measured": True,
         "cpu_engine": rows,
+        "modelled_attention_decode": None if args.no_modelled else modelled_attention(args.gpu_model, lengths),
     }, indent=2))
+
+
+def modelled_attention(model: str, lengths: list[int]) -> dict:
+    """Per GPU target: attention_decode us per layer and per token (all layers) at each cache length, with the
+    target's tuned config for that bucket; `modelled` (cost model + the cubin's real resources)."""
+    from qwen3export.autotune.cost_model import modelled_seconds
+    from qwen3export.autotune.tables import config_for
+    from qwen3export.autotune.workloads import workload
+    from qwen3export.spec import preset
+    from qwen3export.targets import gpu_targets
+
+    spec = preset(model)
+    fixed = workload("attention_decode").fixed(spec)
+    out = {"source": "modelled", "model": model, "dtype": "bf16", "batch": 1, "targets": {}}
+    for target in gpu_targets():
+        rows = []
+        for length in lengths:
+            shape = fixed | {"B": 1, "L": length}
+            config, entry = config_for(target.name, "attention_decode", "bf16", shape)
+            est = modelled_seconds(target, "attention_decode", shape, config, "bf16")
+            kv = 2 * spec.num_key_value_heads * spec.head_dim * 2 * length  # bf16 K and V of one layer
+            rows.append({"cache_length": length, "config": config.label, "table_source": entry["source"],
+                         "us_per_layer_modelled": None if est.seconds is None else round(est.seconds * 1e6, 2),
+                         "ms_per_token_all_layers_modelled": None if est.seconds is None
+                         else round(est.seconds * 1e3 * spec.num_hidden_layers, 3),
+                         "kv_bandwidth_fraction_modelled": None if est.seconds is None
+                         else round(kv / est.seconds / target.memory_bandwidth, 3)})
+        out["targets"][target.name] = rows
+    return out
 
 
 if __name__ == "__main__":
