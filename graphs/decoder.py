@@ -169,7 +169,7 @@ class SparseMoeBlock(nn.Module):
                                              self.top_k, self.norm_topk_prob)
         t = x.reshape(b * s, h)  # [T, H]
         top_w, top_i = moe_routing_reference(t, self.gate.weight, self.top_k, self.norm_topk_prob)
-        dense_w = torch.zeros(t.shape[0], self.num_experts, dtype=t.dtype).scatter(1, top_i, top_w)  # [T, E]
+        dense_w = torch.zeros(t.shape[0], self.num_experts, dtype=t.dtype, device=t.device).scatter(1, top_i, top_w)  # [T, E]
         e, i = self.num_experts, self.inter
         gu = F.linear(t, self.experts.gate_up_proj.reshape(e * 2 * i, h)).view(-1, e, 2 * i)  # [T, E, 2I]
         act = F.silu(gu[..., :i]) * gu[..., i:]  # [T, E, I]
@@ -267,7 +267,7 @@ class Qwen3Decoder(nn.Module):
 
     def empty_cache(self, batch: int) -> KVCache:
         s = self.spec
-        z = torch.zeros(batch, s.num_key_value_heads, 0, s.head_dim, dtype=self.dtype)
+        z = torch.zeros(batch, s.num_key_value_heads, 0, s.head_dim, dtype=self.dtype, device=self.model.embed_tokens.weight.device)
         return tuple((z, z) for _ in range(s.num_hidden_layers))
 
     def forward(self, input_ids, position_ids, attention_mask, past: KVCache):
