@@ -20,12 +20,12 @@ from typing import Any
 
 import triton
 
-from qwen3export.errors import InputError
+from qwen3export.errors import InputError, TargetError
 from qwen3export.kernels.config import ArchLimits, CompileSpec, KernelConfig, arch_limits
 from qwen3export.kernels.launch import INTERPRET_ENV, as_jit
 
 KERNELS = ("rms_norm", "qk_norm_rope", "attention_prefill", "attention_decode", "moe_routing", "moe_align",
-           "fused_moe")
+           "fused_moe", "wq_matmul", "fused_moe_wq", "fp8_matmul")
 DTYPES = ("fp16", "bf16", "fp32")
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "qwen3export" / "kernel-compile"
 # cuobjdump --dump-resource-usage prints, per function: "REG:86 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:408 …"
@@ -36,6 +36,16 @@ def kernel_module(name: str):
     if name not in KERNELS:
         raise InputError(f"unknown kernel {name!r}; known kernels: {', '.join(KERNELS)}")
     return importlib.import_module(f"qwen3export.kernels.{name}")
+
+
+def supports(name: str, arch: ArchLimits) -> bool:
+    """Whether a kernel runs on `arch`: a module's ARCHS (e.g. fp8_matmul's sm_89 / sm_90) limits it; default all."""
+    return arch.arch in getattr(kernel_module(name), "ARCHS", (arch.arch,))
+
+
+def kernels_for_arch(arch_or_cc: str | int) -> tuple[str, ...]:
+    arch = arch_limits(arch_or_cc)
+    return tuple(k for k in KERNELS if supports(k, arch))
 
 
 def _cuobjdump() -> str:
@@ -124,6 +134,8 @@ def _jobs(arch: ArchLimits, kernels, dtype: str, configs) -> list[dict[str, Any]
     jobs = []
     for name in kernels:
         module = kernel_module(name)
+        if not supports(name, arch):
+            raise TargetError(f"kernel {name} runs only on {', '.join(module.ARCHS)}, not {arch.arch}")
         if configs == "space":
             chosen = [c for c in module.CONFIG_SPACE if module.keep(c, arch)]
         elif configs == "default":
@@ -143,7 +155,10 @@ def _cache_key(job: dict[str, Any]) -> str:
     Configs that specialise a function identically (e.g. the decode reduce kernel, which ignores
     BLOCK_N) share one compile."""
     spec: CompileSpec = job["spec"]
-    source = Path(kernel_module(job["kernel"]).__file__).read_bytes()
+    module = kernel_module(job["kernel"])
+    # a kernel calling @triton.jit helpers of another kernel file names it in JIT_DEPENDS (fused_moe_wq)
+    files = [module.__file__] + [importlib.import_module(m).__file__ for m in getattr(module, "JIT_DEPENDS", ())]
+    source = b"".join(Path(f).read_bytes() for f in files)
     key = {"source": hashlib.sha256(source).hexdigest(), "triton": triton.__version__, "cc": job["cc"],
            "function": as_jit(spec.fn).__name__, "pointers": spec.pointers, "aligned": sorted(spec.aligned),
            "constexprs": {k: repr(v) for k, v in spec.constexprs.items()}, "scalars": spec.scalars,
@@ -190,6 +205,7 @@ def compile_report(arch_or_cc: str | int, kernels: list[str] | None = None, dtyp
                    workers: int = 1) -> list[dict[str, Any]]:
     """Cross-compile kernel configs for one arch; one record per (config, shape, Triton function).
 
+    kernels: default every kernel the arch supports (kernels_for_arch); naming one it does not is a TargetError.
     configs: "space" (each kernel's CONFIG_SPACE after its keep filter), "default" (DEFAULT_CONFIG) or
     an explicit list. Each record: {kernel, function, arch, dtype, shape, config (label), blocks, meta,
     num_warps, num_stages, registers, spill_bytes, local_bytes, shared_bytes, compile_seconds, cached,
@@ -198,7 +214,7 @@ def compile_report(arch_or_cc: str | int, kernels: list[str] | None = None, dtyp
     if dtype not in DTYPES:
         raise InputError(f"kernel compile dtype {dtype!r} unknown; choose from {', '.join(DTYPES)}")
     arch = arch_limits(arch_or_cc)
-    jobs = _jobs(arch, kernels or KERNELS, dtype, configs)
+    jobs = _jobs(arch, kernels or kernels_for_arch(arch.arch), dtype, configs)
     cache = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
     cache.mkdir(parents=True, exist_ok=True)
     keys = [_cache_key(job) for job in jobs]

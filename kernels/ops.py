@@ -10,11 +10,14 @@ import torch
 from qwen3export.kernels.active import config_for
 from qwen3export.kernels.attention_decode import attention_decode
 from qwen3export.kernels.attention_prefill import attention_prefill, attention_prefill_reference
+from qwen3export.kernels.fp8_matmul import fp8_matmul, fp8_matmul_reference
 from qwen3export.kernels.fused_moe import fused_moe, fused_moe_reference
+from qwen3export.kernels.fused_moe_wq import fused_moe_wq, fused_moe_wq_reference
 from qwen3export.kernels.launch import ops_run_triton
 from qwen3export.kernels.moe_routing import moe_routing, moe_routing_reference
 from qwen3export.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_reference
 from qwen3export.kernels.rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
+from qwen3export.kernels.wq_matmul import wq_matmul, wq_matmul_reference
 
 Tensor = torch.Tensor
 
@@ -112,3 +115,55 @@ def moe_op(x: Tensor, router_weight: Tensor, gate_up: Tensor, down: Tensor, top_
 @moe_op.register_fake
 def _(x, router_weight, gate_up, down, top_k, norm_topk_prob):
     return torch.empty_like(x)
+
+
+# ---------------------------------------------------------------- quantized weights (qwen3export/quant.py layout)
+@torch.library.custom_op("qwen3export::wq_linear", mutates_args=())
+def wq_linear_op(x: Tensor, qweight: Tensor, scales: Tensor, zero_points: Tensor | None, bits: int,
+                 group_size: int) -> Tensor:
+    """A weight-only int8 / int4 nn.Linear without bias (Qwen3 has none): x [..., K] -> [..., N] in x's dtype;
+    qweight uint8 [N, K * bits / 8], scales [N, K/g], zero_points uint8 [N, K/g] or None (2^(bits-1))."""
+    if ops_run_triton(x):
+        return wq_matmul(x, qweight, scales, zero_points, bits, group_size, config_for("wq_matmul", M=_rows(x)))
+    return wq_matmul_reference(x, qweight, scales, zero_points, bits, group_size)
+
+
+@wq_linear_op.register_fake
+def _(x, qweight, scales, zero_points, bits, group_size):
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+@torch.library.custom_op("qwen3export::wq_moe", mutates_args=())
+def wq_moe_op(x: Tensor, router_weight: Tensor, gate_up_qweight: Tensor, gate_up_scales: Tensor,
+              gate_up_zero_points: Tensor | None, down_qweight: Tensor, down_scales: Tensor,
+              down_zero_points: Tensor | None, bits: int, top_k: int, norm_topk_prob: bool) -> Tensor:
+    """qwen3export::moe with int8 / int4 experts (the router stays unquantized): x [..., H] -> [..., H]."""
+    tokens = x.reshape(-1, x.shape[-1])  # [T, H]
+    gate_up = (gate_up_qweight, gate_up_scales, gate_up_zero_points)
+    down = (down_qweight, down_scales, down_zero_points)
+    if ops_run_triton(x):
+        rows = tokens.shape[0]
+        weights, ids = moe_routing(tokens, router_weight, top_k, norm_topk_prob, config_for("moe_routing", M=rows))
+        return fused_moe_wq(tokens, gate_up, down, weights, ids, bits, config_for("fused_moe_wq", M=rows)).view(x.shape)
+    weights, ids = moe_routing_reference(tokens, router_weight, top_k, norm_topk_prob)
+    return fused_moe_wq_reference(tokens, gate_up, down, weights, ids, bits).view(x.shape)
+
+
+@wq_moe_op.register_fake
+def _(x, router_weight, gate_up_qweight, gate_up_scales, gate_up_zero_points, down_qweight, down_scales,
+      down_zero_points, bits, top_k, norm_topk_prob):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("qwen3export::fp8_linear", mutates_args=())
+def fp8_linear_op(x: Tensor, weight: Tensor, weight_scales: Tensor) -> Tensor:
+    """fp8 nn.Linear without bias: x [..., K] quantized per token at run time, weight float8_e4m3fn [N, K] with fp32
+    per-channel weight_scales [N, 1] -> [..., N] in x's dtype. CUDA needs sm_89+ (kernels/fp8_matmul.py)."""
+    if ops_run_triton(x):
+        return fp8_matmul(x, weight, weight_scales, config_for("fp8_matmul", M=_rows(x)))
+    return fp8_matmul_reference(x, weight, weight_scales)
+
+
+@fp8_linear_op.register_fake
+def _(x, weight, weight_scales):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])

@@ -110,7 +110,7 @@ class QuantizedWeight:
         return total + (self.zero_points.numel() if self.zero_points is not None else 0)
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """The artifact's tensors for parameter `name` ('….weight' -> '….qweight', '….scales', '….zero_points')."""
+        """The artifact's tensors for `name`: '….weight' -> '….qweight', '….scales', '….zero_points'."""
         base = name.removesuffix(".weight")
         out = {f"{base}.qweight": self.qweight, f"{base}.scales": self.scales}
         if self.zero_points is not None:

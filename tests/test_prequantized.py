@@ -203,7 +203,8 @@ def test_checkpoint_folder_loads_into_the_decoder(tmp_path, qc):
     load_into(module, spec, source, torch.float32)
     layer = module.model.layers[1]
     torch.testing.assert_close(layer.self_attn.q_proj.weight, references["model.layers.1.self_attn.q_proj.weight"])
-    torch.testing.assert_close(layer.mlp.experts.down_proj[5], references["model.layers.1.mlp.experts.5.down_proj.weight"])
+    torch.testing.assert_close(layer.mlp.experts.down_proj[5],
+                               references["model.layers.1.mlp.experts.5.down_proj.weight"])
     assert torch.equal(layer.mlp.gate.weight, RandomSource(spec).get("model.layers.1.mlp.gate.weight"))
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from qwen3export.kernels.compile import KERNELS, compile_report, parse_resource_usage, summary, valid_configs
+from qwen3export.errors import TargetError
+from qwen3export.kernels.compile import (KERNELS, compile_report, kernels_for_arch, parse_resource_usage, summary,
+                                         valid_configs)
 from qwen3export.kernels.config import ARCH_LIMITS, KernelConfig
 
 ARCHS = list(ARCH_LIMITS)
@@ -30,7 +32,7 @@ def test_parse_resource_usage():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_default_configs_compile_without_spills(arch, dtype, compile_cache):
     records = compile_report(arch, dtype=dtype, configs="default", cache_dir=compile_cache, workers=2)
-    assert {r["kernel"] for r in records} == set(KERNELS)
+    assert {r["kernel"] for r in records} == set(kernels_for_arch(arch))
     bad = [(r["kernel"], r["function"], r["shape"], r["reason"]) for r in records if not r["valid"]]
     assert not bad, f"default configs rejected on {arch}: {bad}"
     assert all(r["spill_bytes"] == 0 and r["registers"] <= 255 for r in records)
@@ -47,3 +49,10 @@ def test_oversized_config_is_rejected_and_cache_is_reused(compile_cache):
     again = compile_report("sm_86", ["attention_prefill"], configs=[huge], cache_dir=compile_cache)
     assert all(r["cached"] for r in again)
     assert [r["registers"] for r in again] == [r["registers"] for r in first]
+
+
+def test_fp8_kernel_is_for_sm89_and_sm90_only():
+    assert [a for a in ARCHS if "fp8_matmul" in kernels_for_arch(a)] == ["sm_89", "sm_90"]
+    assert set(kernels_for_arch("sm_90")) == set(KERNELS)
+    with pytest.raises(TargetError, match="fp8_matmul runs only on sm_89, sm_90, not sm_86"):
+        compile_report("sm_86", ["fp8_matmul"], configs="default")

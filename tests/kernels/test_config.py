@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from qwen3export.errors import ConfigError, TargetError
-from qwen3export.kernels.compile import KERNELS, kernel_module
+from qwen3export.kernels.compile import KERNELS, kernel_module, supports
 from qwen3export.kernels.config import ARCH_LIMITS, KernelConfig, arch_limits
 
 
@@ -48,4 +48,4 @@ def test_config_space_keeps_the_default_on_every_arch(name):
     assert all(c.kernel == name for c in module.CONFIG_SPACE)
     assert len(set(module.CONFIG_SPACE)) == len(module.CONFIG_SPACE)
     for limits in ARCH_LIMITS.values():
-        assert module.keep(module.DEFAULT_CONFIG, limits)
+        assert module.keep(module.DEFAULT_CONFIG, limits) == supports(name, limits)
