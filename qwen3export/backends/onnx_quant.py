@@ -110,3 +110,68 @@ def dequantize_matmul(x: str, y: str, qw: QuantizedWeight, name: str, act_dtype:
                               block_size=qw.group_size),
              helper.make_node("MatMul", [x, weight], [y], name=f"{name}.matmul")]
     return nodes, inits
+
+
+def _interleave_rows(t: torch.Tensor) -> torch.Tensor:
+    """[E, 2I, …] rows gate 0..I-1 then up 0..I-1 -> g0 u0 g1 u1 … (ONNX Runtime's swiglu_fusion=1 layout)."""
+    e, two_i = t.shape[:2]
+    return t.reshape(e, 2, two_i // 2, *t.shape[2:]).transpose(1, 2).reshape(t.shape).contiguous()
+
+
+def qmoe(x: str, router_logits: str, y: str, gate_up: QuantizedWeight, down: QuantizedWeight, top_k: int,
+         norm_topk_prob: bool, name: str, act_dtype: torch.dtype = torch.float32
+         ) -> tuple[list[NodeProto], list[TensorProto]]:
+    """One com.microsoft QMoE node for Qwen3's experts: x [T, H], router_logits [T, E] (QMoE applies the softmax
+    and top-k, renormalising when norm_topk_prob) -> y [T, H]. gate_up [E, 2I, H] and down [E, H, I] int4 / int8:
+    one block_size for both (per-channel int8 omits it: column-wise scales); fc1 rows
+    interleaved gate/up (swiglu_fusion=1, as CPU MoE requires: DESIGN §5), swiglu with alpha 1 and beta 0 =
+    silu(g) * u. Zero points, when asymmetric, packed along K like the weights."""
+    for what, qw in (("gate_up", gate_up), ("down", down)):
+        if qw.mode not in ("int4", "int8") or len(qw.shape) != 3:
+            raise InputError(f"QMoE: {what} must be stacked int4/int8 experts [E, N, K], got {qw.mode} "
+                             f"{list(qw.shape)}")
+    if gate_up.mode != down.mode:
+        raise InputError(f"QMoE: gate_up is {gate_up.mode} but down is {down.mode}; one expert_weight_bits")
+    # int8 per channel maps onto QMoE's column-wise scales; otherwise one block size for both weights: the
+    # largest power of two <= 256 dividing both group sizes, each group's scale / zero repeated over its blocks
+    per_channel = gate_up.n_groups == 1 and down.n_groups == 1 and gate_up.bits == 8
+    block = min(gate_up.group_size & -gate_up.group_size, down.group_size & -down.group_size, MATMUL_NBITS_MAX_BLOCK)
+    if not per_channel and block < 16:
+        raise InputError(f"QMoE needs blocks of >= 16 (a power of two); group sizes {gate_up.group_size} and "
+                         f"{down.group_size} have no common one")
+    attrs = dict(k=top_k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
+                 normalize_routing_weights=int(norm_topk_prob), expert_weight_bits=gate_up.bits, quant_type="int")
+    if not per_channel:
+        attrs["block_size"] = block
+    inits: list[TensorProto] = []
+
+    def add(suffix: str, qw: QuantizedWeight, interleave: bool) -> list[str]:
+        def order(t: torch.Tensor) -> torch.Tensor:
+            return _interleave_rows(t) if interleave else t.contiguous()
+
+        def blocks(t: torch.Tensor) -> torch.Tensor:  # [E, N, groups] -> [E, N, K / block]
+            return t if per_channel else t.repeat_interleave(qw.group_size // block, -1)
+
+        scales = blocks(order(qw.scales))
+        scales = scales[..., 0] if per_channel else scales  # [E, N] column-wise, else [E, N, K/block]
+        inits.append(_tensor(f"{name}.{suffix}_weights", order(qw.qweight).numpy(), TensorProto.UINT8))
+        inits.append(_float_tensor(f"{name}.{suffix}_scales", scales, act_dtype))
+        names = [inits[-2].name, inits[-1].name]
+        if qw.zero_points is None:
+            return names + [""]
+        zeros = blocks(order(qw.zero_points))
+        if qw.bits == 4:
+            if zeros.shape[-1] % 2:
+                zeros = torch.cat([zeros, torch.zeros(*zeros.shape[:-1], 1, dtype=torch.uint8)], -1)
+            zeros = zeros[..., 0::2] | (zeros[..., 1::2] << 4)
+        zeros = zeros[..., 0] if per_channel else zeros
+        inits.append(_tensor(f"{name}.{suffix}_zero_points", zeros.numpy(), TensorProto.UINT8))
+        return names + [inits[-1].name]
+
+    fc1_w, fc1_s, fc1_z = add("fc1", gate_up, True)
+    fc2_w, fc2_s, fc2_z = add("fc2", down, False)
+    inputs = [x, router_logits, fc1_w, fc1_s, "", fc2_w, fc2_s, "", "", "", "", fc1_z, fc2_z]
+    while inputs[-1] == "":
+        inputs.pop()
+    node = helper.make_node("QMoE", inputs, [y], name=name, domain="com.microsoft", **attrs)
+    return [node], inits
