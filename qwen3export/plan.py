@@ -4,6 +4,8 @@ Used by `qwen3export plan` before a build. Model of the layout (stated so it can
 - ranks = tp x ep. Tensor parallelism splits attention heads (q/k/v columns, o rows), dense-MLP and
   per-expert intermediate columns/rows, and the embedding / lm_head vocabulary, by tp. Expert
   parallelism places num_experts / ep whole experts on each rank. Norms and the router are replicated.
+  graphs/parallel.py builds exactly this layout (rank = ep_rank * tp + tp_rank; vocabulary rows
+  ceil(V/tp) per rank, zero-padded), and check_parallelism below is the one check both use.
 - Quantized weights (int8 / int4 / fp8) cover the linear layers of attention, MLP and experts; the
   embedding, norms and router stay in the activation dtype, the lm_head too unless quantize_lm_head.
   int8/fp8 carry one fp16 scale per output channel, int4 one fp16 scale per group of `group_size`.
@@ -44,25 +46,33 @@ class PlanOptions:
     max_seq: int | None = None  # default: the model's max positions
 
 
+def _divisors(*values: int) -> str:
+    common = [d for d in range(1, min(values) + 1) if all(v % d == 0 for v in values)]
+    return ", ".join(map(str, common))
+
+
 def check_parallelism(spec: ModelSpec, tp: int, ep: int) -> None:
-    """TP must divide the query and KV heads and the MLP widths; EP must divide the experts."""
+    """TP must divide the query and KV heads and the MLP widths; EP must divide the experts.
+
+    The one check shared by `plan`, the rank graphs (graphs/parallel.py) and the parallel build; each
+    message names the field and the valid degrees.
+    """
     if tp < 1 or ep < 1:
         raise InputError(f"--tp and --ep must be >= 1, got tp={tp} ep={ep}")
-    for name, value in (("num_attention_heads", spec.num_attention_heads),
-                        ("num_key_value_heads", spec.num_key_value_heads)):
-        if value % tp:
-            raise InputError(f"--tp {tp} does not divide {name} ({value}) of {spec.name}; choose a divisor of {value}")
-    widths = [("intermediate_size", spec.intermediate_size)] if any(
-        not spec.layer_is_moe(i) for i in range(spec.num_hidden_layers)) else []
+    fields = [("num_attention_heads", spec.num_attention_heads), ("num_key_value_heads", spec.num_key_value_heads)]
+    if any(not spec.layer_is_moe(i) for i in range(spec.num_hidden_layers)):
+        fields.append(("intermediate_size", spec.intermediate_size))
     if spec.is_moe:
-        widths.append(("moe_intermediate_size", spec.moe_intermediate_size))
-    for name, value in widths:
+        fields.append(("moe_intermediate_size", spec.moe_intermediate_size))
+    valid_tp = _divisors(*(v for _, v in fields))
+    for name, value in fields:
         if value % tp:
-            raise InputError(f"--tp {tp} does not divide {name} ({value}) of {spec.name}")
+            raise InputError(f"--tp {tp} does not divide {name} ({value}) of {spec.name}; valid --tp: {valid_tp}")
     if ep > 1 and not spec.is_moe:
-        raise InputError(f"--ep {ep} needs a mixture-of-experts model; {spec.name} is dense")
+        raise InputError(f"--ep {ep} needs a mixture-of-experts model; {spec.name} is dense (valid --ep: 1)")
     if spec.is_moe and spec.num_experts % ep:
-        raise InputError(f"--ep {ep} does not divide num_experts ({spec.num_experts}) of {spec.name}")
+        raise InputError(f"--ep {ep} does not divide num_experts ({spec.num_experts}) of {spec.name}; "
+                         f"valid --ep: {_divisors(spec.num_experts)}")
 
 
 def _linear_bytes(rows: int, cols: int, quant: str, act_bytes: int, group: int) -> float:
