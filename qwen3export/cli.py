@@ -52,14 +52,16 @@ def cmd_build(args: argparse.Namespace) -> int:
     opts = BuildOptions(model=args.model, target=args.target, backends=backends, dtype=args.dtype,
                         out=Path(args.out) if args.out else None, force=args.force, seed=args.seed,
                         dump_ir=Path(args.dump_ir) if args.dump_ir else None, overrides=overrides,
-                        max_batch=args.max_batch, max_seq=args.max_seq)
+                        max_batch=args.max_batch, max_seq=args.max_seq, lower=not args.no_lower,
+                        onnx_ops=args.onnx_ops)
     results = build(opts, progress=_eprint)
-    payload = {"artifacts": [{"path": str(r.path), "backend": r.manifest["backend"],
+    payload = {"artifacts": [{"path": str(r.path), "backend": r.manifest["backend"], "lowering": r.manifest["lowering"],
                               "parity": r.manifest["parity"]} for r in results]}
     lines = []
     for r in results:
         p = r.manifest["parity"]
-        lines.append(f"artifact: {r.path}\n  parity {'PASS' if p['passed'] else 'FAIL'} vs {p['reference']}: "
+        lines.append(f"artifact: {r.path}\n  {_lowering_line(r.manifest['lowering'])}\n"
+                     f"  parity {'PASS' if p['passed'] else 'FAIL'} vs {p['reference']}: "
                      f"logits max abs {p['logits_max_abs']:.2e}, top-1 {p['top1_agreement']:.3f}, greedy "
                      f"{p['greedy_tokens_matching']}/{p['new_tokens']} tokens match")
     pending = [r for r in results if r.manifest["engine"].get("tensorrt", {}).get("status") == "pending"]
@@ -74,6 +76,31 @@ def cmd_build(args: argparse.Namespace) -> int:
                 f"other step is done and verified (exit {EXIT_PENDING})")
         return EXIT_PENDING
     return 0
+
+
+def _lowering_line(record: dict[str, Any] | None) -> str:
+    """`lowering qk_norm_rope 2, attention 2, ... (onnx ops ort)` or `lowering off`."""
+    if not record:
+        return "lowering -"
+    flavour = f" (onnx ops {record['onnx_ops']})" if record.get("onnx_ops") else ""
+    if not record["enabled"]:
+        return f"lowering off{flavour}"
+    return "lowering " + ", ".join(f"{k} {v}" for k, v in record["passes"].items()) + flavour
+
+
+def onnx_op_counts(graph) -> Counter:
+    """domain::op_type counts over an ONNX graph and its subgraphs (If branches hold the attention ops);
+    standard ops by their bare name."""
+    import onnx
+
+    counts: Counter = Counter()
+    for n in graph.node:
+        counts[f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type] += 1
+        for a in n.attribute:
+            subgraphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+            for g in subgraphs:
+                counts.update(onnx_op_counts(g))
+    return counts
 
 
 def cmd_finish(args: argparse.Namespace) -> int:
@@ -179,21 +206,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for rel in m["files"]:
         if rel.endswith(".onnx"):
             model = onnx.load(str(artifact.file(rel)), load_external_data=False)
-            ops[rel] = dict(sorted(Counter(
-                (f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type)
-                for n in model.graph.node).items()))
+            ops[rel] = dict(sorted(onnx_op_counts(model.graph).items()))
     spec = m["model"]["spec"]
     payload = {"path": str(artifact.path), "schema": m["schema"], "created": m["created"], "model": m["model"],
                "target": m["target"]["name"], "backend": m["backend"], "dtype": m["dtype"],
-               "files": m["files"], "op_counts": ops, "parity": m.get("parity"), "versions": m["versions"]}
+               "lowering": m.get("lowering"), "files": m["files"], "op_counts": ops, "parity": m.get("parity"),
+               "versions": m["versions"]}
     lines = [f"artifact {artifact.path}  ({m['schema']}, built {m['created']})",
              f"  model    {spec['name']} ({spec['model_type']}, {m['model']['param_count']:,} params, "
              f"{spec['num_hidden_layers']} layers)",
              f"  target   {m['target']['name']}  backend {m['backend']}  dtype {m['dtype']}",
-             "  files:"]
+             f"  {_lowering_line(m.get('lowering'))}"]
+    lines += [f"    note: {note}" for note in (m.get("lowering") or {}).get("notes", [])]
+    lines.append("  files:")
     lines += [f"    {rel:28s} {e['size']:>14,d} B  sha256 {e['sha256'][:16]}…" for rel, e in m["files"].items()]
     for rel, counts in ops.items():
-        lines.append(f"  ops in {rel} ({sum(counts.values())} nodes):")
+        lines.append(f"  ops in {rel} ({sum(counts.values())} nodes, If branches included):")
         lines += [f"    {k:32s} {v}" for k, v in counts.items()]
     p = m.get("parity")
     if p:
@@ -287,6 +315,12 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-seq", type=int, help="TensorRT profile: max tokens per sequence (default min(positions, 8192))")
     b.add_argument("--rope-scaling", metavar="TYPE:FACTOR[:ORIG]",
                    help="RoPE scaling, e.g. yarn:4.0 (131,072 positions for Qwen3, original window 32768)")
+    b.add_argument("--no-lower", action="store_true",
+                   help="skip the lowering passes (attention, MoE, norms -> qwen3export:: ops); emit the captured graph")
+    b.add_argument("--onnx-ops", metavar="ort|standard",
+                   help="ONNX translation of the lowered ops: ort = ONNX Runtime com.microsoft contrib ops "
+                        "(GroupQueryAttention, MoE, ...), standard = plain ONNX ops (TensorRT); default ort for "
+                        "target cpu, standard for GPU targets and always for tensorrt")
 
     r = add("run", "generate tokens with an artifact's engine", cmd_run)
     r.add_argument("artifact")

@@ -1,4 +1,4 @@
-"""The build pipeline: one ordered list of stages, load -> capture -> emit -> verify -> seal.
+"""The build pipeline: one ordered list of stages, load -> capture -> lower -> emit -> verify -> seal.
 
 Each stage takes values and returns new ones; the CLI and CI call `build`. Progress goes to a
 callback (the CLI prints it to stderr so `--json` output stays clean).
@@ -43,6 +43,8 @@ class BuildOptions:
     overrides: dict[str, Any] = field(default_factory=dict)  # preset field overrides
     max_batch: int = 8  # TensorRT optimization-profile maximum
     max_seq: int | None = None  # TensorRT profile maximum (default: min(model positions, 8192))
+    lower: bool = True  # run the lowering passes (graphs/passes) before emitting
+    onnx_ops: str | None = None  # ONNX translation of the qwen3export:: ops: "ort" | "standard"; None: per target
 
 
 @dataclass
@@ -83,11 +85,32 @@ def _dump(folder: Path | None, name: str, text: str) -> None:
         (folder / name).write_text(text)
 
 
+def onnx_flavour(backend: str, target, requested: str | None) -> str | None:
+    """The flavour of ONNX the backend's engine is exported with (backends/onnx_ops.py); None: no ONNX.
+
+    TensorRT's ONNX parser takes standard ops only. ONNX Runtime on CPU runs the `com.microsoft` contrib
+    ops (GroupQueryAttention, MoE, ...) that the "ort" flavour maps to, so CPU defaults to it; GPU
+    targets default to "standard", the graph every provider (and TensorRT) can read.
+    """
+    if backend == "aoti":
+        return None
+    if backend == "tensorrt":
+        return "standard"
+    return requested or ("ort" if target.kind == "cpu" else "standard")
+
+
 def check_options(opts: BuildOptions):
-    """Validate target, backends and dtype before any weight is read."""
+    """Validate target, backends, dtype and ONNX op flavour before any weight is read."""
+    from .backends.onnx_ops import FLAVOURS
+
     target = get_target(opts.target)
     if not opts.backends:
         raise TargetError("no backend given; pass --backend onnx")
+    if opts.onnx_ops is not None and opts.onnx_ops not in FLAVOURS:
+        raise TargetError(f"unknown --onnx-ops {opts.onnx_ops!r}; choose one of {', '.join(FLAVOURS)}")
+    if opts.onnx_ops == "ort" and "tensorrt" in opts.backends:
+        raise TargetError("--onnx-ops ort cannot go with --backend tensorrt: TensorRT's ONNX parser takes standard "
+                          "ONNX ops only; use --onnx-ops standard (the default for tensorrt)")
     for b in opts.backends:
         if b not in BACKENDS:
             raise TargetError(f"unknown backend {b!r}; known backends: {', '.join(BACKENDS)}")
@@ -114,7 +137,8 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
     for out in outs.values():  # refuse before spending minutes on a build
         if out.exists() and not opts.force:
             raise InputError(f"output folder {out} already exists; pass --force to replace it or choose --out")
-    stages = _Stages(2 + 3 * len(opts.backends), progress)
+    lower = opts.lower and any(b != "aoti" for b in opts.backends)  # aoti compiles the unlowered program
+    stages = _Stages(2 + lower + 3 * len(opts.backends), progress)
 
     # 1. load: weights streamed tensor by tensor into the module (see weights.py)
     # engines are verified here in fp32; TensorRT lowers precision through its builder flags
@@ -123,20 +147,30 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
     ep = stages.run("capture", "torch.export (dynamic batch, sequence, cache length)", lambda: capture(module))
     _dump(opts.dump_ir, "01-capture.txt", str(ep.graph_module.code))
     sampling_ep = capture_sampling(sampling_graph_for(spec, ref))
+    # 3. lower: attention, MoE and norm subgraphs -> qwen3export:: ops; the captured program is kept as it was
+    lowered, lowering = ep, lowering_record(None)
+    if lower:
+        lowered, lowering = stages.run("lower", "attention, MoE and norms -> qwen3export:: ops",
+                                       lambda: lower_program(ep, progress))
+        _dump(opts.dump_ir, "02-lower.txt", str(lowered.graph_module.code))
 
     results = []
     for backend in opts.backends:
         out = outs[backend]
+        flavour = onnx_flavour(backend, target, opts.onnx_ops)
+        program, record = (ep, aoti_lowering(opts.lower)) if backend == "aoti" else (lowered, dict(lowering))
+        record["onnx_ops"] = flavour
         with art.staging(out, opts.force) as tmp:
             manifest = art.default_manifest(
                 model={"ref": ref.to_dict(), "spec": spec.to_dict(), "param_count": spec.param_count()},
-                target=target.to_dict(), backend=backend, dtype="fp32")
-            # 3. emit
+                target=target.to_dict(), backend=backend, dtype="fp32", lowering=record)
+            # 4. emit
             # the sampling graph (thinking control baked in) ships beside every decoder
             manifest["sampling"] = emit_sampling(spec, ref, tmp, sampling_ep)
-            manifest["engine"] = stages.run("emit", f"{backend} engine -> {out}",
-                                            lambda: emit_engine(backend, ep, sampling_ep, spec, tmp, opts, target))
-            # 4. verify: the engine against eager PyTorch on the same weights
+            what = f"{backend} engine{f' ({flavour} ONNX ops)' if flavour else ''} -> {out}"
+            manifest["engine"] = stages.run("emit", what, lambda: emit_engine(backend, program, sampling_ep, spec, tmp,
+                                                                               opts, target, flavour))
+            # 5. verify: the engine against eager PyTorch on the same weights
             report = stages.run("verify", "parity against eager PyTorch",
                                 lambda: verify_engine(art.Artifact(tmp, manifest), module))
             progress(summary_line(report))
@@ -144,10 +178,57 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
                 raise ParityError(f"engine failed the parity gate ({'; '.join(report['failures'])}); no artifact "
                                   "was written: report this with --debug output")
             manifest["parity"] = report
-            # 5. seal: checksums of every file into the manifest, then the atomic rename
+            # 6. seal: checksums of every file into the manifest, then the atomic rename
             stages.run("seal", "checksums + manifest", lambda: art.seal(tmp, manifest))
         results.append(BuildResult(out, manifest))
     return results
+
+
+def lowering_record(results) -> dict[str, Any]:
+    """The manifest's `lowering` entry: sites replaced per pass (0 for every pass when lowering is off)
+    and the passes' notes (sites left in plain ops, with why)."""
+    from qwen3export.graphs.passes import PATTERNS
+
+    if results is None:
+        return {"enabled": False, "passes": {name: 0 for name in PATTERNS}, "notes": []}
+    return {"enabled": True, "passes": {r.name: r.sites for r in results},
+            "notes": [note for r in results for note in r.notes]}
+
+
+# AOTInductor calls torch.library.custom_op ops back through Python: a lowered .pt2 loads only where
+# qwen3export is imported (torch: "Could not find schema for qwen3export::rms_norm. Custom operators
+# created via torch.library.custom_op cannot be run via AOTI without Python environment"), and on CPU the
+# ops would run their pure-torch references op by op where Inductor fuses the plain-op graph itself
+# (tiny, batch-1 decode over 64 cached tokens, 1 thread: 4.3 ms/step lowered vs 2.8 ms unlowered, measured)
+AOTI_UNLOWERED = ("aoti compiles the captured (unlowered) program: its Python-registered qwen3export:: ops "
+                  "would tie the .pt2 to a Python process with qwen3export imported, and Inductor fuses the "
+                  "plain-op graph itself")
+
+
+def aoti_lowering(requested: bool) -> dict[str, Any]:
+    """The aoti engine's `lowering` entry: it is compiled from the unlowered program (AOTI_UNLOWERED)."""
+    record = lowering_record(None)
+    record["notes"] = [AOTI_UNLOWERED] if requested else []
+    return record
+
+
+def lower_program(ep, progress: Progress = lambda s: None, passes=None):
+    """Run the lowering passes (default graphs/passes DEFAULT_PASSES); -> (lowered program, manifest record).
+    A site a pass cannot prove equal to its op stays in plain ATen ops (correct, unfused): its warning goes
+    to progress and into the record's notes."""
+    import warnings
+
+    from qwen3export.graphs.passes import DEFAULT_PASSES, UnloweredSiteWarning, run_passes
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UnloweredSiteWarning)
+        lowered, results = run_passes(ep, passes or DEFAULT_PASSES, progress=progress)
+    for w in caught:
+        if issubclass(w.category, UnloweredSiteWarning):
+            progress(f"warning: {w.message}")
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return lowered, lowering_record(results)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
@@ -191,13 +272,13 @@ def emit_sampling(spec: ModelSpec, ref: ModelRef, folder: Path, sampling_ep) -> 
 
 
 def emit_engine(backend: str, ep, sampling_ep, spec: ModelSpec, folder: Path, opts: BuildOptions | None = None,
-                target=None) -> dict[str, Any]:
+                target=None, flavour: str | None = None) -> dict[str, Any]:
     if backend == "onnx":
-        return onnx_backend.emit_decoder(ep, spec, folder)
+        return onnx_backend.emit_decoder(ep, spec, folder, flavour=flavour)
     if backend == "tensorrt":
         from .backends import tensorrt as trt_backend
 
-        entry = onnx_backend.emit_decoder(ep, spec, folder)
+        entry = onnx_backend.emit_decoder(ep, spec, folder, flavour=flavour)
         max_seq = opts.max_seq or min(spec.max_positions, 8192)
         trt_backend.write_settings(folder, trt_backend.settings(spec, target, opts.dtype, opts.max_batch, max_seq))
         missing = trt_backend.missing_requirements()

@@ -111,7 +111,7 @@ def test_build_from_transformers_moe_checkpoint(hf_moe_folder, tmp_path, capsys)
     assert code == 0, err
     report = json.loads(out)["artifacts"][0]["parity"]
     assert report["passed"] and report["greedy_tokens_matching"] == 32
-    assert "[3/5] emit" in err  # progress on stderr
+    assert "[4/6] emit" in err and "lower: moe: 2 site(s)" in err  # progress on stderr
     code, out, _ = cli(capsys, "run", out_dir, "--prompt-ids", "1,2,3,4", "--max-new-tokens", 16, "--greedy",
                        "--json")
     assert json.loads(out)["tokens"] == hf_generate(hf_moe_folder, [1, 2, 3, 4], 16)

@@ -30,8 +30,8 @@ def _perturb_q_norm(path, factor=1.01):
 def test_parity_gate_rejects_a_wrong_engine(monkeypatch, tmp_path, capsys):
     real_emit = onnx_backend.emit_decoder
 
-    def wrong_emit(ep, spec, folder):
-        info = real_emit(ep, spec, folder)
+    def wrong_emit(ep, spec, folder, **kw):
+        info = real_emit(ep, spec, folder, **kw)
         _perturb_q_norm(folder / info["file"])
         return info
 
@@ -46,7 +46,7 @@ def test_parity_gate_rejects_a_wrong_engine(monkeypatch, tmp_path, capsys):
 
 
 def test_interrupted_build_leaves_nothing(monkeypatch, tmp_path, capsys):
-    def interrupted_emit(ep, spec, folder):
+    def interrupted_emit(ep, spec, folder, **kw):
         (folder / "decoder.onnx").write_bytes(b"half")
         raise KeyboardInterrupt
 

@@ -48,16 +48,25 @@ def weight_bytes(ep: ExportedProgram) -> int:
     return sum(t.numel() * t.element_size() for t in ep.state_dict.values())
 
 
-def emit_decoder(ep: ExportedProgram, spec: ModelSpec, folder: Path) -> dict[str, Any]:
-    """Write `decoder.onnx` (+ `decoder.onnx.data` over 2 GB) into `folder`; return the engine entry."""
+def emit_decoder(ep: ExportedProgram, spec: ModelSpec, folder: Path, flavour: str | None = None) -> dict[str, Any]:
+    """Write `decoder.onnx` (+ `decoder.onnx.data` over 2 GB) into `folder`; return the engine entry.
+
+    `flavour` ("ort" | "standard", backends/onnx_ops.py) translates the qwen3export:: ops of a lowered
+    program; None exports an unlowered one (a custom op left in it fails the export)."""
     import onnx_ir as ir
 
+    from .onnx_ops import bake_weight_layouts, custom_translation_table
+
     inputs, outputs = io_names(spec)
+    table = custom_translation_table(flavour) if flavour is not None else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         program = torch.onnx.export(ep, (), dynamo=True, opset_version=OPSET, input_names=inputs,
-                                    output_names=outputs, optimize=True, verbose=False)
+                                    output_names=outputs, optimize=True, verbose=False,
+                                    custom_translation_table=table)
+    # ORT's MoE reads fc1 interleaved: store it so, rather than have every session fold it at load
+    baked = bake_weight_layouts(program.model) if flavour == "ort" else 0
     shapes = io_shapes(spec)
     for value in (*program.model.graph.inputs, *program.model.graph.outputs):
         value.shape = ir.Shape([ir.SymbolicDim(d) if isinstance(d, str) else d for d in shapes[value.name]])
@@ -68,6 +77,8 @@ def emit_decoder(ep: ExportedProgram, spec: ModelSpec, folder: Path) -> dict[str
         "file": DECODER_FILE,
         "external_data": external,
         "opset": OPSET,
+        "onnx_ops": flavour,
+        "baked_weights": baked,
         "inputs": inputs,
         "outputs": outputs,
         "shapes": shapes,
