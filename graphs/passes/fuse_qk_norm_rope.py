@@ -15,6 +15,8 @@ from .rewrite import Pattern, PassResult, Rewrite
 
 aten = torch.ops.aten
 VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+# projections: nn.Linear, or a quantized one (graphs/quantized.py QuantizedLinear); input h is args[0] of each
+PROJECTIONS = (aten.linear.default, torch.ops.qwen3export.wq_linear.default, torch.ops.qwen3export.fp8_linear.default)
 
 
 def _rope_tree(normed):
@@ -57,10 +59,11 @@ PATTERNS = (Pattern("norm_rope", _rope_tree(_NORMED), check_site),)
 
 
 def _projection_source(x: fx.Node) -> fx.Node | None:
-    """h for x = view(linear(h, W_proj)): q and k of one attention read the same normed hidden state."""
+    """h for x = view(linear(h, W_proj)) (or a quantized linear): q and k of one attention read the same normed
+    hidden state."""
     if x.op == "call_function" and x.target in VIEWS and isinstance(x.args[0], fx.Node):
         lin = x.args[0]
-        if lin.op == "call_function" and lin.target is aten.linear.default:
+        if lin.op == "call_function" and lin.target in PROJECTIONS:
             return lin.args[0]
     return None
 

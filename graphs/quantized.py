@@ -1,0 +1,171 @@
+"""The quantized decoder: Qwen3Decoder with its linear layers and MoE experts holding quantized weights
+(qwen3export/quant.py layout) and calling the qwen3export:: quantized ops (kernels/ops.py).
+
+Load stage, for `build --quant`: attention q/k/v/o, dense-MLP gate/up/down (and lm_head when asked) become
+`QuantizedLinear` (qwen3export::wq_linear for int4 / int8, qwen3export::fp8_linear for fp8); each MoE block
+becomes `QuantizedSparseMoeBlock` (qwen3export::wq_moe: fp router, routing inside the op, int4 / int8 experts).
+Embedding, norms and the router stay in the model dtype. Buffers are named after the weight they replace
+(`….q_proj.qweight`, `….scales`, `….zero_points`; `….experts.gate_up_proj.qweight` …), as
+QuantizedWeight.tensors names them. For int4 / int8 the eager result is the plain Qwen3Decoder running
+quant.dequantize's weights (QuantizedSource.get); fp8 also quantizes activations per token, so it is not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from qwen3export.errors import InputError
+from qwen3export.quant import QuantConfig, QuantizedSource, QuantizedWeight, cat_rows, stack
+from qwen3export.spec import ModelSpec
+from qwen3export.weights import WeightSource, check_names, module_assignments
+
+from .decoder import MLP, Attention, Qwen3Decoder, SparseMoeBlock
+
+LINEARS = {Attention: ("q_proj", "k_proj", "v_proj", "o_proj"), MLP: ("gate_proj", "up_proj", "down_proj")}
+
+
+class QuantizedTensor(nn.Module):
+    """One QuantizedWeight as buffers: qweight, scales and zero_points (None when symmetric).
+
+    int scales are stored in the model's dtype (the kernels read them as the activations' type and
+    MatMulNBits wants A's type); the cast must be exact, i.e. the quantizer rounded them to that dtype or a
+    narrower one (QuantConfig.scale_dtype fp16 -> fp32 is exact; fp16 -> bf16 is not, and is refused)."""
+
+    def __init__(self, qw: QuantizedWeight, dtype: torch.dtype, name: str = "weight"):
+        super().__init__()
+        self.mode, self.bits, self.group_size = qw.mode, qw.bits, qw.group_size
+        scales = qw.scales
+        if qw.mode != "fp8":  # fp8 scales stay fp32 (fp8_linear's contract)
+            scales = qw.scales.to(dtype)
+            if not torch.equal(scales.to(qw.scales.dtype), qw.scales):
+                raise InputError(f"{name}: {qw.scales.dtype} scales do not convert exactly to the model's {dtype}; "
+                                 f"quantize with QuantConfig(scale_dtype={dtype})")
+        self.register_buffer("qweight", qw.qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zero_points", qw.zero_points)
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.mode, self.qweight, self.scales, self.zero_points, self.group_size)
+
+    def extra_repr(self) -> str:
+        shape = list(self.quantized_weight().shape)
+        group = f", group_size={self.group_size}" if self.mode == "int4" else ""
+        return f"{self.mode}, shape={shape}{group}, zero_points={self.zero_points is not None}"
+
+
+class QuantizedLinear(QuantizedTensor):
+    """nn.Linear without bias (Qwen3 has none) over a quantized weight [N, K]: x [..., K] -> [..., N]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "fp8":
+            return torch.ops.qwen3export.fp8_linear(x, self.qweight, self.scales)
+        return torch.ops.qwen3export.wq_linear(x, self.qweight, self.scales, self.zero_points, self.bits,
+                                               self.group_size)
+
+
+class QuantizedExperts(nn.Module):
+    def __init__(self, gate_up: QuantizedWeight, down: QuantizedWeight, dtype: torch.dtype, name: str):
+        super().__init__()
+        self.gate_up_proj = QuantizedTensor(gate_up, dtype, f"{name}.gate_up_proj")  # [E, 2I, H]: gate rows, up rows
+        self.down_proj = QuantizedTensor(down, dtype, f"{name}.down_proj")  # [E, H, I]
+
+
+class QuantizedSparseMoeBlock(nn.Module):
+    """SparseMoeBlock with int4 / int8 experts: one qwen3export::wq_moe (router softmax in fp32, top-k, ties to
+    the lowest expert id, renormalised when norm_topk_prob; then the routed experts only)."""
+
+    def __init__(self, block: SparseMoeBlock, experts: QuantizedExperts):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = block.top_k, block.norm_topk_prob
+        self.gate = block.gate
+        self.experts = experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gu, dn = self.experts.gate_up_proj, self.experts.down_proj
+        return torch.ops.qwen3export.wq_moe(x, self.gate.weight, gu.qweight, gu.scales, gu.zero_points, dn.qweight,
+                                            dn.scales, dn.zero_points, gu.bits, self.top_k, self.norm_topk_prob)
+
+
+def _expert_weights(source: QuantizedSource, prefix: str, n_experts: int) -> tuple[QuantizedWeight, QuantizedWeight]:
+    """A layer's stacked experts, quantized one expert at a time: gate_up [E, 2I, H] (gate rows then up rows,
+    graphs/decoder.py Experts) and down [E, H, I]."""
+    gate_up = stack([cat_rows([source.quantized(f"{prefix}{e}.gate_proj.weight"),
+                               source.quantized(f"{prefix}{e}.up_proj.weight")]) for e in range(n_experts)])
+    down = stack([source.quantized(f"{prefix}{e}.down_proj.weight") for e in range(n_experts)])
+    return gate_up, down
+
+
+def quantize_decoder(module: Qwen3Decoder, source: QuantizedSource, dtype: torch.dtype | None = None) -> dict:
+    """Swap `module`'s quantized linears and MoE experts (in place) for modules holding `source`'s quantized
+    tensors, built tensor by tensor from the source. `module` may live on the meta device (build_quantized);
+    the replaced submodules' fp weights are dropped. Returns what was replaced: {"linears", "moe_blocks",
+    "quantized_bytes"}."""
+    import qwen3export.kernels.ops  # noqa: F401  (registers the qwen3export:: ops the new modules call)
+
+    spec, mode = module.spec, source.config.mode
+    dtype = dtype or module.dtype
+    if mode == "fp8" and spec.moe_layers:
+        raise InputError(f"--quant fp8 covers dense layers only and {spec.name} has MoE layers (the quantized MoE op "
+                         "qwen3export::wq_moe takes int4 / int8 experts); use --quant int8 or int4")
+    linears, blocks, nbytes = 0, 0, 0
+    for li, layer in enumerate(module.model.layers):
+        prefix = f"model.layers.{li}."
+        for parent, attr in ((layer.self_attn, "self_attn"), (layer.mlp, "mlp")):
+            for proj in LINEARS.get(type(parent), ()):
+                name = f"{prefix}{attr}.{proj}.weight"
+                qlinear = QuantizedLinear(source.quantized(name), dtype, name)
+                setattr(parent, proj, qlinear)
+                linears, nbytes = linears + 1, nbytes + qlinear.quantized_weight().nbytes()
+        if isinstance(layer.mlp, SparseMoeBlock):
+            name = f"{prefix}mlp.experts"
+            experts = QuantizedExperts(*_expert_weights(source, f"{name}.", spec.num_experts), dtype, name)
+            layer.mlp = QuantizedSparseMoeBlock(layer.mlp, experts)
+            blocks += 1
+            nbytes += sum(t.quantized_weight().nbytes() for t in (experts.gate_up_proj, experts.down_proj))
+    if source.is_quantized("lm_head.weight"):
+        module.lm_head = QuantizedLinear(source.quantized("lm_head.weight"), dtype, "lm_head.weight")
+        linears, nbytes = linears + 1, nbytes + module.lm_head.quantized_weight().nbytes()
+    return {"mode": mode, "group_size": source.config.group_size if mode == "int4" else None, "linears": linears,
+            "moe_blocks": blocks, "quantized_bytes": nbytes}
+
+
+@torch.no_grad()
+def build_quantized(spec: ModelSpec, source: WeightSource, config: QuantConfig,
+                    dtype: torch.dtype = torch.float32) -> Qwen3Decoder:
+    """The quantized decoder in `dtype`, never holding the fp model: the decoder is laid out on the meta device,
+    its linears and experts swapped for quantized modules (one source tensor at a time), then the parameters
+    left (embedding, norms, routers, an unquantized lm_head) are loaded from the source.
+
+    int scales are rounded to `config.scale_dtype` when that converts exactly to `dtype` (any of them to fp32),
+    else to `dtype`. Pass a QuantizedSource to share its quantization with a reference (quant_parity.py)."""
+    if config.mode != "fp8" and dtype not in (torch.float32, config.scale_dtype):
+        config = replace(config, scale_dtype=dtype)  # e.g. fp16 scales would not convert exactly to bf16
+    qsource = source if isinstance(source, QuantizedSource) else QuantizedSource(source, spec, config)
+    check_names(spec, qsource)
+    with torch.device("meta"):
+        module = Qwen3Decoder(spec)
+    module.quantization = quantize_decoder(module, qsource, dtype)
+    params = dict(module.named_parameters(remove_duplicate=False))
+    for pname, rows, stacked in module_assignments(spec):
+        if pname not in params or stacked or qsource.is_quantized(rows[0][0]):
+            continue  # replaced by a quantized module (or a tied lm_head: re-tied below)
+        owner, _, leaf = pname.rpartition(".")
+        value = nn.Parameter(qsource.get(rows[0][0]).to(dtype), requires_grad=False)
+        setattr(module.get_submodule(owner), leaf, value)
+    module.inv_freq = torch.empty(spec.head_dim // 2)
+    module.reset_derived()  # RoPE frequencies; re-ties lm_head to the embedding
+    left = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
+    if left:
+        raise InputError(f"quantized decoder: {left[0]} was never loaded (graphs/quantized.py and "
+                         "weights.module_assignments disagree)")
+    return module.eval()
+
+
+def quantized_tensors(module: nn.Module) -> dict[str, QuantizedWeight]:
+    """Every quantized weight of a quantized decoder, by its module name (for artifacts and reports)."""
+    return {name: m.quantized_weight() for name, m in module.named_modules() if isinstance(m, QuantizedTensor)}
+
+
