@@ -7,12 +7,14 @@ innermost, so a TP group is contiguous ranks, e.g. one NVLink island).
   holds only the rank's KV heads), o_proj row-parallel, then an all-reduce over the TP group.
 - Dense MLP: gate/up column-parallel, down row-parallel, all-reduce over the TP group.
 - MoE: the router is replicated; EP places num_experts/ep whole experts on a rank and TP splits each
-  expert's intermediate columns/rows. Every rank runs its experts on every token and the partial outputs
-  are summed by one all-reduce over all tp x ep ranks. Why not all-to-all dispatch: decode moves T ~ batch
-  tokens, so the all-reduce payload is T x H per rank, while dispatch + combine moves ~2 x top_k x T x H
-  (top_k = 8 for the released MoE checkpoints); and dispatch needs data-dependent per-expert token counts,
-  the `nonzero()` that breaks torch.export of HF's MoE (DESIGN.md section 6). It costs redundant expert
-  FLOPs in long prefills, where an all-to-all engine would win; that is a later, optional path.
+  expert's intermediate columns/rows. Each rank applies its experts to every token routed to them (the
+  reference's dense form: zero weight for unrouted tokens) and one all-reduce over all tp x ep ranks sums
+  the partial outputs. Why all-reduce and not all-to-all: attention here is tensor-parallel, not
+  data-parallel, so every rank already holds every token and there is nothing to dispatch; the combine is
+  one [T, H] sum (2 (N-1)/N T H elements sent per rank on a ring), whereas an all-to-all dispatch + combine
+  needs data-dependent per-expert token counts, the `nonzero()` that breaks torch.export of HF's MoE
+  (DESIGN.md section 6). All-to-all pays off with data-parallel attention and long prefills (tokens
+  sharded over ranks, top_k = 8 of 128 experts); that is a later, optional path.
 - Embedding and lm_head: vocab-parallel by tp (ceil(V/tp) rows per rank, the last rank zero-padded).
   The embedding masks ids outside the rank's rows and all-reduces; the lm_head's logits are all-gathered
   so every rank holds the full [B, S, V] logits and can pick the next token itself. Norms replicated.
@@ -126,7 +128,7 @@ def init_parallel_groups(layout: RankLayout) -> None:
     if world != layout.world:
         raise InputError(f"the process group has {world} ranks but tp {layout.tp} x ep {layout.ep} needs "
                          f"{layout.world}; launch {layout.world} processes")
-    mine = dist.group.WORLD
+    mine = dist.group.WORLD  # TP group when tp == world; unused when tp == 1
     if 1 < layout.tp < world:
         for e in range(layout.ep):  # new_group must be called by every rank, for every group, in order
             group = dist.new_group(list(range(e * layout.tp, (e + 1) * layout.tp)))
@@ -382,6 +384,16 @@ def build_rank_module(spec: ModelSpec, layout: RankLayout, tensors: Mapping[str,
 
 
 # ---------------------------------------------------------------------- capture
+def meta_rank_decoder(spec: ModelSpec, layout: RankLayout, dtype: torch.dtype) -> RankDecoder:
+    """A rank's decoder with every parameter and buffer on the meta device (nothing allocated); the RoPE
+    frequencies stay fp32 as in the eager module (reset_derived), so the traced graph casts as eager does."""
+    with torch.device("meta"):
+        module = RankDecoder(spec, layout)
+    module = module.to(dtype)
+    module.reset_derived()
+    return module.eval()
+
+
 def capture_rank(module: RankDecoder, *, strict: bool = False) -> torch.export.ExportedProgram:
     """torch.export one rank, dynamic batch / sequence / cache length as qwen3export.capture does.
 
@@ -391,10 +403,11 @@ def capture_rank(module: RankDecoder, *, strict: bool = False) -> torch.export.E
     from qwen3export.capture import _widen_derived_ranges, dynamic_shapes
 
     spec, batch, seq, past = module.spec, 2, 3, 2
-    input_ids = torch.randint(0, spec.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
-    position_ids = torch.arange(past, past + seq).expand(batch, seq).contiguous()
-    attention_mask = torch.ones(batch, past + seq, dtype=torch.int64)
-    kv = torch.zeros(batch, module.kv_heads, past, spec.head_dim, dtype=module.dtype)
+    device = module.model.embed_tokens.weight.device  # "meta": a weight-free capture (meta_rank_decoder)
+    input_ids = torch.randint(0, spec.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+    position_ids = torch.arange(past, past + seq).expand(batch, seq).contiguous().to(device)
+    attention_mask = torch.ones(batch, past + seq, dtype=torch.int64, device=device)
+    kv = torch.zeros(batch, module.kv_heads, past, spec.head_dim, dtype=module.dtype, device=device)
     cache = tuple((kv.clone(), kv.clone()) for _ in range(spec.num_hidden_layers))
     with torch.no_grad():
         ep = torch.export.export(module.eval(), (input_ids, position_ids, attention_mask, cache),
