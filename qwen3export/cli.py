@@ -55,15 +55,20 @@ def cmd_build(args: argparse.Namespace) -> int:
                         max_batch=args.max_batch, max_seq=args.max_seq, lower=not args.no_lower,
                         onnx_ops=args.onnx_ops)
     results = build(opts, progress=_eprint)
-    payload = {"artifacts": [{"path": str(r.path), "backend": r.manifest["backend"], "lowering": r.manifest["lowering"],
+    from .describe import engine_status
+    from .parity import summary_line
+
+    payload = {"artifacts": [{"path": str(r.path), "backend": r.manifest["backend"], "status": engine_status(r.manifest),
+                              "lowering": r.manifest["lowering"], "kernels": r.manifest.get("kernels"),
                               "parity": r.manifest["parity"]} for r in results]}
     lines = []
     for r in results:
-        p = r.manifest["parity"]
-        lines.append(f"artifact: {r.path}\n  {_lowering_line(r.manifest['lowering'])}\n"
-                     f"  parity {'PASS' if p['passed'] else 'FAIL'} vs {p['reference']}: "
-                     f"logits max abs {p['logits_max_abs']:.2e}, top-1 {p['top1_agreement']:.3f}, greedy "
-                     f"{p['greedy_tokens_matching']}/{p['new_tokens']} tokens match")
+        lines.append(f"artifact: {r.path} ({r.manifest['backend']}, {engine_status(r.manifest)})\n"
+                     f"  {_lowering_line(r.manifest['lowering'])}\n  {summary_line(r.manifest['parity'])}")
+        if r.manifest.get("kernels"):
+            k = r.manifest["kernels"]
+            lines.append(f"  kernel configs for {k['arch']} {k['dtype']}: {', '.join(k['sources'])} "
+                         "(see `qwen3export inspect`)")
     pending = [r for r in results if r.manifest["engine"].get("tensorrt", {}).get("status") == "pending"]
     for r in pending:
         lines.append(f"tensorrt plan pending for {r.path}: missing {'; '.join(r.manifest['engine']['tensorrt']['missing'])}"
@@ -184,11 +189,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from .artifact import load_artifact
     from .parity import summary_line
-    from .pipeline import eager_for, verify_engine
+    from .pipeline import verify_artifact
 
     artifact = load_artifact(args.artifact)
-    eager = eager_for(artifact, args.model)
-    report = verify_engine(artifact, eager, args.threads)
+    report = verify_artifact(artifact, args.model, args.threads, _eprint)
     artifact.manifest["parity"] = report
     artifact.save_manifest()
     _emit(args, report, summary_line(report))
@@ -199,6 +203,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import onnx
 
     from .artifact import load_artifact
+    from .describe import engine_lines, engine_record
+    from .parity import summary_line
 
     artifact = load_artifact(args.artifact)
     m = artifact.manifest
@@ -211,7 +217,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     payload = {"path": str(artifact.path), "schema": m["schema"], "created": m["created"], "model": m["model"],
                "target": m["target"]["name"], "backend": m["backend"], "dtype": m["dtype"],
                "lowering": m.get("lowering"), "files": m["files"], "op_counts": ops, "parity": m.get("parity"),
-               "versions": m["versions"]}
+               "engine_summary": engine_record(m), "versions": m["versions"]}
     lines = [f"artifact {artifact.path}  ({m['schema']}, built {m['created']})",
              f"  model    {spec['name']} ({spec['model_type']}, {m['model']['param_count']:,} params, "
              f"{spec['num_hidden_layers']} layers)",
@@ -223,10 +229,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for rel, counts in ops.items():
         lines.append(f"  ops in {rel} ({sum(counts.values())} nodes, If branches included):")
         lines += [f"    {k:32s} {v}" for k, v in counts.items()]
+    lines += engine_lines(m)
     p = m.get("parity")
     if p:
-        lines.append(f"  parity   {'PASS' if p['passed'] else 'FAIL'}: logits max abs {p['logits_max_abs']:.2e}, "
-                     f"greedy {p['greedy_tokens_matching']}/{p['new_tokens']}")
+        lines.append(f"  {summary_line(p)}")
     _emit(args, payload, "\n".join(lines))
     return 0
 
@@ -305,7 +311,9 @@ def make_parser() -> argparse.ArgumentParser:
     b = add("build", "build, verify and write an engine artifact", cmd_build)
     b.add_argument("--model", default="tiny-moe", help="Hugging Face Qwen3 folder or preset name (default tiny-moe)")
     b.add_argument("--target", default="cpu", help="target name (see `qwen3export targets`; default cpu)")
-    b.add_argument("--backend", default="onnx", help=f"comma-separated backends ({', '.join(BACKENDS)})")
+    b.add_argument("--backend", default="onnx",
+                   help=f"comma-separated backends ({', '.join(BACKENDS)}; kernels = the Triton kernel pack "
+                        "cross-compiled for a GPU target's arch)")
     b.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16 (default fp32)")
     b.add_argument("--out", help="artifact folder (default dist/<model>-<target>-<backend>)")
     b.add_argument("--force", action="store_true", help="replace an existing output folder")
@@ -351,6 +359,10 @@ def make_parser() -> argparse.ArgumentParser:
     i.add_argument("artifact")
 
     add("targets", "list the known targets", cmd_targets)
+
+    from qwen3export.autotune.cli import add_tune_parser
+
+    add_tune_parser(add)
 
     fi = add("finish", "build an artifact's pending TensorRT plan (on the target machine)", cmd_finish)
     fi.add_argument("artifact")

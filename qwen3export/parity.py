@@ -83,6 +83,13 @@ def check_parity(engine: Step, engine_cache: tuple, eager: Step, eager_cache: tu
 
 def summary_line(report: dict[str, Any]) -> str:
     state = "PASS" if report["passed"] else "FAIL"
+    if "functions" in report:  # a kernel pack (backends/kernel_pack.py verify_kernel_pack)
+        inner = report.get("interpreter") or {}
+        ran = (f"interpreter vs eager: logits max abs {inner['logits_max_abs']:.2e}, greedy "
+               f"{inner['greedy_tokens_matching']}/{inner['new_tokens']}" if inner.get("passed") is not None
+               else f"interpreter check not run ({inner.get('not_run')})")
+        return (f"parity {state}: kernel pack, {report['functions']} functions (cubin resources re-read, loader "
+                f"rebuilt); {ran}; GPU launch not run here")
     return (f"parity {state}: logits max abs {report['logits_max_abs']:.2e} (rel {report['logits_max_rel']:.2e}), "
             f"top-1 {report['top1_agreement']:.3f}, greedy {report['greedy_tokens_matching']}/{report['new_tokens']} "
             f"tokens match")

@@ -26,7 +26,7 @@ from .runner import available_providers, open_engine
 from .spec import ModelSpec
 from .weights import parse_dtype
 
-BACKENDS = ("onnx", "aoti", "tensorrt")
+BACKENDS = ("onnx", "aoti", "tensorrt", "kernels")
 Progress = Callable[[str], None]
 
 
@@ -119,8 +119,8 @@ def check_options(opts: BuildOptions):
             from .backends.aoti import check_can_build
 
             check_can_build(target)
-        if b == "tensorrt" and target.kind != "gpu":
-            raise TargetError(f"--backend tensorrt needs an NVIDIA GPU target, not {target.name}")
+        if b in ("tensorrt", "kernels") and target.kind != "gpu":
+            raise TargetError(f"--backend {b} needs an NVIDIA GPU target, not {target.name}")
     parse_dtype(opts.dtype)
     target.check_dtype(opts.dtype)
     if opts.dtype != "fp32" and set(opts.backends) & {"onnx", "aoti"}:
@@ -137,7 +137,8 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
     for out in outs.values():  # refuse before spending minutes on a build
         if out.exists() and not opts.force:
             raise InputError(f"output folder {out} already exists; pass --force to replace it or choose --out")
-    lower = opts.lower and any(b != "aoti" for b in opts.backends)  # aoti compiles the unlowered program
+    # aoti compiles the unlowered program; the kernel pack needs no graph
+    lower = opts.lower and any(b not in ("aoti", "kernels") for b in opts.backends)
     stages = _Stages(2 + lower + 3 * len(opts.backends), progress)
 
     # 1. load: weights streamed tensor by tensor into the module (see weights.py)
@@ -154,6 +155,9 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
                                        lambda: lower_program(ep, progress))
         _dump(opts.dump_ir, "02-lower.txt", str(lowered.graph_module.code))
 
+    # GPU targets: the tuned kernel configs (measured / modelled / default) for the dtype the GPU runs
+    kernels = kernel_configs(spec, target, opts.dtype)
+
     results = []
     for backend in opts.backends:
         out = outs[backend]
@@ -164,6 +168,8 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
             manifest = art.default_manifest(
                 model={"ref": ref.to_dict(), "spec": spec.to_dict(), "param_count": spec.param_count()},
                 target=target.to_dict(), backend=backend, dtype="fp32", lowering=record)
+            if kernels is not None:
+                manifest["kernels"] = kernels
             # 4. emit
             # the sampling graph (thinking control baked in) ships beside every decoder
             manifest["sampling"] = emit_sampling(spec, ref, tmp, sampling_ep)
@@ -171,8 +177,12 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
             manifest["engine"] = stages.run("emit", what, lambda: emit_engine(backend, program, sampling_ep, spec, tmp,
                                                                                opts, target, flavour))
             # 5. verify: the engine against eager PyTorch on the same weights
-            report = stages.run("verify", "parity against eager PyTorch",
-                                lambda: verify_engine(art.Artifact(tmp, manifest), module))
+            if backend == "kernels":
+                report = stages.run("verify", "kernel pack: cubins, loader, interpreter parity",
+                                    lambda: verify_pack(tmp, manifest, progress))
+            else:
+                report = stages.run("verify", "parity against eager PyTorch",
+                                    lambda: verify_engine(art.Artifact(tmp, manifest), module))
             progress(summary_line(report))
             if not report["passed"]:
                 raise ParityError(f"engine failed the parity gate ({'; '.join(report['failures'])}); no artifact "
@@ -182,6 +192,47 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
             stages.run("seal", "checksums + manifest", lambda: art.seal(tmp, manifest))
         results.append(BuildResult(out, manifest))
     return results
+
+
+def kernel_configs(spec: ModelSpec, target, dtype: str) -> dict[str, Any] | None:
+    """The manifest's `kernels` entry for a GPU target: per kernel the model runs, the config chosen for each
+    shape bucket and how (measured / modelled, from the target's tuned table; default where no table has the
+    model's shapes, with the `tune` command that would make one). None for CPU targets (no Triton kernels)."""
+    if target.kind != "gpu":
+        return None
+    from qwen3export.autotune.tables import select_configs
+
+    from .backends.kernel_pack import pack_dtype
+
+    kdtype = pack_dtype(target, dtype)
+    selected = select_configs(target, spec, kdtype, missing="default")
+    return {"dtype": kdtype, "arch": target.arch, "sources": sorted({s for e in selected for s in e["sources"]}),
+            "kernels": [{k: e[k] for k in ("kernel", "table", "shipped", "sources", "configs", "tune") if k in e}
+                        for e in selected]}
+
+
+def verify_pack(folder: Path, manifest: dict[str, Any], progress: Progress = lambda s: None,
+                threads: int | None = None) -> dict[str, Any]:
+    """A kernel-pack artifact: the pack's own checks (kernel_pack.verify_kernel_pack) and its sampling graph."""
+    from .backends.kernel_pack import verify_kernel_pack
+
+    report = verify_kernel_pack(folder, manifest, progress)
+    report["sampling"] = check_sampling_parity(*sampling_pair(art.Artifact(folder, manifest), threads))
+    if not report["sampling"]["identical"]:
+        report["passed"] = False
+        report["failures"].append(f"sampling graph differs from torch in {report['sampling']['mismatches']} "
+                                  "tokens/state rows")
+    return report
+
+
+def verify_artifact(artifact: art.Artifact, model_override: str | None = None, threads: int | None = None,
+                    progress: Progress = lambda s: None) -> dict[str, Any]:
+    """`qwen3export verify`: re-run the parity checks an artifact's backend has."""
+    if artifact.backend == "kernels":
+        if model_override is not None:
+            eager_for(artifact, model_override)  # the same spec check; the interpreter rebuilds from the record
+        return verify_pack(Path(artifact.path), artifact.manifest, progress, threads)
+    return verify_engine(artifact, eager_for(artifact, model_override), threads)
 
 
 def lowering_record(results) -> dict[str, Any]:
@@ -290,6 +341,11 @@ def emit_engine(backend: str, ep, sampling_ep, spec: ModelSpec, folder: Path, op
         from .backends import aoti
 
         return aoti.emit(ep, sampling_ep, folder)
+    if backend == "kernels":
+        from .backends.kernel_pack import emit_kernel_pack
+
+        (folder / "kernels").mkdir(exist_ok=True)
+        return emit_kernel_pack(spec, target, opts.dtype if opts else "fp32", folder)
     raise TargetError(f"unknown backend {backend!r}")
 
 

@@ -6,6 +6,7 @@ PyTorch and engines alike.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,26 @@ def available_providers(wanted: list[str] | tuple[str, ...]) -> list[str]:
     import onnxruntime as ort
 
     have = set(ort.get_available_providers())
+    if not _nvidia_driver():  # onnxruntime-gpu lists its CUDA/TensorRT providers whether or not a GPU exists
+        have -= set(GPU_PROVIDERS)
     chosen = [p for p in wanted if p in have and p != "CPUExecutionProvider"]
     return chosen + ["CPUExecutionProvider"]
+
+
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+@functools.lru_cache(maxsize=1)
+def _nvidia_driver() -> bool:
+    """Whether the NVIDIA driver library loads here (without it no CUDA provider can create a session, and
+    trying prints pages of errors before ONNX Runtime falls back to the CPU)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
 
 
 class OnnxEngine:

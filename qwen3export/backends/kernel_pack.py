@@ -41,6 +41,7 @@ PACK_INDEX = "kernels/pack.json"
 PACK_SUFFIXES = (".json", ".cubin", ".ptx", ".source")
 INTERPRET_MAX_PARAMS = 200_000_000  # the interpreter runs numpy per tile: larger models take too long to check
 WORKER_TIMEOUT_S = 1800
+INTERPRET_NEW_TOKENS = 8  # prefill + 8 greedy decode steps: every kernel (prefill and decode paths) runs
 
 
 def pack_dtype(target, dtype: str) -> str:
@@ -354,7 +355,7 @@ def _interpret_main(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     pack = load_kernel_pack(folder)
     with torch.no_grad(), kernel_configs(pack.selection()):
         report = check_parity(kernels, kernels.empty_cache(2), eager, eager.empty_cache(2), eager.spec.vocab_size,
-                              "fp32")
+                              "fp32", new_tokens=INTERPRET_NEW_TOKENS)
     report["reference"] = ("eager PyTorch vs the same model through the qwen3export:: ops, Triton kernels run by "
                            "the interpreter (fp32) with the pack's configs")
     return report

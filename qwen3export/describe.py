@@ -1,0 +1,54 @@
+"""What `qwen3export inspect` says about an artifact's engine, per backend: built or pending, its files with
+checksums, and for GPU targets the kernel configs with how each was chosen (measured / modelled / default)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def engine_status(manifest: dict[str, Any]) -> str:
+    """"built" or "pending" (a TensorRT plan that needs TensorRT and the GPU to finish)."""
+    engine = manifest.get("engine", {})
+    if manifest["backend"] == "tensorrt":
+        return engine.get("tensorrt", {}).get("status", "built")
+    return engine.get("status", "built")
+
+
+def engine_record(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The machine-readable per-backend summary (`inspect --json` "engine_summary")."""
+    engine = manifest.get("engine", {})
+    out: dict[str, Any] = {"backend": manifest["backend"], "status": engine_status(manifest),
+                           "files": {rel: {"size": e["size"], "sha256": e["sha256"]}
+                                     for rel, e in manifest.get("files", {}).items()}}
+    if out["status"] == "pending":
+        trt = engine.get("tensorrt", {})
+        out["missing"], out["finish"] = trt.get("missing", []), trt.get("finish")
+    kernels = (manifest.get("kernels") or {}).get("kernels") or engine.get("kernels")
+    if kernels:
+        out["kernel_configs"] = [{"kernel": k["kernel"], "table": k.get("table"), "sources": k["sources"],
+                                  "configs": k["configs"]} for k in kernels]
+    return out
+
+
+def engine_lines(manifest: dict[str, Any]) -> list[str]:
+    """Human-readable lines for the same summary."""
+    rec = engine_record(manifest)
+    lines = [f"  engine   {rec['backend']}: {rec['status'].upper()}"]
+    if rec["status"] == "pending":
+        lines.append(f"    missing: {'; '.join(rec['missing'])}")
+        if rec.get("finish"):
+            lines.append(f"    finish:  {rec['finish']}")
+    for k in rec.get("kernel_configs", []):
+        where = k["table"] or "no tuned table: kernel default"
+        lines.append(f"  kernel   {k['kernel']:18s} [{', '.join(k['sources'])}] {where}")
+        for bucket, c in k["configs"].items():
+            config = c["config"] if isinstance(c["config"], str) else _label(c["config"])
+            us = f"  {c['objective_us']:.2f} us" if c.get("objective_us") is not None else ""
+            lines.append(f"    {bucket:16s} {config:52s} {c['source']}{us}")
+    return lines
+
+
+def _label(config: dict[str, Any]) -> str:
+    from qwen3export.kernels.config import KernelConfig
+
+    return KernelConfig.from_dict(config).label
