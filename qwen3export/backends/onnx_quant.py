@@ -5,13 +5,22 @@ blocked) + MatMul (the TensorRT flavour). Each returns (nodes, initializers) for
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import numpy as np
+import onnx_ir as ir
 import torch
 from onnx import NodeProto, TensorProto, helper
+from onnxscript import opset21 as op21
 
 from qwen3export.errors import InputError
-from qwen3export.quant import QuantizedWeight
+from qwen3export.quant import FP8_MAX, QuantizedWeight
 
+from .onnx_ops import FLAVOURS, FLOAT, _float, _ints, _ort_op, _static, moe
+
+# DequantizeLinear's block_size and the INT4 / UINT4 types arrived in opset 21 (onnx Changelog, DequantizeLinear-21);
+# the quantized translations below are written against it, so a decoder holding them is exported at 21
+OPSET = 21
 MATMUL_NBITS_MAX_BLOCK = 256  # blocks above this gain nothing; MLAS's CPU kernels take 16..256 (2^k)
 ONNX_FLOAT = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16,
               torch.bfloat16: TensorProto.BFLOAT16}
@@ -175,3 +184,326 @@ def qmoe(x: str, router_logits: str, y: str, gate_up: QuantizedWeight, down: Qua
         inputs.pop()
     node = helper.make_node("QMoE", inputs, [y], name=name, domain="com.microsoft", **attrs)
     return [node], inits
+
+
+# ====================================================================== translations of the quantized ops
+# onnxscript translations of qwen3export::wq_linear / wq_moe / fp8_linear for torch.onnx.export's
+# custom_translation_table, merged with backends/onnx_ops.py custom_translation_table(flavour). They read the
+# module's buffers as stored (graphs/quantized.py: qweight uint8 [..., N, K*bits/8], scales in the model dtype
+# [..., N, K/g], zero points uint8 or absent) and reach each node's layout with plain ONNX ops on those
+# initializers (valid as they stand: ONNX Runtime folds them when a session loads); `bake_quantized_weights`
+# then stores the folded layouts as initializers, as INT4 where the standard flavour asks for it.
+
+def _lowbit(v: int) -> int:
+    return v & -v
+
+
+def _repeat_last(t, times: int, rank: int):
+    """[..., G] -> [..., G * times], each value repeated `times` times (a group's scale over its blocks)."""
+    if times == 1:
+        return t
+    return op21.Reshape(op21.Expand(op21.Unsqueeze(t, _ints(-1)), _ints(times)), _ints(*[0] * (rank - 1), -1))
+
+
+def _pack_nibbles(t, rank: int, b: int):
+    """uint8 [..., B] values 0..15 -> [..., ceil(B/2)], even index in the low nibble (MatMulNBits / QMoE zero
+    points); an odd B is padded with a zero nibble per row. B is given: computed values carry no shape."""
+    if b % 2:
+        pad = [0] * (2 * rank)
+        pad[2 * rank - 1] = 1
+        t = op21.Pad(t, _ints(*pad))
+        b += 1
+    even = op21.Slice(t, _ints(0), _ints(b), _ints(-1), _ints(2))
+    odd = op21.Slice(t, _ints(1), _ints(b), _ints(-1), _ints(2))
+    return op21.BitwiseOr(even, op21.BitShift(odd, op21.Constant(value=ir.tensor(np.uint8(4))), direction="LEFT"))
+
+
+def _unpack_nibbles(q, rank: int):
+    """uint8 [..., K/2] -> codes uint8 [..., K] (quant.QuantizedWeight.codes: low nibble = even k)."""
+    low = op21.BitwiseAnd(q, op21.Constant(value=ir.tensor(np.uint8(15))))
+    high = op21.BitShift(q, op21.Constant(value=ir.tensor(np.uint8(4))), direction="RIGHT")
+    both = op21.Concat(op21.Unsqueeze(low, _ints(-1)), op21.Unsqueeze(high, _ints(-1)), axis=-1)
+    return op21.Reshape(both, _ints(*[0] * (rank - 1), -1))
+
+
+def _codes(qweight, bits: int, rank: int):
+    return _unpack_nibbles(qweight, rank) if bits == 4 else qweight
+
+
+def _nbits_block(group_size: int) -> int:
+    """matmul_nbits_block's rule on a bare group size."""
+    block = min(_lowbit(group_size), MATMUL_NBITS_MAX_BLOCK)
+    if block < 16:
+        raise InputError(f"MatMulNBits / QMoE need blocks of >= 16 (a power of two); group size {group_size} has none")
+    return block
+
+
+# ---------------------------------------------------------------------- "ort": MatMulNBits, QMoE
+def ort_wq_linear(x, qweight, scales, zero_points=None, bits: int = 4, group_size: int = 128):
+    """com.microsoft MatMulNBits (as `matmul_nbits`): B [N, K/block, blob], 1-D scales in x's dtype, packed
+    zero points only when asymmetric; accuracy_level 0 (A is not quantized: the parity gate's setting)."""
+    n, k = _static(qweight, 0), _static(qweight, 1) * 8 // bits
+    block = _nbits_block(group_size)
+    times = group_size // block
+    inputs = [x, op21.Reshape(qweight, _ints(n, k // block, block * bits // 8)),
+              op21.Reshape(_repeat_last(op21.CastLike(scales, x), times, 2), _ints(-1))]
+    if zero_points is not None:
+        zeros = _repeat_last(zero_points, times, 2)
+        inputs.append(op21.Reshape(_pack_nibbles(zeros, 2, k // block) if bits == 4 else zeros, _ints(-1)))
+    return _ort_op("MatMulNBits")(*inputs, K=k, N=n, bits=bits, block_size=block, accuracy_level=0)
+
+
+def _interleave(t, e: int, two_i: int):
+    """[E, 2I, …] gate rows then up rows -> g0 u0 g1 u1 … (as `_interleave_rows`)."""
+    halves = op21.Reshape(t, _ints(e, 2, two_i // 2, -1))
+    return op21.Reshape(op21.Transpose(halves, perm=[0, 2, 1, 3]), _ints(e, two_i, -1))
+
+
+def ort_wq_moe(x, router_weight, gate_up_qweight, gate_up_scales, gate_up_zero_points, down_qweight, down_scales,
+               down_zero_points, bits: int, top_k: int, norm_topk_prob: bool):
+    """com.microsoft QMoE (as `qmoe`): router logits from an fp Gemm (QMoE applies softmax + top-k), fc1 rows
+    interleaved for swiglu_fusion=1, int8 per channel as column-wise scales, else one block size for both."""
+    e, two_i = _static(gate_up_qweight, 0), _static(gate_up_qweight, 1)
+    h, inter = _static(gate_up_qweight, 2) * 8 // bits, _static(down_qweight, 2) * 8 // bits
+    g1, g2 = h // _static(gate_up_scales, 2), inter // _static(down_scales, 2)
+    per_channel = bits == 8 and g1 == h and g2 == inter
+    block = None if per_channel else _nbits_block(min(_lowbit(g1), _lowbit(g2)))
+
+    def weights(qweight, scales, zeros, group, k, interleave):
+        order = (lambda t: _interleave(t, e, two_i)) if interleave else (lambda t: t)
+        scales = order(op21.CastLike(scales, x))
+        scales = op21.Squeeze(scales, _ints(-1)) if per_channel else _repeat_last(scales, group // block, 3)
+        if zeros is not None:
+            zeros = order(zeros)
+            if per_channel:
+                zeros = op21.Squeeze(zeros, _ints(-1))
+            else:
+                zeros = _repeat_last(zeros, group // block, 3)
+                zeros = _pack_nibbles(zeros, 3, k // block) if bits == 4 else zeros
+        return order(qweight), scales, zeros
+
+    fc1_w, fc1_s, fc1_z = weights(gate_up_qweight, gate_up_scales, gate_up_zero_points, g1, h, True)
+    fc2_w, fc2_s, fc2_z = weights(down_qweight, down_scales, down_zero_points, g2, inter, False)
+    t = op21.Reshape(x, _ints(-1, h))  # [T, H]
+    logits = op21.Gemm(t, router_weight, transB=1)  # [T, E]
+    attrs = dict(k=top_k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
+                 normalize_routing_weights=int(norm_topk_prob), expert_weight_bits=bits, quant_type="int")
+    if block is not None:
+        attrs["block_size"] = block
+    inputs = [t, logits, fc1_w, fc1_s, None, fc2_w, fc2_s, None, None, None, None, fc1_z, fc2_z]
+    while inputs[-1] is None:
+        inputs.pop()
+    return op21.Reshape(_ort_op("QMoE")(*inputs, **attrs), op21.Shape(x))
+
+
+# ---------------------------------------------------------------------- "standard": DequantizeLinear (opset 21)
+def _dequantize(qweight, scales, zero_points, bits: int, like, transpose: bool):
+    """W = DequantizeLinear(codes, scales, zero points) in `like`'s dtype, as `dequantize_matmul` stores it:
+    symmetric weights as signed INT4 / INT8 codes without a zero point, asymmetric ones as UINT4 / UINT8 with
+    theirs; blocked along K (block_size = group size), a 2-D int8 per-channel weight per-axis. transpose: a 2-D [N, K]
+    weight as W^T [K, N] (the MatMul's B: the layout TensorRT's weight-only Q/DQ fusion reads), else [..., N, K]."""
+    rank = len(qweight.shape)
+    n, k = _static(qweight, rank - 2), _static(qweight, rank - 1) * 8 // bits
+    groups = _static(scales, rank - 1)
+    perm = [1, 0] if transpose else None
+    t = (lambda v: op21.Transpose(v, perm=perm)) if transpose else (lambda v: v)
+    codes = t(_codes(qweight, bits, rank))
+    narrow = {4: (ir.DataType.INT4, ir.DataType.UINT4), 8: (ir.DataType.INT8, ir.DataType.UINT8)}[bits]
+    scales = op21.CastLike(scales, like)
+    axis = 0 if transpose else rank - 1
+    if zero_points is None:
+        offset = op21.Constant(value=ir.tensor(np.int16(2 ** (bits - 1))))
+        dq_inputs = [op21.Cast(op21.Sub(op21.Cast(codes, to=ir.DataType.INT16), offset), to=narrow[0])]
+    else:
+        dq_inputs = [op21.Cast(codes, to=narrow[1]) if bits == 4 else codes]
+    if groups == 1 and bits == 8 and transpose:  # per output channel: per-axis scales [N] (stacked experts: blocked)
+        dq_inputs.append(op21.Reshape(scales, _ints(-1)))
+        if zero_points is not None:
+            dq_inputs.append(op21.Reshape(zero_points, _ints(-1)))
+        attrs = {"axis": 1}
+    else:
+        dq_inputs.append(t(scales))
+        if zero_points is not None:
+            zeros = t(zero_points)
+            dq_inputs.append(op21.Cast(zeros, to=narrow[1]) if bits == 4 else zeros)
+        attrs = {"axis": axis, "block_size": k // groups}
+    w = op21.DequantizeLinear(*dq_inputs, **attrs)
+    lead = [_static(qweight, i) for i in range(rank - 2)]
+    w.shape = ir.Shape([k, n] if transpose else [*lead, n, k])
+    return w
+
+
+def wq_linear(x, qweight, scales, zero_points=None, bits: int = 4, group_size: int = 128):
+    """DequantizeLinear + MatMul (as `dequantize_matmul`): y = x @ W^T."""
+    return op21.MatMul(x, _dequantize(qweight, scales, zero_points, bits, x, transpose=True))
+
+
+def wq_moe(x, router_weight, gate_up_qweight, gate_up_scales, gate_up_zero_points, down_qweight, down_scales,
+           down_zero_points, bits: int, top_k: int, norm_topk_prob: bool):
+    """The experts dequantized ([E, 2I, H], [E, H, I], blocked along K) into backends/onnx_ops.py `moe`, the
+    standard translation of the unquantized block (every expert on every token, dense top-k combination)."""
+    gate_up = _dequantize(gate_up_qweight, gate_up_scales, gate_up_zero_points, bits, x, transpose=False)
+    down = _dequantize(down_qweight, down_scales, down_zero_points, bits, x, transpose=False)
+    return moe(x, router_weight, gate_up, down, top_k, norm_topk_prob)
+
+
+def fp8_linear(x, weight, weight_scales):
+    """kernels/fp8_matmul.py fp8_matmul_reference: x quantized per token (scale = absmax / 448, 1 for a zero row,
+    Cast to FLOAT8E4M3FN rounds to nearest even as torch does), W^T = DequantizeLinear(FLOAT8E4M3FN [K, N],
+    per-channel scales [N], axis 1), fp32 MatMul, times the token scales. ONNX Runtime's CPU provider runs it
+    (DequantizeLinear and Cast for float8, 1.31); there is no CPU contrib op for fp8 GEMMs (GemmFloat8 is
+    CUDA-only), so both flavours use this."""
+    xf = op21.Cast(x, to=FLOAT)
+    scale = op21.Div(op21.ReduceMax(op21.Abs(xf), _ints(-1), keepdims=1), _float(FP8_MAX))  # [..., 1]
+    scale = op21.Where(op21.Greater(scale, _float(0.0)), scale, _float(1.0))
+    codes = op21.Cast(op21.Clip(op21.Div(xf, scale), _float(-FP8_MAX), _float(FP8_MAX)),
+                      to=ir.DataType.FLOAT8E4M3FN)
+    w_t = op21.DequantizeLinear(op21.Transpose(weight, perm=[1, 0]), op21.Reshape(weight_scales, _ints(-1)), axis=1)
+    y = op21.Mul(op21.MatMul(op21.Cast(codes, to=FLOAT), w_t), scale)
+    return op21.CastLike(y, x)
+
+
+def quant_translation_table(flavour: str) -> dict[Any, Callable]:
+    """{torch.ops.qwen3export.<quantized op>.default: translation} for `flavour` ("ort" | "standard"), to merge
+    with backends/onnx_ops.py custom_translation_table(flavour). Both need `OPSET` 21 (DequantizeLinear's
+    block_size, INT4 / UINT4; ops of opset 21 in an opset-18 export make an invalid model); "ort" emits
+    DequantizeLinear only for fp8."""
+    import qwen3export.kernels.ops  # noqa: F401  (registers the ops named below)
+
+    if flavour not in FLAVOURS:
+        raise ValueError(f"unknown ONNX op flavour {flavour!r}; choose one of {', '.join(FLAVOURS)}")
+    ops = torch.ops.qwen3export
+    linear, experts = {"ort": (ort_wq_linear, ort_wq_moe), "standard": (wq_linear, wq_moe)}[flavour]
+    return {ops.wq_linear.default: linear, ops.wq_moe.default: experts, ops.fp8_linear.default: fp8_linear}
+
+
+# ---------------------------------------------------------------------- after export: bake the weight layouts
+def _attr(node: ir.Node, name: str, default: Any = None) -> Any:
+    a = node.attributes.get(name)
+    return default if a is None else a.value
+
+
+def _reshape(x: np.ndarray, shape: np.ndarray) -> np.ndarray:
+    dims = [x.shape[i] if d == 0 else int(d) for i, d in enumerate(shape.tolist())]  # allowzero=0: 0 copies
+    return x.reshape(dims)
+
+
+def _unsqueeze(x: np.ndarray, axes: np.ndarray) -> np.ndarray:
+    rank = x.ndim + len(axes)
+    for a in sorted(int(a) % rank for a in axes.tolist()):
+        x = np.expand_dims(x, a)
+    return x
+
+
+def _slice(x: np.ndarray, starts, ends, axes=None, steps=None) -> np.ndarray:
+    index = [slice(None)] * x.ndim
+    axes = range(len(starts)) if axes is None else axes.tolist()
+    steps = [1] * len(starts) if steps is None else steps.tolist()
+    for a, s, e, st in zip(axes, starts.tolist(), ends.tolist(), steps):
+        index[int(a)] = slice(int(s), int(e), int(st))
+    return x[tuple(index)]
+
+
+def _pad(x: np.ndarray, pads: np.ndarray, value=None, axes=None) -> np.ndarray:
+    begin, end = pads[:x.ndim].tolist(), pads[x.ndim:].tolist()
+    return np.pad(x, list(zip(begin, end)), constant_values=0 if value is None else value.item())
+
+
+# the ops the translations above put between a stored buffer and its quantized consumer, in numpy
+_NUMPY: dict[str, Callable[..., np.ndarray]] = {
+    "Identity": lambda n, x: x,
+    "Reshape": lambda n, x, shape: _reshape(x, shape),
+    "Transpose": lambda n, x: np.transpose(x, _attr(n, "perm")),
+    "Cast": lambda n, x: x.astype(ir.DataType(_attr(n, "to")).numpy()),
+    "CastLike": lambda n, x, like: x.astype(like.dtype),
+    "BitwiseAnd": lambda n, a, b: np.bitwise_and(a, b),
+    "BitwiseOr": lambda n, a, b: np.bitwise_or(a, b),
+    "BitShift": lambda n, a, b: (np.left_shift if _attr(n, "direction") == "LEFT" else np.right_shift)(a, b),
+    "Sub": lambda n, a, b: np.subtract(a, b),
+    "Concat": lambda n, *xs: np.concatenate(xs, axis=_attr(n, "axis")),
+    "Unsqueeze": lambda n, x, axes: _unsqueeze(x, axes),
+    "Squeeze": lambda n, x, axes: np.squeeze(x, axis=tuple(int(a) for a in axes.tolist())),
+    "Expand": lambda n, x, shape: np.broadcast_to(x, np.broadcast_shapes(x.shape, tuple(shape.tolist()))),
+    "Slice": _slice,
+    "Pad": _pad,
+}
+_CONSUMERS = {("com.microsoft", "MatMulNBits"): ("A", "B", "scales", "zero_points"),
+              ("com.microsoft", "QMoE"): ("input", "router_probs", "fc1_weights", "fc1_scales", "fc1_bias",
+                                          "fc2_weights", "fc2_scales", "fc2_bias", "fc3_weights", "fc3_scales",
+                                          "fc3_bias", "fc1_zero_points", "fc2_zero_points"),
+              ("", "DequantizeLinear"): ("x", "x_scale", "x_zero_point")}
+
+
+def _constant(value: ir.Value, chain: list[ir.Node]) -> Callable[[], np.ndarray] | None:
+    """A function computing `value` from initializers and Constant nodes only, or None when it reads anything
+    else (a graph input, an op not in _NUMPY). The nodes it passes through are appended to `chain`."""
+    if value.const_value is not None:
+        return lambda: np.asarray(value.const_value.numpy())
+    node = value.producer()
+    if node is None or value.is_graph_input() or node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type == "Constant":
+        chain.append(node)
+        return lambda: np.asarray(_attr(node, "value").numpy())
+    fn = _NUMPY.get(node.op_type)
+    if fn is None:
+        return None
+    args = [None if v is None else _constant(v, chain) for v in node.inputs]
+    if any(a is None for v, a in zip(node.inputs, args) if v is not None):
+        return None
+    chain.append(node)
+    return lambda: fn(node, *[None if a is None else a() for a in args])
+
+
+def _root(value: ir.Value) -> ir.Value:
+    """The stored tensor a layout chain starts from (each op's first input, back to an initializer)."""
+    while value.const_value is None and value.producer() is not None and value.producer().inputs:
+        value = value.producer().inputs[0]
+    return value
+
+
+def bake_quantized_weights(model: ir.Model) -> int:
+    """Store every input of a MatMulNBits, QMoE or DequantizeLinear node that the translations compute from
+    initializers (nibble unpacking, interleaving, repeated scales, casts to INT4 / UINT4 …) as an initializer
+    holding the result, computed lazily when the model is saved, one tensor at a time; the chains and the
+    stored tensors nothing else reads are removed. What the exporter's optimizer already folded (small
+    tensors) is left as it is. Returns how many initializers were baked. Run it after weights are bound
+    (streaming.bind_lazy_initializers), as bake_weight_layouts."""
+    graph, baked, chains = model.graph, 0, []
+    for node in list(graph):
+        names = _CONSUMERS.get((node.domain, node.op_type))
+        if names is None:
+            continue
+        for i, value in enumerate(node.inputs):
+            if value is None or value.const_value is not None or value.producer() is None:
+                continue
+            chain: list[ir.Node] = []
+            produce = _constant(value, chain)
+            if produce is None or value.dtype is None or value.shape is None or not value.shape.is_static():
+                continue
+            shape, dtype = tuple(value.shape.numpy()), value.dtype
+            name = f"{_root(value).name}.{node.op_type}.{names[i] if i < len(names) else i}"
+            while name in graph.initializers:
+                name += "_"
+
+            def tensor(produce=produce, shape=shape, dtype=dtype, name=name):
+                array = np.ascontiguousarray(produce())
+                if array.shape != shape:
+                    raise ValueError(f"baked {name}: computed {array.shape}, the graph says {shape}")
+                return ir.tensor(array.astype(dtype.numpy(), copy=False), dtype=dtype, name=name)
+
+            baked_value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype),
+                                   const_value=ir.LazyTensor(tensor, dtype=dtype, shape=ir.Shape(shape), name=name))
+            graph.register_initializer(baked_value)
+            node.replace_input_with(i, baked_value)
+            chains.append(chain)
+            baked += 1
+    for chain in chains:  # consumers first: a node goes once nothing reads its outputs
+        for n in reversed(chain):
+            if n.graph is graph and not any(out.uses() or out.is_graph_output() for out in n.outputs):
+                sources = [v for v in n.inputs if v is not None]
+                graph.remove(n, safe=True)
+                for v in sources:
+                    if v.name in graph.initializers and not v.uses() and not v.is_graph_output():
+                        del graph.initializers[v.name]
+    return baked

@@ -1,21 +1,38 @@
 """qwen3export/backends/onnx_quant.py: a quantized linear as com.microsoft MatMulNBits and as standard
 DequantizeLinear (opset 21, blocked) + MatMul, each run in ONNX Runtime's CPU provider against quant.dequantize
-and a torch matmul."""
+and a torch matmul; the translations of the quantized ops in the exported quantized decoder (both flavours,
+int4 / int8 / fp8, baked and unbaked) against the eager quantized model."""
 
 from __future__ import annotations
 
+import functools
+import logging
+import warnings
+from collections import Counter
+
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper
 
-from qwen3export.backends.onnx_quant import dequantize_matmul, matmul_nbits, matmul_nbits_block, qmoe
+from qwen3export.backends.onnx import io_names
+from qwen3export.backends.onnx_ops import bake_weight_layouts, custom_translation_table
+from qwen3export.backends.onnx_quant import OPSET as QUANT_OPSET
+from qwen3export.backends.onnx_quant import (bake_quantized_weights, dequantize_matmul, matmul_nbits,
+                                             matmul_nbits_block, qmoe, quant_translation_table)
+from qwen3export.capture import capture
 from qwen3export.errors import InputError
+from qwen3export.generation import greedy_generate, left_pad
+from qwen3export.graphs.passes import lower
+from qwen3export.graphs.quantized import QuantizedTensor, build_quantized
 from qwen3export.kernels.fused_moe_wq import fused_moe_wq_reference
 from qwen3export.kernels.moe_routing import moe_routing_reference
-from qwen3export.quant import QuantizedWeight, dequantize, quantize_weight
+from qwen3export.model import resolve
+from qwen3export.parity import check_parity
+from qwen3export.quant import QuantConfig, QuantizedWeight, dequantize, quantize_weight
 
 # onnxruntime 1.2x reads IR version <= 10 / 13; onnx.helper would stamp its own (newer) one
 IR_VERSION = 10
@@ -125,3 +142,156 @@ def test_qmoe_matches_the_dequantized_moe(mode, g_gate_up, g_down, zero_points):
     np.testing.assert_allclose(got, want.numpy(), atol=1e-5, rtol=1e-5)
     attrs = {a.name: helper.get_attribute_value(a) for a in nodes[0].attribute}
     assert attrs.get("block_size") == (None if mode == "int8" and per_channel else 32 if g_down == 32 else 16)
+
+
+# ====================================================================== the quantized decoder through ONNX
+# graphs/quantized.py's decoder, captured and lowered as the pipeline does, exported with the merged
+# translation tables at opset 21, weight layouts baked, run in ONNX Runtime CPU against the eager quantized model
+
+CONFIGS = {"int4": QuantConfig("int4", 32), "int8": QuantConfig("int8"), "fp8": QuantConfig("fp8")}
+# hidden 256 / intermediate 512 (64 per expert): weights above the exporter optimizer's fold limit (8192 elements),
+# so the layout chains reach bake_quantized_weights; a small vocabulary keeps it quick
+WIDE = dict(vocab_size=512, bos_token_id=None, eos_token_ids=(1,), think_token_id=None, end_think_token_id=None,
+            hidden_size=256, intermediate_size=512)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@functools.cache
+def quantized_program(name: str, mode: str, wide: bool = False, zero_points: bool = False):
+    overrides = dict(WIDE, moe_intermediate_size=64) if wide and name == "tiny-moe" else WIDE if wide else {}
+    spec, source, _ = resolve(name, seed=2, **overrides)
+    model = build_quantized(spec, source, CONFIGS[mode])
+    if zero_points:  # AWQ / GPTQ-style asymmetric weights: other zero points on the same codes
+        g = torch.Generator().manual_seed(4)
+        for module in model.modules():
+            if isinstance(module, QuantizedTensor):
+                mid = 2 ** (module.bits - 1)
+                module.zero_points = (mid + torch.randint(-2, 3, module.scales.shape, generator=g)).to(torch.uint8)
+    return model, lower(capture(model))[0]
+
+
+def export_quantized(ep, spec, flavour: str):
+    table = {**custom_translation_table(flavour), **quant_translation_table(flavour)}
+    inputs, outputs = io_names(spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        return torch.onnx.export(ep, (), dynamo=True, opset_version=QUANT_OPSET, input_names=inputs,
+                                 output_names=outputs, optimize=True, verbose=False, custom_translation_table=table)
+
+
+class OrtStep:
+    def __init__(self, path, spec):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.log_severity_level = 1, 3
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # see _run
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.layers, self.outputs = spec.num_hidden_layers, io_names(spec)[1]
+
+    def __call__(self, ids, pos, mask, past):
+        feed = {"input_ids": ids.numpy(), "position_ids": pos.numpy(), "attention_mask": mask.numpy()}
+        for i, (k, v) in enumerate(past):
+            feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = k.numpy(), v.numpy()
+        out = [torch.from_numpy(o) for o in self.session.run(self.outputs, feed)]
+        return out[0], tuple((out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.layers))
+
+
+def _parity(model, path) -> dict:
+    return check_parity(OrtStep(path, model.spec), model.empty_cache(2), model, model.empty_cache(2),
+                        model.spec.vocab_size, "fp32", new_tokens=8)
+
+
+def _consumers(program) -> list:
+    return [n for n in program.model.graph if n.op_type in ("MatMulNBits", "QMoE", "DequantizeLinear")]
+
+
+@pytest.mark.parametrize("flavour", ["ort", "standard"])
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
+def test_quantized_decoder_in_onnx_runtime_matches_eager(name, mode, flavour, tmp_path):
+    model, ep = quantized_program(name, mode)
+    program = export_quantized(ep, model.spec, flavour)
+    if flavour == "ort":
+        bake_weight_layouts(program.model)
+    bake_quantized_weights(program.model)
+    ops = Counter(f"{n.domain}::{n.op_type}" for n in program.model.graph.all_nodes())
+    spec = model.spec
+    linears, moe_layers = 7 * spec.num_hidden_layers - 3 * len(spec.moe_layers), len(spec.moe_layers)
+    if flavour == "ort":
+        assert (ops["com.microsoft::MatMulNBits"], ops["com.microsoft::QMoE"]) == (linears, moe_layers)
+        assert ops["::DequantizeLinear"] == 0
+    else:
+        assert ops["::DequantizeLinear"] == linears + 2 * moe_layers
+        assert not any(k.startswith("com.microsoft") for k in ops)
+    for node in _consumers(program):  # every weight input is a stored initializer, in its final type
+        weights = node.inputs[2:] if node.op_type == "QMoE" else node.inputs[1:]  # QMoE's 2nd: router logits
+        assert all(v is None or v.const_value is not None for v in weights), node.name
+        if node.op_type == "DequantizeLinear":
+            assert node.inputs[0].dtype == (ir.DataType.INT4 if mode == "int4" else ir.DataType.INT8)
+    program.save(str(tmp_path / "decoder.onnx"))
+    report = _parity(model, tmp_path / "decoder.onnx")
+    assert report["passed"], report["failures"]
+    assert report["logits_max_abs"] < 1e-4 and report["greedy_match"]
+
+
+@pytest.mark.parametrize("flavour", ["ort", "standard"])
+def test_fp8_decoder_in_onnx_runtime_matches_eager(flavour, tmp_path):
+    """fp8 weights as DequantizeLinear(FLOAT8E4M3FN), activations cast to fp8 per token: ONNX Runtime's CPU
+    provider runs both (1.31), so fp8 engines are verified here too, in either flavour."""
+    model, ep = quantized_program("tiny", "fp8")
+    program = export_quantized(ep, model.spec, flavour)
+    bake_quantized_weights(program.model)
+    dq = [n for n in _consumers(program) if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 7 * model.spec.num_hidden_layers
+    assert all(n.inputs[0].dtype == ir.DataType.FLOAT8E4M3FN for n in dq)
+    program.save(str(tmp_path / "decoder.onnx"))
+    report = _parity(model, tmp_path / "decoder.onnx")
+    assert report["passed"], report["failures"]
+
+
+@pytest.mark.parametrize("flavour,mode,zero_points", [("ort", "int4", True), ("standard", "int4", True),
+                                                      ("ort", "int8", True), ("standard", "int4", False)])
+def test_baked_layouts_match_the_unbaked_graph(flavour, mode, zero_points, tmp_path):
+    """Weights large enough that the exporter leaves the layout chains (nibble unpacking, fc1 interleave, repeated
+    scales, packed zero points) in the graph: ONNX Runtime runs the chains as exported and the baked
+    initializers alike, and both reproduce the eager model, symmetric and asymmetric."""
+    model, ep = quantized_program("tiny-moe", mode, wide=True, zero_points=zero_points)
+    program = export_quantized(ep, model.spec, flavour)
+    program.save(str(tmp_path / "chains.onnx"))
+    assert bake_quantized_weights(program.model) > 0
+    left = Counter(n.op_type for n in program.model.graph if n.op_type in ("BitShift", "BitwiseAnd", "BitwiseOr"))
+    assert not left
+    for node in _consumers(program):
+        weights = node.inputs[2:] if node.op_type == "QMoE" else node.inputs[1:]
+        assert all(v is None or v.const_value is not None for v in weights), node.name
+    if flavour == "standard" and mode == "int4":
+        dq = [n for n in _consumers(program) if n.op_type == "DequantizeLinear"]
+        want = ir.DataType.UINT4 if zero_points else ir.DataType.INT4
+        assert all(n.inputs[0].dtype == want for n in dq)
+    program.save(str(tmp_path / "baked.onnx"))
+    ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11]])
+    results = [greedy_generate(step, model.empty_cache(2), ids, mask, 4, keep_logits=True)
+               for step in (OrtStep(tmp_path / "chains.onnx", model.spec), OrtStep(tmp_path / "baked.onnx", model.spec),
+                            model)]
+    real = mask.bool()
+    for tokens, prefill, steps in results[:2]:
+        torch.testing.assert_close(prefill[real], results[2][1][real], atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.stack(steps), torch.stack(results[2][2]), atol=1e-4, rtol=0)
+        assert torch.equal(tokens, results[2][0])
+
+
+def test_quant_translation_table_covers_the_quantized_ops():
+    for flavour in ("ort", "standard"):
+        table = quant_translation_table(flavour)
+        assert set(table) == {torch.ops.qwen3export.wq_linear.default, torch.ops.qwen3export.wq_moe.default,
+                              torch.ops.qwen3export.fp8_linear.default}
+        assert not set(table) & set(custom_translation_table(flavour))
+    with pytest.raises(ValueError, match="unknown ONNX op flavour"):
+        quant_translation_table("tensorrt")
