@@ -1,0 +1,155 @@
+"""Verify stage for quantized builds: parity two ways (issue 9).
+
+(a) gated: the quantized engine against eager PyTorch running the same dequantized weights (parity.check_parity,
+    the fp32 thresholds): this checks the engine, not the quantization.
+(b) reported, never gated: the quantized model against the unquantized one: logit KL divergence, top-1 agreement,
+    greedy match length, per-layer hidden-state error and, for MoE layers, router top-k agreement. This
+    measures what quantization costs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from qwen3export.graphs.decoder import Qwen3Decoder
+from qwen3export.graphs.quantized import build_quantized
+from qwen3export.kernels.moe_routing import moe_routing_reference
+
+from .generation import Step, greedy_generate, left_pad, position_ids_from_mask
+from .model import build_module
+from .parity import NEW_TOKENS, check_parity, parity_prompts
+from .quant import QuantConfig, QuantizedSource
+from .spec import ModelSpec
+from .weights import WeightSource
+
+
+def dequantized_reference(spec: ModelSpec, source: QuantizedSource, dtype: torch.dtype = torch.float32) -> Qwen3Decoder:
+    """Eager PyTorch on the engine's weights: int4 / int8 -> the plain decoder loaded with the dequantized weights
+    (QuantizedSource.get); fp8 -> the eager quantized decoder, since fp8 quantizes activations too (per token,
+    fp8_linear) and dequantized weights alone would not compute what the engine computes."""
+    if source.config.mode == "fp8":
+        return build_quantized(spec, source, source.config, dtype)
+    return build_module(spec, source, dtype)
+
+
+def check_engine_parity(engine: Step, engine_cache: tuple, reference: Qwen3Decoder, dtype: str = "fp32",
+                        new_tokens: int = NEW_TOKENS) -> dict[str, Any]:
+    """(a): parity.check_parity of the engine against `reference` (dequantized_reference), gated as any build."""
+    report = check_parity(engine, engine_cache, reference, reference.empty_cache(len(parity_prompts(2))),
+                          reference.spec.vocab_size, dtype, new_tokens)
+    report["reference"] = "eager PyTorch (qwen3export.graphs.decoder) on the same dequantized weights"
+    return report
+
+
+class _Probe:
+    """Forward hooks on a decoder: each layer's output hidden state [B, S, H] and each MoE block's input."""
+
+    def __init__(self, model: Qwen3Decoder):
+        self.hidden: dict[int, torch.Tensor] = {}
+        self.moe_inputs: dict[int, torch.Tensor] = {}
+        self.handles = []
+        moe = set(model.spec.moe_layers)
+        for i, layer in enumerate(model.model.layers):
+            self.handles.append(layer.register_forward_hook(
+                lambda m, args, out, i=i: self.hidden.__setitem__(i, out[0].detach())))
+            if i in moe:
+                self.handles.append(layer.mlp.register_forward_pre_hook(
+                    lambda m, args, i=i: self.moe_inputs.__setitem__(i, args[0].detach())))
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@torch.no_grad()
+def _teacher_forced(model: Qwen3Decoder, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, _Probe]:
+    probe = _Probe(model)
+    try:
+        logits, _ = model(ids, position_ids_from_mask(mask), mask, model.empty_cache(ids.shape[0]))
+    finally:
+        probe.close()
+    return logits, probe
+
+
+def _match_length(a: torch.Tensor, b: torch.Tensor) -> list[int]:
+    """Leading tokens two greedy generations [B, N] share, per row."""
+    return [int((a[i] == b[i]).long().cumprod(0).sum()) for i in range(a.shape[0])]
+
+
+@torch.no_grad()
+def compare_to_unquantized(quantized: Qwen3Decoder, unquantized: Qwen3Decoder, new_tokens: int = NEW_TOKENS,
+                           seed: int = 0) -> dict[str, Any]:
+    """(b): `quantized` (an eager model computing what the engine computes: dequantized_reference) against
+    `unquantized` on the parity prompts. Greedy generation from each gives the match length; then both read
+    the same tokens (prompt + the unquantized model's greedy continuation, teacher forcing), and at every real
+    position: KL(P_unquantized || P_quantized) of the next-token distributions, top-1 agreement, the relative
+    error ||h_q - h|| / ||h|| of each layer's output, and each MoE layer's routed expert sets (routing both from
+    the same router weights: kernels/moe_routing.py, ties to the lowest id)."""
+    spec = unquantized.spec
+    ids, mask = left_pad(parity_prompts(spec.vocab_size, seed))
+    batch = ids.shape[0]
+    ref_tokens = greedy_generate(unquantized, unquantized.empty_cache(batch), ids, mask, new_tokens)[0]
+    q_tokens = greedy_generate(quantized, quantized.empty_cache(batch), ids, mask, new_tokens)[0]
+    lengths = _match_length(q_tokens, ref_tokens)
+
+    full = torch.cat((ids, ref_tokens), 1)  # [B, S + N]
+    full_mask = torch.cat((mask, torch.ones_like(ref_tokens)), 1)
+    ref_logits, ref_probe = _teacher_forced(unquantized, full, full_mask)
+    q_logits, q_probe = _teacher_forced(quantized, full, full_mask)
+    real = full_mask.bool()  # [B, L]
+    ref_lp = F.log_softmax(ref_logits[real].double(), -1)  # [P, V]
+    q_lp = F.log_softmax(q_logits[real].double(), -1)
+    kl = (ref_lp.exp() * (ref_lp - q_lp)).sum(-1)  # [P]
+    hidden = []
+    for i in range(spec.num_hidden_layers):
+        h, hq = ref_probe.hidden[i][real].double(), q_probe.hidden[i][real].double()
+        hidden.append(((hq - h).norm() / h.norm().clamp_min(1e-30)).item())
+    routers = {}
+    for i in spec.moe_layers:
+        router = unquantized.model.layers[i].mlp.gate.weight
+        k = spec.num_experts_per_tok
+        _, ref_ids = moe_routing_reference(ref_probe.moe_inputs[i][real], router, k, spec.norm_topk_prob)
+        _, q_ids = moe_routing_reference(q_probe.moe_inputs[i][real], router, k, spec.norm_topk_prob)
+        hits = (q_ids[:, :, None] == ref_ids[:, None, :]).any(-1)  # [P, k]: q's choice among the reference's
+        routers[str(i)] = {"overlap": hits.double().mean().item(), "same_set": hits.all(-1).double().mean().item()}
+    return {
+        "reference": "unquantized eager PyTorch on the checkpoint's weights",
+        "compared": "eager PyTorch computing the engine's quantized arithmetic",
+        "gated": False,
+        "batch": batch,
+        "positions": int(real.sum()),
+        "new_tokens": new_tokens,
+        "logits_kl": {"mean": kl.mean().item(), "max": kl.max().item()},
+        "top1_agreement": (q_lp.argmax(-1) == ref_lp.argmax(-1)).double().mean().item(),
+        "greedy_match_length": {"per_prompt": lengths, "mean": sum(lengths) / len(lengths), "min": min(lengths),
+                                "of": new_tokens},
+        "hidden_state_rel_error": hidden,
+        "router_topk_agreement": routers,
+    }
+
+
+def quant_parity(engine: Step, engine_cache: tuple, spec: ModelSpec, source: WeightSource, config: QuantConfig,
+                 dtype: torch.dtype = torch.float32, parity_dtype: str = "fp32",
+                 new_tokens: int = NEW_TOKENS) -> dict[str, Any]:
+    """Both ways, for the manifest: {"engine": (a), "quantization": (b)}. `source` is the checkpoint's
+    (unquantized) weights; the same RTN quantization the build used is recomputed from it."""
+    qsource = QuantizedSource(source, spec, config)
+    reference = dequantized_reference(spec, qsource, dtype)
+    engine_report = check_engine_parity(engine, engine_cache, reference, parity_dtype, new_tokens)
+    quality = compare_to_unquantized(reference, build_module(spec, source, dtype), new_tokens)
+    quality["quantization"] = {"mode": config.mode, "group_size": config.group_size if config.mode == "int4" else None,
+                               "quantize_lm_head": config.quantize_lm_head}
+    return {"engine": engine_report, "quantization": quality}
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    q = report["quantization"]
+    routers = q["router_topk_agreement"]
+    router = (f", router top-k overlap {min(r['overlap'] for r in routers.values()):.3f}" if routers else "")
+    return (f"quantized vs unquantized (not gated): KL mean {q['logits_kl']['mean']:.2e} max "
+            f"{q['logits_kl']['max']:.2e}, top-1 {q['top1_agreement']:.3f}, greedy match "
+            f"{q['greedy_match_length']['min']}/{q['greedy_match_length']['of']}, last-layer error "
+            f"{q['hidden_state_rel_error'][-1]:.2e}{router}")
