@@ -92,10 +92,10 @@ def onnx_flavour(backend: str, target, requested: str | None) -> str | None:
     ops (GroupQueryAttention, MoE, ...) that the "ort" flavour maps to, so CPU defaults to it; GPU
     targets default to "standard", the graph every provider (and TensorRT) can read.
     """
-    if backend == "aoti":
-        return None
     if backend == "tensorrt":
         return "standard"
+    if backend != "onnx":  # aoti compiles the program; the kernel pack carries no graph
+        return None
     return requested or ("ort" if target.kind == "cpu" else "standard")
 
 
@@ -162,7 +162,7 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
     for backend in opts.backends:
         out = outs[backend]
         flavour = onnx_flavour(backend, target, opts.onnx_ops)
-        program, record = (ep, aoti_lowering(opts.lower)) if backend == "aoti" else (lowered, dict(lowering))
+        program, record = (lowered, dict(lowering)) if flavour else (ep, unlowered_record(backend, opts.lower))
         record["onnx_ops"] = flavour
         with art.staging(out, opts.force) as tmp:
             manifest = art.default_manifest(
@@ -251,15 +251,17 @@ def lowering_record(results) -> dict[str, Any]:
 # created via torch.library.custom_op cannot be run via AOTI without Python environment"), and on CPU the
 # ops would run their pure-torch references op by op where Inductor fuses the plain-op graph itself
 # (tiny, batch-1 decode over 64 cached tokens, 1 thread: 4.3 ms/step lowered vs 2.8 ms unlowered, measured)
-AOTI_UNLOWERED = ("aoti compiles the captured (unlowered) program: its Python-registered qwen3export:: ops "
-                  "would tie the .pt2 to a Python process with qwen3export imported, and Inductor fuses the "
-                  "plain-op graph itself")
+UNLOWERED = {
+    "aoti": "aoti compiles the captured (unlowered) program: its Python-registered qwen3export:: ops would tie "
+            "the .pt2 to a Python process with qwen3export imported, and Inductor fuses the plain-op graph itself",
+    "kernels": "the kernel pack carries no graph: its Triton kernels are what lowered engines call",
+}
 
 
-def aoti_lowering(requested: bool) -> dict[str, Any]:
-    """The aoti engine's `lowering` entry: it is compiled from the unlowered program (AOTI_UNLOWERED)."""
+def unlowered_record(backend: str, requested: bool) -> dict[str, Any]:
+    """The `lowering` entry of a backend that does not take the lowered program (UNLOWERED says why)."""
     record = lowering_record(None)
-    record["notes"] = [AOTI_UNLOWERED] if requested else []
+    record["notes"] = [UNLOWERED[backend]] if requested else []
     return record
 
 

@@ -148,3 +148,21 @@ def test_unmatched_graph_stays_unlowered_with_a_note():
     assert record == {"enabled": True, "passes": {"attention": 0},
                       "notes": ["attention: 2 attention site(s) not lowered (...)"]}
     assert lines == ["lower: attention: 0 site(s)", "warning: attention: 2 attention site(s) not lowered (...)"]
+
+
+@pytest.mark.parametrize("backend,target,requested,want", [
+    ("onnx", "cpu", None, "ort"), ("onnx", "a100", None, "standard"), ("onnx", "h100", "ort", "ort"),
+    ("onnx", "cpu", "standard", "standard"), ("tensorrt", "a100", None, "standard"),
+    ("tensorrt", "a100", "standard", "standard"), ("aoti", "cpu", None, None), ("kernels", "a100", None, None),
+])
+def test_flavour_per_backend_and_target(backend, target, requested, want):
+    from qwen3export.targets import get_target
+
+    assert pipeline.onnx_flavour(backend, get_target(target), requested) == want
+
+
+def test_backends_without_the_lowered_program_say_why():
+    for backend in ("aoti", "kernels"):
+        record = pipeline.unlowered_record(backend, requested=True)
+        assert not record["enabled"] and set(record["passes"].values()) == {0} and len(record["notes"]) == 1
+    assert pipeline.unlowered_record("aoti", requested=False)["notes"] == []
