@@ -53,7 +53,8 @@ def cmd_build(args: argparse.Namespace) -> int:
                         out=Path(args.out) if args.out else None, force=args.force, seed=args.seed,
                         dump_ir=Path(args.dump_ir) if args.dump_ir else None, overrides=overrides,
                         max_batch=args.max_batch, max_seq=args.max_seq, lower=not args.no_lower,
-                        onnx_ops=args.onnx_ops)
+                        onnx_ops=args.onnx_ops, quant=args.quant, group_size=args.group_size,
+                        quantize_lm_head=args.quantize_lm_head, tp=args.tp, ep=args.ep)
     results = build(opts, progress=_eprint)
     from .describe import engine_status
     from .parity import summary_line
@@ -329,6 +330,13 @@ def make_parser() -> argparse.ArgumentParser:
                    help="ONNX translation of the lowered ops: ort = ONNX Runtime com.microsoft contrib ops "
                         "(GroupQueryAttention, MoE, ...), standard = plain ONNX ops (TensorRT); default ort for "
                         "target cpu, standard for GPU targets and always for tensorrt")
+    b.add_argument("--quant", default="none", choices=("none", "int8", "int4", "fp8"),
+                   help="weight quantization: int8/int4 weight-only (W8A16/W4A16), fp8 e4m3 weights and "
+                        "activations (sm_89+); default none")
+    b.add_argument("--group-size", type=int, default=128, help="int4/int8 quantization group size (default 128)")
+    b.add_argument("--quantize-lm-head", action="store_true", help="quantize the lm_head as well (default: keep it)")
+    b.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: one engine part per rank (default 1)")
+    b.add_argument("--ep", type=int, default=1, help="expert-parallel degree (MoE models; default 1)")
 
     r = add("run", "generate tokens with an artifact's engine", cmd_run)
     r.add_argument("artifact")

@@ -45,6 +45,11 @@ class BuildOptions:
     max_seq: int | None = None  # TensorRT profile maximum (default: min(model positions, 8192))
     lower: bool = True  # run the lowering passes (graphs/passes) before emitting
     onnx_ops: str | None = None  # ONNX translation of the qwen3export:: ops: "ort" | "standard"; None: per target
+    quant: str = "none"  # weight quantization: none | int8 | int4 | fp8 (quant.py)
+    group_size: int = 128  # int4/int8 group size along the input dimension
+    quantize_lm_head: bool = False  # quantize the lm_head too (the embedding and norms never are)
+    tp: int = 1  # tensor-parallel degree (graphs/parallel.py)
+    ep: int = 1  # expert-parallel degree
 
 
 @dataclass
@@ -131,6 +136,10 @@ def check_options(opts: BuildOptions):
 
 
 def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[BuildResult]:
+    if opts.tp * opts.ep > 1:  # one part per rank, collectives between them (parallel_build.py)
+        from .parallel_build import build_parallel
+
+        return build_parallel(opts, progress)
     target = check_options(opts)
     spec, source, ref = resolve(opts.model, opts.seed, **opts.overrides)
     outs = {b: output_folder(opts, spec, target.name, b) for b in opts.backends}
