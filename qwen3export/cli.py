@@ -170,6 +170,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise InputError(f"prompt ({len(ids)}) + --max-new-tokens ({args.max_new_tokens}) exceeds the model's "
                          f"{limit} positions (max_position_embeddings with RoPE scaling); shorten one of them "
                          "or build with --rope-scaling yarn:4.0")
+    serving = artifact.manifest.get("serving")
+    if serving and len(ids) + args.max_new_tokens > serving["max_seq"]:
+        raise InputError(f"prompt ({len(ids)}) + --max-new-tokens ({args.max_new_tokens}) exceeds the engine's "
+                         f"{serving['max_seq']} tokens per sequence (built with --max-seq {serving['max_seq']}); "
+                         "shorten one of them or rebuild with a larger --max-seq")
     graph, session = sampling_pair(artifact, args.threads, engine)
     stop = () if args.no_stop else engine.spec.eos_token_ids
     new, state = sample_generate(engine, engine.empty_cache(1), session, ids, params.to_tensors(1),
@@ -320,8 +325,11 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="replace an existing output folder")
     b.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights (default 0)")
     b.add_argument("--dump-ir", metavar="DIR", help="write each phase's graph into DIR")
-    b.add_argument("--max-batch", type=int, default=8, help="TensorRT profile: max batch (default 8)")
-    b.add_argument("--max-seq", type=int, help="TensorRT profile: max tokens per sequence (default min(positions, 8192))")
+    b.add_argument("--max-batch", type=int, default=8,
+                   help="serving limit: sequences per batch (TensorRT profile; KV cache planned for it; default 8)")
+    b.add_argument("--max-seq", type=int,
+                   help="serving limit: tokens per sequence, prompt + generated (TensorRT profile; KV cache "
+                        "planned for it; `run` refuses beyond; default min(model positions, 8192))")
     b.add_argument("--rope-scaling", metavar="TYPE:FACTOR[:ORIG]",
                    help="RoPE scaling, e.g. yarn:4.0 (131,072 positions for Qwen3, original window 32768)")
     b.add_argument("--no-lower", action="store_true",

@@ -21,6 +21,7 @@ from .capture import capture
 from qwen3export.graphs.sampling import capture_sampling
 from .errors import InputError, ParityError, TargetError
 from .model import DEFAULT_SEED, ModelRef, build_module, resolve, resolve_ref
+from .plan import serving_plan
 from .parity import check_parity, check_sampling_parity, summary_line
 from .runner import available_providers, open_engine
 from .spec import ModelSpec
@@ -41,8 +42,8 @@ class BuildOptions:
     seed: int = DEFAULT_SEED
     dump_ir: Path | None = None
     overrides: dict[str, Any] = field(default_factory=dict)  # preset field overrides
-    max_batch: int = 8  # TensorRT optimization-profile maximum
-    max_seq: int | None = None  # TensorRT profile maximum (default: min(model positions, 8192))
+    max_batch: int = 8  # serving limit: sequences per batch (TensorRT profile maximum; KV cache planned for it)
+    max_seq: int | None = None  # serving limit: tokens per sequence (default min(model positions, 8192))
     lower: bool = True  # run the lowering passes (graphs/passes) before emitting
     onnx_ops: str | None = None  # ONNX translation of the qwen3export:: ops: "ort" | "standard"; None: per target
     quant: str = "none"  # weight quantization: none | int8 | int4 | fp8 (quant.py)
@@ -142,6 +143,9 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
         return build_parallel(opts, progress)
     target = check_options(opts)
     spec, source, ref = resolve(opts.model, opts.seed, **opts.overrides)
+    # the engine's serving limits and its KV cache at them (modelled); a GPU it cannot fit is refused here
+    serving = serving_plan(spec, target, opts.dtype, opts.quant, opts.group_size, opts.quantize_lm_head,
+                           max_batch=opts.max_batch, max_seq=opts.max_seq)
     outs = {b: output_folder(opts, spec, target.name, b) for b in opts.backends}
     for out in outs.values():  # refuse before spending minutes on a build
         if out.exists() and not opts.force:
@@ -177,6 +181,7 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
             manifest = art.default_manifest(
                 model={"ref": ref.to_dict(), "spec": spec.to_dict(), "param_count": spec.param_count()},
                 target=target.to_dict(), backend=backend, dtype="fp32", lowering=record)
+            manifest["serving"] = serving
             if kernels is not None:
                 manifest["kernels"] = kernels
             # 4. emit

@@ -179,3 +179,34 @@ def summary(p: dict[str, Any]) -> str:
         f"  total per rank        {r['total_bytes'] / GiB:,.2f} GiB of {p['usable_memory_bytes'] / GiB:,.1f} GiB usable "
         f"({USABLE_FRACTION:.0%} of {p['device_memory_bytes'] / GiB:,.0f} GiB): {verdict}",
     ])
+
+
+DEFAULT_SERVING_SEQ = 8192  # an engine's default --max-seq: min(model positions, this)
+
+
+def serving_plan(spec: ModelSpec, target, dtype: str, quant: str = "none", group_size: int = 128,
+                 quantize_lm_head: bool = False, tp: int = 1, ep: int = 1, max_batch: int = 1,
+                 max_seq: int | None = None) -> dict[str, Any]:
+    """What a build records as the engine's serving limits (`--max-batch`, `--max-seq`) with the modelled
+    memory of its KV cache at those limits: the manifest's `serving` entry, and what `run` enforces.
+
+    A GPU target whose memory cannot hold the plan is refused with one line before any work (that engine
+    would not run there); for the cpu target the plan is recorded (the build machine is not the serving one)."""
+    seq = max_seq or min(spec.max_positions, DEFAULT_SERVING_SEQ)
+    p = plan_for_target(spec, target, PlanOptions(dtype=dtype, quant=quant, group_size=group_size,
+                                                  quantize_lm_head=quantize_lm_head, tp=tp, ep=ep,
+                                                  max_batch=max_batch, max_seq=seq))
+    if target.kind == "gpu" and not p["fits"]:
+        r = p["per_rank"]
+        raise TargetError(
+            f"{spec.name} does not fit {target.name} at {dtype} quant {quant}, batch {max_batch} x {seq} tokens: "
+            f"{r['total_bytes'] / GiB:.1f} GiB per rank (weights {r['weight_bytes'] / GiB:.1f}, KV cache "
+            f"{r['kv_cache_bytes'] / GiB:.1f}) of {p['usable_memory_bytes'] / GiB:.1f} GiB usable [modelled]; lower "
+            "--max-batch/--max-seq, use --quant int4 or --dtype bf16, or shard with --tp/--ep "
+            "(`qwen3export plan` shows the figures)")
+    r = p["per_rank"]
+    return {"max_batch": max_batch, "max_seq": seq, "dtype": dtype, "quant": quant, "ranks": tp * ep,
+            "kv_cache_bytes_per_token": r["kv_cache_bytes_per_token"],
+            "kv_cache_bytes_per_sequence": r["kv_cache_bytes_per_sequence"],
+            "kv_cache_bytes": r["kv_cache_bytes"], "total_bytes_per_rank": r["total_bytes"],
+            "target_memory_bytes": p["device_memory_bytes"], "fits": p["fits"], "figures": "modelled"}

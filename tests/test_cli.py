@@ -152,6 +152,9 @@ def _one_line_error(code, err, *needles):
     (["build", "--backend", "coreml"], ["unknown backend 'coreml'", "onnx"]),
     (["build", "--dtype", "bf16"], ["target cpu cannot run dtype bf16", "--dtype fp32"]),
     (["build", "--dtype", "fp8"], ["unknown dtype 'fp8'"]),
+    (["build", "--max-seq", "50000"], ["--max-seq 50000 must be in 1..40960"]),
+    # 30.5 B parameters in fp32 (~114 GiB) on an 80 GB A100: refused from the plan, before any weight is read
+    (["build", "--model", "qwen3-30b-a3b", "--target", "a100"], ["does not fit a100", "--quant int4", "--tp"]),
 ])
 def test_bad_build_input(argv, needles, capsys, tmp_path):
     code, out, err = cli(capsys, *argv, "--out", tmp_path / "o")
@@ -179,11 +182,26 @@ def test_malformed_config(tmp_path, capsys):
     (["--prompt-ids", "1,x"], ["comma-separated integers"]),
     (["--prompt-ids", "1", "--max-new-tokens", "0"], ["--max-new-tokens must be >= 1"]),
     (["--prompt-ids", "1", "--max-new-tokens", "50000"], ["exceeds the model's 40960 positions"]),
+    # built without --max-seq: the engine serves min(40960, 8192) tokens per sequence
+    (["--prompt-ids", "1,2", "--max-new-tokens", "8191"], ["exceeds the engine's 8192 tokens", "--max-seq"]),
 ])
 def test_bad_run_input(tiny_build, argv, needles, capsys):
     code, out, err = cli(capsys, "run", tiny_build, *argv)
     _one_line_error(code, err, *needles)
     assert out == ""
+
+
+def test_serving_limits_and_kv_cache_in_manifest(tiny_build):
+    """--max-batch/--max-seq (defaults 8 and min(positions, 8192)) with the KV cache they need: K and V per
+    layer, kv heads x head_dim fp32 values per token."""
+    m = json.loads((tiny_build / "manifest.json").read_text())
+    spec = preset("tiny")
+    per_token = 2 * spec.num_hidden_layers * spec.num_key_value_heads * spec.head_dim * 4
+    s = m["serving"]
+    assert (s["max_batch"], s["max_seq"], s["figures"]) == (8, 8192, "modelled")
+    assert s["kv_cache_bytes_per_token"] == per_token
+    assert s["kv_cache_bytes_per_sequence"] == per_token * 8192
+    assert s["kv_cache_bytes"] == per_token * 8192 * 8
 
 
 def test_existing_output_needs_force(tiny_build, capsys):
