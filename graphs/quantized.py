@@ -116,6 +116,8 @@ def quantize_decoder(module: Qwen3Decoder, source: QuantizedSource, dtype: torch
         for parent, attr in ((layer.self_attn, "self_attn"), (layer.mlp, "mlp")):
             for proj in LINEARS.get(type(parent), ()):
                 name = f"{prefix}{attr}.{proj}.weight"
+                if not source.is_quantized(name):  # a checkpoint's modules_to_not_convert: stays fp
+                    continue
                 qlinear = QuantizedLinear(source.quantized(name), dtype, name)
                 setattr(parent, proj, qlinear)
                 linears, nbytes = linears + 1, nbytes + qlinear.quantized_weight().nbytes()
@@ -128,8 +130,7 @@ def quantize_decoder(module: Qwen3Decoder, source: QuantizedSource, dtype: torch
     if source.is_quantized("lm_head.weight"):
         module.lm_head = QuantizedLinear(source.quantized("lm_head.weight"), dtype, "lm_head.weight")
         linears, nbytes = linears + 1, nbytes + module.lm_head.quantized_weight().nbytes()
-    return {"mode": mode, "group_size": source.config.group_size if mode == "int4" else None, "linears": linears,
-            "moe_blocks": blocks, "quantized_bytes": nbytes}
+    return {**source.config.to_dict(), "linears": linears, "moe_blocks": blocks, "quantized_bytes": nbytes}
 
 
 @torch.no_grad()
@@ -143,7 +144,8 @@ def build_quantized(spec: ModelSpec, source: WeightSource, config: QuantConfig,
     else to `dtype`. Pass a QuantizedSource to share its quantization with a reference (quant_parity.py)."""
     if config.mode != "fp8" and dtype not in (torch.float32, config.scale_dtype):
         config = replace(config, scale_dtype=dtype)  # e.g. fp16 scales would not convert exactly to bf16
-    qsource = source if isinstance(source, QuantizedSource) else QuantizedSource(source, spec, config)
+    # a QuantizedSource, or a pre-quantized checkpoint (prequantized.PrequantizedSource), is used as it is
+    qsource = source if hasattr(source, "quantized") else QuantizedSource(source, spec, config)
     check_names(spec, qsource)
     with torch.device("meta"):
         module = Qwen3Decoder(spec)

@@ -56,16 +56,18 @@ def cmd_build(args: argparse.Namespace) -> int:
                         onnx_ops=args.onnx_ops, quant=args.quant, group_size=args.group_size,
                         quantize_lm_head=args.quantize_lm_head, tp=args.tp, ep=args.ep)
     results = build(opts, progress=_eprint)
-    from .describe import engine_status
+    from .describe import engine_status, quantization_lines
     from .parity import summary_line
 
     payload = {"artifacts": [{"path": str(r.path), "backend": r.manifest["backend"], "status": engine_status(r.manifest),
                               "lowering": r.manifest["lowering"], "kernels": r.manifest.get("kernels"),
-                              "parity": r.manifest["parity"]} for r in results]}
+                              "parity": r.manifest["parity"], "quantization": r.manifest.get("quantization")}
+                             for r in results]}
     lines = []
     for r in results:
         lines.append(f"artifact: {r.path} ({r.manifest['backend']}, {engine_status(r.manifest)})\n"
                      f"  {_lowering_line(r.manifest['lowering'])}\n  {summary_line(r.manifest['parity'])}")
+        lines += quantization_lines(r.manifest)
         if r.manifest.get("kernels"):
             k = r.manifest["kernels"]
             lines.append(f"  kernel configs for {k['arch']} {k['dtype']}: {', '.join(k['sources'])} "
@@ -201,7 +203,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     report = verify_artifact(artifact, args.model, args.threads, _eprint)
     artifact.manifest["parity"] = report
     artifact.save_manifest()
-    _emit(args, report, summary_line(report))
+    from .describe import quality_line
+
+    text = summary_line(report) + (f"\n{quality_line(report['quantization'])}" if "quantization" in report else "")
+    _emit(args, report, text)
     return 0 if report["passed"] else 1
 
 
@@ -209,7 +214,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import onnx
 
     from .artifact import load_artifact
-    from .describe import engine_lines, engine_record
+    from .describe import engine_lines, engine_record, quantization_lines
     from .parity import summary_line
 
     artifact = load_artifact(args.artifact)
@@ -223,11 +228,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     payload = {"path": str(artifact.path), "schema": m["schema"], "created": m["created"], "model": m["model"],
                "target": m["target"]["name"], "backend": m["backend"], "dtype": m["dtype"],
                "lowering": m.get("lowering"), "files": m["files"], "op_counts": ops, "parity": m.get("parity"),
-               "engine_summary": engine_record(m), "versions": m["versions"]}
+               "engine_summary": engine_record(m), "versions": m["versions"], "quantization": m.get("quantization")}
     lines = [f"artifact {artifact.path}  ({m['schema']}, built {m['created']})",
              f"  model    {spec['name']} ({spec['model_type']}, {m['model']['param_count']:,} params, "
              f"{spec['num_hidden_layers']} layers)",
              f"  target   {m['target']['name']}  backend {m['backend']}  dtype {m['dtype']}",
+             *quantization_lines(m),
              f"  {_lowering_line(m.get('lowering'))}"]
     lines += [f"    note: {note}" for note in (m.get("lowering") or {}).get("notes", [])]
     lines.append("  files:")

@@ -52,3 +52,28 @@ def _label(config: dict[str, Any]) -> str:
     from qwen3export.kernels.config import KernelConfig
 
     return KernelConfig.from_dict(config).label
+
+
+def quantization_lines(manifest: dict[str, Any]) -> list[str]:
+    """A quantized artifact's record (mode, group, lm_head, scheme, bytes) and its not-gated comparison with
+    the unquantized model; nothing for an unquantized one."""
+    q = manifest.get("quantization")
+    if not q:
+        return []
+    group = f" g{q['group_size']}" if q.get("group_size") not in (None, -1) else " per channel"
+    lines = [f"  quant    {q['mode']}{group} ({q['scheme']}), lm_head {'quantized' if q['quantize_lm_head'] else 'fp'}"
+             f"; weights {q['weight_bytes'] / 2**20:,.1f} MiB ({q['quantized_bytes'] / 2**20:,.1f} MiB quantized)"
+             f" vs fp32 {q['fp32_model_bytes'] / 2**20:,.1f} MiB"]
+    quality = (manifest.get("parity") or {}).get("quantization")
+    if quality:
+        lines.append("  " + quality_line(quality))
+    return lines
+
+
+def quality_line(quality: dict[str, Any]) -> str:
+    """parity["quantization"]: quant_parity.compare_to_unquantized's report, or why it was not run."""
+    if "not_run" in quality:
+        return f"quantized vs unquantized: not run ({quality['not_run']})"
+    from .quant_parity import summary_line
+
+    return summary_line({"quantization": quality})

@@ -57,10 +57,17 @@ def resolve(model: str | Path, seed: int = DEFAULT_SEED, **overrides: Any) -> tu
     if path.is_dir():
         if set(overrides) - {"rope_scaling"}:
             raise ConfigError("field overrides apply to presets only; edit the folder's config.json instead")
-        spec = spec_from_hf_config(read_config(path), name=path.resolve().name, think_ids=read_think_ids(path))
+        cfg = read_config(path)
+        if cfg.get("quantization_config"):  # AWQ / GPTQ: loaded into quant.py's representation
+            from .prequantized import open_prequantized
+
+            spec, source = open_prequantized(path, read_think_ids(path))
+        else:
+            spec = spec_from_hf_config(cfg, name=path.resolve().name, think_ids=read_think_ids(path))
+            source = SafetensorsSource(path)
         if overrides:  # --rope-scaling: what Qwen3's model card tells users to add to config.json
             spec = spec.replace(**overrides)
-        return spec, SafetensorsSource(path), ModelRef("folder", str(path.resolve()), DEFAULT_SEED,
+        return spec, source, ModelRef("folder", str(path.resolve()), DEFAULT_SEED,
                                                        tuple(sorted(overrides.items())))
     if text in PRESETS:
         spec = preset(text, **overrides)
@@ -77,7 +84,9 @@ def resolve_spec(model: str | Path, **overrides: Any) -> ModelSpec:
     """Only the ModelSpec (config.json or preset); no weight file is opened."""
     path = Path(str(model)).expanduser()
     if path.is_dir():
-        spec = spec_from_hf_config(read_config(path), name=path.resolve().name, think_ids=read_think_ids(path))
+        cfg = read_config(path)
+        cfg.pop("quantization_config", None)  # the spec is the model's shapes; weights are not read here
+        spec = spec_from_hf_config(cfg, name=path.resolve().name, think_ids=read_think_ids(path))
         return spec.replace(**overrides) if overrides else spec
     return resolve(model, DEFAULT_SEED, **overrides)[0]  # presets open nothing either
 
@@ -87,7 +96,15 @@ def resolve_ref(ref: ModelRef) -> tuple[ModelSpec, WeightSource]:
     return spec, source
 
 
+def is_prequantized(source: WeightSource) -> bool:
+    """Whether `source` is an AWQ / GPTQ checkpoint (prequantized.PrequantizedSource)."""
+    from .prequantized import PrequantizedSource
+
+    return isinstance(source, PrequantizedSource)
+
+
 def build_module(spec: ModelSpec, source: WeightSource, dtype: torch.dtype) -> Qwen3Decoder:
+    """The eager decoder (a pre-quantized checkpoint loads dequantized: quant_parity's reference)."""
     module = Qwen3Decoder.empty(spec, dtype)
     load_into(module, spec, source, dtype)
     return module

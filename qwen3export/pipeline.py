@@ -20,7 +20,7 @@ from .backends import onnx as onnx_backend
 from .capture import capture
 from qwen3export.graphs.sampling import capture_sampling
 from .errors import InputError, ParityError, TargetError
-from .model import DEFAULT_SEED, ModelRef, build_module, resolve, resolve_ref
+from .model import DEFAULT_SEED, ModelRef, build_module, is_prequantized, resolve, resolve_ref
 from .plan import serving_plan
 from .parity import check_parity, check_sampling_parity, summary_line
 from .runner import available_providers, open_engine
@@ -129,11 +129,92 @@ def check_options(opts: BuildOptions):
             raise TargetError(f"--backend {b} needs an NVIDIA GPU target, not {target.name}")
     parse_dtype(opts.dtype)
     target.check_dtype(opts.dtype)
+    check_quant(opts, target)
     if opts.dtype != "fp32" and set(opts.backends) & {"onnx", "aoti"}:
         raise TargetError(f"--dtype {opts.dtype} engines for onnx/aoti can only be verified on the target's GPU, and "
                           "parity is checked before an artifact is written: build fp32 here, or use --backend "
                           "tensorrt (fp32 ONNX verified here, precision set by TensorRT's builder flags)")
     return target
+
+
+def check_quant(opts: BuildOptions, target) -> None:
+    """--quant against the target and backends, before any weight is read: fp8 e4m3 needs sm_89+ (a GPU target
+    without it is refused; ONNX Runtime's CPU provider runs fp8 DequantizeLinear, so target cpu verifies it),
+    aoti cannot take the quantized ops, int4's group size is a power of two >= 16."""
+    from qwen3export.targets import TARGETS
+
+    from .quant import QUANT_MODES, QuantConfig
+
+    if opts.quant == "none":
+        if opts.quantize_lm_head:
+            raise InputError("--quantize-lm-head needs --quant int8, int4 or fp8")
+        return
+    if opts.quant not in QUANT_MODES:
+        raise InputError(f"unknown --quant {opts.quant!r}; choose one of none, {', '.join(QUANT_MODES)}")
+    if opts.quant == "fp8" and target.kind == "gpu" and "fp8" not in target.dtypes:
+        fp8 = ", ".join(t.name for t in TARGETS.values() if t.kind == "gpu" and "fp8" in t.dtypes)
+        raise TargetError(f"target {target.name} ({target.arch}) cannot run --quant fp8: fp8 e4m3 needs sm_89 or "
+                          f"newer; use --quant int8 or int4, or an fp8 target ({fp8})")
+    check_quant_backends(opts.backends)
+    QuantConfig(opts.quant, opts.group_size, opts.quantize_lm_head)  # the group size rule
+
+
+def check_quant_backends(backends) -> None:
+    if "aoti" in backends:
+        raise TargetError("--backend aoti cannot take a quantized model (its qwen3export:: quantized ops would tie "
+                          "the .pt2 to a Python process); use --backend onnx")
+
+
+def quant_config(opts: BuildOptions, spec: ModelSpec, source):
+    """The build's QuantConfig: a pre-quantized (AWQ / GPTQ) checkpoint's own, else --quant's RTN; None: fp
+    weights. Checked against the model before any weight is read (fp8 has no MoE expert op; int4 groups
+    divide every quantized weight)."""
+    from .quant import QuantConfig, check_quantizable
+
+    if is_prequantized(source):
+        cfg = source.config
+        if opts.quant not in ("none", cfg.mode):
+            raise InputError(f"{spec.name} is already quantized ({cfg.scheme} {cfg.mode}); drop --quant "
+                             f"{opts.quant} to build it as it is, or give the unquantized checkpoint")
+        if opts.quantize_lm_head and not cfg.quantize_lm_head:
+            raise InputError(f"{spec.name}'s lm_head is not quantized in the checkpoint; drop --quantize-lm-head")
+        check_quant_backends(opts.backends)
+        return cfg
+    if opts.quant == "none":
+        return None
+    cfg = QuantConfig(opts.quant, opts.group_size, opts.quantize_lm_head)
+    if cfg.mode == "fp8" and spec.moe_layers:
+        raise InputError(f"--quant fp8 covers dense models only and {spec.name} has MoE layers (no fp8 expert op); "
+                         "use --quant int8 or int4, or a dense model (e.g. --model tiny)")
+    check_quantizable(spec, cfg)
+    return cfg
+
+
+def load_decoder(spec: ModelSpec, source, qcfg) -> torch.nn.Module:
+    """Load stage: the fp32 decoder, or the quantized one (graphs/quantized.py) built tensor by tensor."""
+    if qcfg is None:
+        return build_module(spec, source, torch.float32)
+    from qwen3export.graphs.quantized import build_quantized
+
+    from .quant import QuantizedSource
+
+    qsource = source if is_prequantized(source) else QuantizedSource(source, spec, qcfg)
+    return build_quantized(spec, qsource, qcfg, torch.float32)
+
+
+def quantization_record(module, spec: ModelSpec) -> dict[str, Any]:
+    """The manifest's `quantization`: mode, group size, lm_head, scheme (rtn / awq / gptq), what was replaced,
+    and the bytes of weights the engine stores: quantized tensors (codes, scales, zero points) plus the fp32
+    tensors left (embedding, norms, routers, an unquantized lm_head; a tied one once), beside the fp32 model's."""
+    seen, fp = set(), 0
+    for _, t in module.named_parameters():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            fp += t.numel() * t.element_size()
+    rec = dict(module.quantization)
+    rec.update({"weight_bytes": rec["quantized_bytes"] + fp, "fp_weight_bytes": fp,
+                "fp32_model_bytes": 4 * spec.param_count()})
+    return rec
 
 
 def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[BuildResult]:
@@ -143,8 +224,10 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
         return build_parallel(opts, progress)
     target = check_options(opts)
     spec, source, ref = resolve(opts.model, opts.seed, **opts.overrides)
+    qcfg = quant_config(opts, spec, source)  # --quant or the checkpoint's own, checked before any weight is read
     # the engine's serving limits and its KV cache at them (modelled); a GPU it cannot fit is refused here
-    serving = serving_plan(spec, target, opts.dtype, opts.quant, opts.group_size, opts.quantize_lm_head,
+    serving = serving_plan(spec, target, opts.dtype, qcfg.mode if qcfg else "none",
+                           qcfg.group_size if qcfg else opts.group_size, bool(qcfg and qcfg.quantize_lm_head),
                            max_batch=opts.max_batch, max_seq=opts.max_seq)
     outs = {b: output_folder(opts, spec, target.name, b) for b in opts.backends}
     for out in outs.values():  # refuse before spending minutes on a build
@@ -156,7 +239,9 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
 
     # 1. load: weights streamed tensor by tensor into the module (see weights.py)
     # engines are verified here in fp32; TensorRT lowers precision through its builder flags
-    module = stages.run("load", f"{source.description} as fp32", lambda: build_module(spec, source, torch.float32))
+    what = f"{source.description} as fp32" + (f", {qcfg.mode} weights ({qcfg.scheme})" if qcfg else "")
+    module = stages.run("load", what, lambda: load_decoder(spec, source, qcfg))
+    quantization = quantization_record(module, spec) if qcfg else None
     # 2. capture: one ExportedProgram for prefill and decode
     ep = stages.run("capture", "torch.export (dynamic batch, sequence, cache length)", lambda: capture(module))
     _dump(opts.dump_ir, "01-capture.txt", str(ep.graph_module.code))
@@ -169,7 +254,7 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
         _dump(opts.dump_ir, "02-lower.txt", str(lowered.graph_module.code))
 
     # GPU targets: the tuned kernel configs (measured / modelled / default) for the dtype the GPU runs
-    kernels = kernel_configs(spec, target, opts.dtype)
+    kernels = kernel_configs(spec, target, opts.dtype, quantization)
 
     results = []
     for backend in opts.backends:
@@ -184,20 +269,30 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
             manifest["serving"] = serving
             if kernels is not None:
                 manifest["kernels"] = kernels
+            if quantization is not None:
+                manifest["quantization"] = quantization
             # 4. emit
             # the sampling graph (thinking control baked in) ships beside every decoder
             manifest["sampling"] = emit_sampling(spec, ref, tmp, sampling_ep)
             what = f"{backend} engine{f' ({flavour} ONNX ops)' if flavour else ''} -> {out}"
             manifest["engine"] = stages.run("emit", what, lambda: emit_engine(backend, program, sampling_ep, spec, tmp,
-                                                                               opts, target, flavour))
+                                                                               opts, target, flavour, quantization))
             # 5. verify: the engine against eager PyTorch on the same weights
             if backend == "kernels":
                 report = stages.run("verify", "kernel pack: cubins, loader, interpreter parity",
                                     lambda: verify_pack(tmp, manifest, progress))
+            elif qcfg is not None:
+                report = stages.run("verify", "parity against eager PyTorch on the dequantized weights, and the "
+                                    "quantized model against the unquantized one",
+                                    lambda: verify_quantized(art.Artifact(tmp, manifest), spec, source, qcfg))
             else:
                 report = stages.run("verify", "parity against eager PyTorch",
                                     lambda: verify_engine(art.Artifact(tmp, manifest), module))
             progress(summary_line(report))
+            if "quantization" in report:
+                from .quant_parity import summary_line as quant_line
+
+                progress(quant_line(report))
             if not report["passed"]:
                 raise ParityError(f"engine failed the parity gate ({'; '.join(report['failures'])}); no artifact "
                                   "was written: report this with --debug output")
@@ -208,7 +303,8 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
     return results
 
 
-def kernel_configs(spec: ModelSpec, target, dtype: str) -> dict[str, Any] | None:
+def kernel_configs(spec: ModelSpec, target, dtype: str, quantization: dict[str, Any] | None = None
+                   ) -> dict[str, Any] | None:
     """The manifest's `kernels` entry for a GPU target: per kernel the model runs, the config chosen for each
     shape bucket and how (measured / modelled, from the target's tuned table; default where no table has the
     model's shapes, with the `tune` command that would make one). None for CPU targets (no Triton kernels)."""
@@ -216,10 +312,11 @@ def kernel_configs(spec: ModelSpec, target, dtype: str) -> dict[str, Any] | None
         return None
     from qwen3export.autotune.tables import select_configs
 
-    from .backends.kernel_pack import pack_dtype
+    from .backends.kernel_pack import pack_dtype, quantized_selection
 
     kdtype = pack_dtype(target, dtype)
-    selected = select_configs(target, spec, kdtype, missing="default")
+    selected = quantized_selection(select_configs(target, spec, kdtype, missing="default"), spec, target,
+                                   quantization)
     return {"dtype": kdtype, "arch": target.arch, "sources": sorted({s for e in selected for s in e["sources"]}),
             "kernels": [{k: e[k] for k in ("kernel", "table", "shipped", "sources", "configs", "tune") if k in e}
                         for e in selected]}
@@ -246,6 +343,9 @@ def verify_artifact(artifact: art.Artifact, model_override: str | None = None, t
         if model_override is not None:
             eager_for(artifact, model_override)  # the same spec check; the interpreter rebuilds from the record
         return verify_pack(Path(artifact.path), artifact.manifest, progress, threads)
+    if artifact.manifest.get("quantization"):
+        spec, source = source_for(artifact, model_override)
+        return verify_quantized(artifact, spec, source, artifact_quant_config(artifact), threads)
     return verify_engine(artifact, eager_for(artifact, model_override), threads)
 
 
@@ -339,13 +439,15 @@ def emit_sampling(spec: ModelSpec, ref: ModelRef, folder: Path, sampling_ep) -> 
 
 
 def emit_engine(backend: str, ep, sampling_ep, spec: ModelSpec, folder: Path, opts: BuildOptions | None = None,
-                target=None, flavour: str | None = None) -> dict[str, Any]:
+                target=None, flavour: str | None = None, quantization: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
+    quantized = quantization is not None
     if backend == "onnx":
-        return onnx_backend.emit_decoder(ep, spec, folder, flavour=flavour)
+        return onnx_backend.emit_decoder(ep, spec, folder, flavour=flavour, quantized=quantized)
     if backend == "tensorrt":
         from .backends import tensorrt as trt_backend
 
-        entry = onnx_backend.emit_decoder(ep, spec, folder, flavour=flavour)
+        entry = onnx_backend.emit_decoder(ep, spec, folder, flavour=flavour, quantized=quantized)
         max_seq = opts.max_seq or min(spec.max_positions, 8192)
         trt_backend.write_settings(folder, trt_backend.settings(spec, target, opts.dtype, opts.max_batch, max_seq))
         missing = trt_backend.missing_requirements()
@@ -361,7 +463,7 @@ def emit_engine(backend: str, ep, sampling_ep, spec: ModelSpec, folder: Path, op
         from .backends.kernel_pack import emit_kernel_pack
 
         (folder / "kernels").mkdir(exist_ok=True)
-        return emit_kernel_pack(spec, target, opts.dtype if opts else "fp32", folder)
+        return emit_kernel_pack(spec, target, opts.dtype if opts else "fp32", folder, quantization=quantization)
     raise TargetError(f"unknown backend {backend!r}")
 
 
@@ -392,8 +494,47 @@ def verify_engine(artifact: art.Artifact, eager: torch.nn.Module, threads: int |
     return report
 
 
-def eager_for(artifact: art.Artifact, model_override: str | None = None) -> torch.nn.Module:
-    """Rebuild the eager model an artifact was built from (its recorded source, or `model_override`)."""
+def verify_quantized(artifact: art.Artifact, spec: ModelSpec, source, qcfg, threads: int | None = None
+                     ) -> dict[str, Any]:
+    """A quantized engine, parity two ways (quant_parity.py): gated, the engine against eager PyTorch on the
+    same dequantized weights; reported, the quantized model against the unquantized one (not for an AWQ /
+    GPTQ checkpoint: its unquantized weights are not here). The report is check_parity's (it gates and
+    prints like any build's) with `quantization` holding the second comparison."""
+    from .quant import QuantizedSource
+    from .quant_parity import check_engine_parity, compare_to_unquantized, dequantized_reference
+
+    engine = open_engine(artifact, threads)
+    qsource = source if is_prequantized(source) else QuantizedSource(source, spec, qcfg)
+    reference = dequantized_reference(spec, qsource, torch.float32)
+    report = check_engine_parity(engine, engine.empty_cache(2), reference, artifact.manifest["dtype"])
+    if is_prequantized(source):
+        quality = {"gated": False, "not_run": f"pre-quantized {qcfg.scheme} checkpoint: no unquantized weights to "
+                   "compare with"}
+    else:
+        quality = compare_to_unquantized(reference, build_module(spec, source, torch.float32))
+    quality["quantization"] = qcfg.to_dict()
+    report["quantization"] = quality
+    report["providers"] = engine.providers
+    report["sampling"] = check_sampling_parity(*sampling_pair(artifact, threads, engine))
+    if not report["sampling"]["identical"]:
+        report["passed"] = False
+        report["failures"].append(f"sampling graph differs from torch in {report['sampling']['mismatches']} "
+                                  "tokens/state rows")
+    return report
+
+
+def artifact_quant_config(artifact: art.Artifact):
+    """The QuantConfig a quantized artifact was built with (its manifest's `quantization`)."""
+    from .quant import QuantConfig
+
+    q = artifact.manifest["quantization"]
+    return QuantConfig(q["mode"], q["group_size"] if q.get("group_size") is not None else 128,
+                       bool(q.get("quantize_lm_head")), scheme=q.get("scheme", "rtn"))
+
+
+def source_for(artifact: art.Artifact, model_override: str | None = None):
+    """(spec, weight source) an artifact was built from (its recorded source, or `model_override`), checked
+    against the artifact's model spec."""
     m = artifact.manifest
     ref = ModelRef.from_dict(m["model"]["ref"])
     if model_override is not None:
@@ -403,4 +544,11 @@ def eager_for(artifact: art.Artifact, model_override: str | None = None) -> torc
     if spec.to_dict() | {"name": ""} != m["model"]["spec"] | {"name": ""}:
         raise ParityError(f"model {ref.name} no longer matches the artifact's model spec; pass --model with the "
                           "checkpoint the artifact was built from")
-    return build_module(spec, source, parse_dtype(m["dtype"]))
+    return spec, source
+
+
+def eager_for(artifact: art.Artifact, model_override: str | None = None) -> torch.nn.Module:
+    """Rebuild the eager model an artifact was built from (its recorded source, or `model_override`)."""
+    spec, source = source_for(artifact, model_override)
+    return build_module(spec, source, parse_dtype(artifact.manifest["dtype"]))
+

@@ -157,6 +157,14 @@ class PrequantizedSource:
                                    f"{group} imply {list(shape)}; the checkpoint does not match its config.json")
         return n, k
 
+    @property
+    def config(self):
+        """The checkpoint's quantization as a QuantConfig (what quantize_decoder and the manifest read)."""
+        from .quant import QuantConfig
+
+        return QuantConfig(f"int{self.scheme.bits}", self.scheme.group_size,
+                           quantize_lm_head=self.is_quantized("lm_head.weight"), scheme=self.scheme.method)
+
     def names(self) -> set[str]:
         return set(self._shapes)
 

@@ -221,12 +221,22 @@ class QuantConfig:
     group_size: int = 128
     quantize_lm_head: bool = False
     scale_dtype: torch.dtype = torch.float16
+    scheme: str = "rtn"  # how the weights were quantized: "rtn" (here, from the checkpoint) | "awq" | "gptq"
 
     def __post_init__(self) -> None:
         if self.mode not in QUANT_MODES:
             raise InputError(f"unknown --quant {self.mode!r}; choose one of none, {', '.join(QUANT_MODES)}")
-        if self.mode == "int4":
+        if self.scheme not in ("rtn", "awq", "gptq"):
+            raise InputError(f"unknown quantization scheme {self.scheme!r}; rtn, awq or gptq")
+        # a pre-quantized checkpoint may be per channel (group_size -1 in its quantization_config)
+        if self.mode == "int4" and not (self.scheme != "rtn" and self.group_size == -1):
             check_group_size(self.group_size, self.group_size)
+
+    def to_dict(self) -> dict:
+        """The manifest's view (group size only where it means something: int4, or a checkpoint's own)."""
+        group = self.group_size if self.mode == "int4" or self.scheme != "rtn" else None
+        return {"mode": self.mode, "group_size": group, "quantize_lm_head": self.quantize_lm_head,
+                "scheme": self.scheme}
         if self.scale_dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise InputError(f"quantization scales must be fp16, bf16 or fp32, got {self.scale_dtype}")
 

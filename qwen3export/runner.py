@@ -59,6 +59,10 @@ class OnnxEngine:
         if threads:
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
+        # ORT fuses DequantizeLinear(int4/int8) + MatMul (the standard flavour) into MatMulNBits, at accuracy
+        # level 4 (activations quantized to int8) unless told otherwise: keep them fp so the engine computes
+        # what the parity gate checked (onnxruntime_session_options_config_keys.h)
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         self.providers = available_providers(m["target"]["ort_providers"])
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)

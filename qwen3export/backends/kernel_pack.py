@@ -72,24 +72,91 @@ def compile_shape(kernel: str, spec: ModelSpec, config: dict[str, Any] | None = 
     raise TargetError(f"the kernels backend has no compile shape for kernel {kernel!r}")
 
 
-def plan_jobs(selection: list[dict[str, Any]], spec: ModelSpec, dtype: str, cc: int) -> list[dict[str, Any]]:
-    """One compile job per (kernel, distinct config, Triton function). moe_align is compiled once per BLOCK_M
-    that the selected fused_moe configs use (its sort tile must equal the expert GEMM's)."""
+# ------------------------------------------------------------------------- quantized builds (build --quant)
+QUANT_KERNELS = {"int4": ("wq_matmul", "fused_moe_wq"), "int8": ("wq_matmul", "fused_moe_wq"),
+                 "fp8": ("fp8_matmul",)}
+QUANT_NOT_TUNED = ("no tuned table: the quantized kernels are not in autotune's workloads yet; the pack compiles "
+                   "the kernel's DEFAULT_CONFIG")
+
+
+def quantized_selection(selection: list[dict[str, Any]], spec: ModelSpec, target,
+                        quantization: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """select_configs' entries for a quantized model: fused_moe gives way to fused_moe_wq (quantized experts),
+    and the GEMM kernels the quantized linears run (wq_matmul for int4 / int8, fp8_matmul for fp8) join with
+    their DEFAULT_CONFIG (source "default": no tuned table exists for them). Unchanged when not quantized."""
+    if not quantization:
+        return selection
+    from qwen3export.kernels.compile import kernel_module, supports
+    from qwen3export.kernels.config import arch_limits
+
+    wanted = [k for k in QUANT_KERNELS[quantization["mode"]] if k != "fused_moe_wq" or spec.is_moe]
+    out = [e for e in selection if not (e["kernel"] == "fused_moe" and spec.is_moe)]
+    for kernel in wanted:
+        if not supports(kernel, arch_limits(target.compute_capability)):
+            raise TargetError(f"--quant {quantization['mode']} runs {kernel}, which does not compile for "
+                              f"{target.arch}; use --quant int8 or int4")
+        out.append({"kernel": kernel, "table": None, "shipped": False, "shape": {},
+                    "configs": {"*": {"config": kernel_module(kernel).DEFAULT_CONFIG.to_dict(), "source": "default"}},
+                    "sources": ["default"], "tune": QUANT_NOT_TUNED})
+    return out
+
+
+def quant_compile_shapes(kernel: str, spec: ModelSpec, quantization: dict[str, Any]) -> list[tuple[str, dict]]:
+    """(label suffix, shape) per distinct binary a quantized kernel needs for this model: wq_matmul once per
+    (group layout, zero points) over the quantized linears' K (q/k/v/gate/up and lm_head read hidden, o_proj
+    heads * head_dim, a dense down_proj the intermediate size), fused_moe_wq once per zero-point variant,
+    fp8_matmul once (K and N are run-time arguments). AWQ / GPTQ checkpoints get the zero-point variants too."""
+    mode, group = quantization["mode"], quantization.get("group_size")
+    bits = 4 if mode == "int4" else 8
+    zero_points = (0, 1) if quantization.get("scheme", "rtn") != "rtn" else (0,)
+    if kernel == "fp8_matmul":
+        return [("", {"K": spec.hidden_size, "N": spec.num_attention_heads * spec.head_dim})]
+    per_channel = group is None or group == -1  # int8 RTN, or a checkpoint's group_size -1
+    if kernel == "fused_moe_wq":
+        return [(f",zp={zp}" if len(zero_points) > 1 else "",
+                 {"bits": bits, "hidden": spec.hidden_size, "inter": spec.moe_intermediate_size,
+                  "group": 0 if per_channel else group, "zero_points": zp}) for zp in zero_points]
+    if kernel != "wq_matmul":
+        raise TargetError(f"the kernels backend has no quantized compile shape for kernel {kernel!r}")
+    linears = [(spec.hidden_size, spec.num_attention_heads * spec.head_dim),  # q_proj: K hidden
+               (spec.num_attention_heads * spec.head_dim, spec.hidden_size)]  # o_proj
+    if len(spec.moe_layers) < spec.num_hidden_layers:
+        linears.append((spec.intermediate_size, spec.hidden_size))  # a dense layer's down_proj
+    shapes: dict[tuple, tuple[str, dict]] = {}
+    for k, n in linears:
+        g = k if per_channel else group
+        layout = g if k // g > 1 else "K"  # block_k_for: capped at the group only when there are several
+        for zp in zero_points:
+            shapes.setdefault((layout, zp), (f",bits={bits},group={layout},zp={zp}",
+                                             {"bits": bits, "K": k, "N": n, "group": g, "zero_points": zp}))
+    return list(shapes.values())
+
+
+def plan_jobs(selection: list[dict[str, Any]], spec: ModelSpec, dtype: str, cc: int,
+              quantization: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One compile job per (kernel, distinct config, compile shape, Triton function). moe_align is compiled
+    once per BLOCK_M that the selected fused_moe / fused_moe_wq configs use (its sort tile must equal the
+    expert GEMM's); the quantized kernels once per shape quant_compile_shapes names."""
     from qwen3export.kernels.compile import kernel_module
     from qwen3export.kernels.config import KernelConfig
 
-    block_ms = sorted({c["config"]["blocks"]["BLOCK_M"] for e in selection if e["kernel"] == "fused_moe"
-                       for c in e["configs"].values()}) or [None]
+    block_ms = sorted({c["config"]["blocks"]["BLOCK_M"] for e in selection
+                       if e["kernel"] in ("fused_moe", "fused_moe_wq") for c in e["configs"].values()}) or [None]
     jobs: list[dict[str, Any]] = []
     for entry in selection:
         kernel = entry["kernel"]
         configs = {KernelConfig.from_dict(c["config"]) for c in entry["configs"].values()}
         for config in sorted(configs, key=lambda c: c.label):
-            for block_m in (block_ms if kernel == "moe_align" else [None]):
-                shape = compile_shape(kernel, spec, block_m=block_m)
+            if kernel == "moe_align":
+                shapes = [(f",block_m={m}" if m else "", compile_shape(kernel, spec, block_m=m)) for m in block_ms]
+            elif quantization and kernel in QUANT_KERNELS[quantization["mode"]]:
+                shapes = quant_compile_shapes(kernel, spec, quantization)
+            else:
+                shapes = [("", compile_shape(kernel, spec))]
+            for suffix, shape in shapes:
                 specs = kernel_module(kernel).compile_specs(config, dtype, shape)
                 for index, cs in enumerate(specs):
-                    label = config.label + (f",block_m={block_m}" if block_m else "")
+                    label = config.label + suffix
                     function = getattr(cs.fn, "__name__", None) or cs.fn.fn.__name__
                     jobs.append({"kernel": kernel, "config": config.to_dict(), "label": label, "dtype": dtype,
                                  "shape": shape, "index": index, "cc": cc, "function": function,
@@ -168,8 +235,10 @@ def compile_jobs(jobs: list[dict[str, Any]], root: Path) -> list[dict[str, Any]]
 
 
 def emit_kernel_pack(spec: ModelSpec, target, dtype: str, folder: Path, tables: list[Path] | None = None,
-                     progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Write the pack into `folder` (an artifact being staged); returns the manifest's `engine` entry."""
+                     progress: Callable[[str], None] = lambda s: None,
+                     quantization: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the pack into `folder` (an artifact being staged); returns the manifest's `engine` entry.
+    `quantization` (the manifest's record of a quantized build) adds the quantized GEMM kernels the model runs."""
     from qwen3export.autotune.tables import select_configs
     from qwen3export.kernels.compile import verdict
     from qwen3export.kernels.config import arch_limits
@@ -177,8 +246,9 @@ def emit_kernel_pack(spec: ModelSpec, target, dtype: str, folder: Path, tables: 
     if target.kind != "gpu":
         raise TargetError(f"--backend kernels cross-compiles for an NVIDIA GPU arch; target {target.name} has none")
     kdtype = pack_dtype(target, dtype)
-    selection = select_configs(target, spec, kdtype, tables, missing="default")
-    jobs = plan_jobs(selection, spec, kdtype, target.compute_capability)
+    selection = quantized_selection(select_configs(target, spec, kdtype, tables, missing="default"), spec, target,
+                                    quantization)
+    jobs = plan_jobs(selection, spec, kdtype, target.compute_capability, quantization)
     progress(f"cross-compiling {len(jobs)} kernel functions for {target.arch} ({kdtype})")
     results = compile_jobs(jobs, folder)
     limits = arch_limits(target.compute_capability)
@@ -196,7 +266,8 @@ def emit_kernel_pack(spec: ModelSpec, target, dtype: str, folder: Path, tables: 
                           f"({'; '.join(invalid[:3])}); retune with `qwen3export tune --target {target.name} "
                           f"--model {spec.name}`")
     index = {"schema": 1, "arch": target.arch, "compute_capability": target.compute_capability, "dtype": kdtype,
-             "triton": _triton_version(), "selection": selection, "functions": functions}
+             "triton": _triton_version(), "selection": selection, "functions": functions,
+             "quantization": quantization}
     (folder / PACK_INDEX).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
     sources = sorted({s for e in selection for s in e["sources"]})
     return {"format": "triton-kernel-pack", "index": PACK_INDEX, "arch": target.arch, "dtype": kdtype,
@@ -350,15 +421,57 @@ def _interpret_main(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     from qwen3export.pipeline import eager_for
 
     artifact = Artifact(folder, manifest | {"dtype": "fp32"})
-    eager = eager_for(artifact)
-    kernels = eager_for(artifact).use_custom_ops()
+    if manifest.get("quantization"):
+        kernels, eager = _quantized_pair(artifact)
+    else:
+        eager = eager_for(artifact)
+        kernels = eager_for(artifact).use_custom_ops()
     pack = load_kernel_pack(folder)
     with torch.no_grad(), kernel_configs(pack.selection()):
         report = check_parity(kernels, kernels.empty_cache(2), eager, eager.empty_cache(2), eager.spec.vocab_size,
                               "fp32", new_tokens=INTERPRET_NEW_TOKENS)
     report["reference"] = ("eager PyTorch vs the same model through the qwen3export:: ops, Triton kernels run by "
                            "the interpreter (fp32) with the pack's configs")
+    if manifest.get("quantization"):
+        report["reference"] += "; quantized: eager PyTorch on the same dequantized weights (fp8: op references)"
     return report
+
+
+class _TorchReference:
+    """A decoder run with every qwen3export:: op on its pure-torch reference, even inside the interpreter
+    worker (kernels/launch.py ops_run_triton reads the environment at each call): the fp8 reference decoder
+    itself calls fp8_linear."""
+
+    def __init__(self, model):
+        self.model, self.spec = model, model.spec
+
+    def empty_cache(self, batch: int):
+        return self.model.empty_cache(batch)
+
+    def __call__(self, *args):
+        from qwen3export.kernels.launch import INTERPRET_ENV
+
+        saved = os.environ.pop(INTERPRET_ENV, None)
+        try:
+            return self.model(*args)
+        finally:
+            if saved is not None:
+                os.environ[INTERPRET_ENV] = saved
+
+
+def _quantized_pair(artifact):
+    """(the quantized decoder through the custom ops, its torch reference) for a quantized build's pack."""
+    from qwen3export.graphs.quantized import build_quantized
+    from qwen3export.model import is_prequantized
+    from qwen3export.pipeline import artifact_quant_config, source_for
+    from qwen3export.quant import QuantizedSource
+    from qwen3export.quant_parity import dequantized_reference
+
+    spec, source = source_for(artifact)
+    config = artifact_quant_config(artifact)
+    qsource = source if is_prequantized(source) else QuantizedSource(source, spec, config)
+    kernels = build_quantized(spec, qsource, config).use_custom_ops()
+    return kernels, _TorchReference(dequantized_reference(spec, qsource))
 
 
 if __name__ == "__main__":

@@ -48,25 +48,36 @@ def weight_bytes(ep: ExportedProgram) -> int:
     return sum(t.numel() * t.element_size() for t in ep.state_dict.values())
 
 
-def emit_decoder(ep: ExportedProgram, spec: ModelSpec, folder: Path, flavour: str | None = None) -> dict[str, Any]:
+def emit_decoder(ep: ExportedProgram, spec: ModelSpec, folder: Path, flavour: str | None = None,
+                 quantized: bool = False) -> dict[str, Any]:
     """Write `decoder.onnx` (+ `decoder.onnx.data` over 2 GB) into `folder`; return the engine entry.
 
     `flavour` ("ort" | "standard", backends/onnx_ops.py) translates the qwen3export:: ops of a lowered
-    program; None exports an unlowered one (a custom op left in it fails the export)."""
+    program; None exports an unlowered one (a custom op left in it fails the export). `quantized`: the
+    program holds the quantized ops (graphs/quantized.py), translated by backends/onnx_quant.py at its
+    opset 21, their weight layouts baked into stored initializers."""
     import onnx_ir as ir
 
     from .onnx_ops import bake_weight_layouts, custom_translation_table
+    from .onnx_quant import OPSET as QUANT_OPSET, bake_quantized_weights, quant_translation_table
 
+    if quantized and flavour is None:
+        raise ValueError("a quantized decoder needs an ONNX op flavour (ort | standard) for its quantized ops")
     inputs, outputs = io_names(spec)
     table = custom_translation_table(flavour) if flavour is not None else None
+    if quantized:
+        table = {**table, **quant_translation_table(flavour)}
+    opset = QUANT_OPSET if quantized else OPSET
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        program = torch.onnx.export(ep, (), dynamo=True, opset_version=OPSET, input_names=inputs,
+        program = torch.onnx.export(ep, (), dynamo=True, opset_version=opset, input_names=inputs,
                                     output_names=outputs, optimize=True, verbose=False,
                                     custom_translation_table=table)
     # ORT's MoE reads fc1 interleaved: store it so, rather than have every session fold it at load
     baked = bake_weight_layouts(program.model) if flavour == "ort" else 0
+    # MatMulNBits / QMoE / DequantizeLinear read their weights in final layout, not through unpack chains
+    baked += bake_quantized_weights(program.model) if quantized else 0
     shapes = io_shapes(spec)
     for value in (*program.model.graph.inputs, *program.model.graph.outputs):
         value.shape = ir.Shape([ir.SymbolicDim(d) if isinstance(d, str) else d for d in shapes[value.name]])
@@ -76,7 +87,7 @@ def emit_decoder(ep: ExportedProgram, spec: ModelSpec, folder: Path, flavour: st
     return {
         "file": DECODER_FILE,
         "external_data": external,
-        "opset": OPSET,
+        "opset": opset,
         "onnx_ops": flavour,
         "baked_weights": baked,
         "inputs": inputs,
