@@ -76,7 +76,29 @@ def storage_for(url: str) -> optuna.storages.BaseStorage:
     kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=30, grace_period=60)
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=30, grace_period=60)
+    if url.startswith("sqlite"):
+        _serialize_sqlite(storage.engine)
+    return storage
+
+
+def _serialize_sqlite(engine) -> None:
+    """Every SQLite transaction takes the write lock at BEGIN (SQLAlchemy's documented pysqlite recipe).
+
+    optuna claims an enqueued (WAITING) trial with SELECT ... FOR UPDATE, which SQLite ignores: two workers
+    both read WAITING, both run the trial, and the second tell fails with "Cannot tell a COMPLETE trial"
+    (seen with two spawned workers on one study). BEGIN IMMEDIATE makes the read-then-claim atomic."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None  # pysqlite emits no BEGIN of its own; SQLAlchemy's is below
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened before the listeners (schema creation) are not reused
 
 
 def _postgres_driver(url: str) -> str:

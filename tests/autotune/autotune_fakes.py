@@ -31,3 +31,12 @@ def slow_synthetic_resources(target, kernel, config, dtype):
     and a kill lands mid-study."""
     time.sleep(0.05)
     return synthetic_resources(target, kernel, config, dtype)
+
+
+def worker_after_barrier(barrier, *args):
+    """tune.run_worker once every worker process is up: spawned workers import torch at different speeds on a
+    loaded machine, and without the barrier the first one can finish the whole study before the second starts."""
+    from qwen3export.autotune.tune import run_worker
+
+    barrier.wait(timeout=600)
+    return run_worker(*args)

@@ -16,10 +16,10 @@ from pathlib import Path
 import optuna
 import pytest
 
-from autotune_fakes import slow_synthetic_resources, synthetic_resources
+from autotune_fakes import slow_synthetic_resources, synthetic_resources, worker_after_barrier
 from qwen3export.autotune import search
 from qwen3export.autotune.tables import read_table
-from qwen3export.autotune.tune import Task, run_worker, storage_for, tune
+from qwen3export.autotune.tune import Task, storage_for, tune
 from qwen3export.errors import TargetError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -67,9 +67,10 @@ def _workers_share_one_study(url: str, bucket: dict) -> None:
     storage = storage_for(url)
     search.seed_study(search.open_study(key, storage), task.kernel, search.kept_space(task.kernel, "sm_80"), trials)
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(2) as pool:
-        ran = pool.starmap(run_worker, [(i, "a100", [task], "bf16", "modelled", url, trials, 0,
-                                         slow_synthetic_resources) for i in range(2)])
+    with ctx.Manager() as manager, ctx.Pool(2) as pool:
+        barrier = manager.Barrier(2)
+        ran = pool.starmap(worker_after_barrier, [(barrier, i, "a100", [task], "bf16", "modelled", url, trials, 0,
+                                                   slow_synthetic_resources) for i in range(2)])
     study = optuna.load_study(study_name=key.name, storage=storage)
     states = [t.state for t in study.trials]
     assert all(n > 0 for n in ran), ran  # both workers did work
