@@ -42,6 +42,8 @@ def check_artifact(path: Path, backend: str, target: str) -> dict:
         fail(f"{path}: manifest says backend {m['backend']} target {m['target']['name']}")
     if "sampling" not in m or not (path / m["sampling"]["file"]).is_file():
         fail(f"{path}: the sampling graph is missing")
+    if m.get("serving", {}).get("figures") != "modelled" or m["serving"].get("max_seq", 0) < 1:
+        fail(f"{path}: the serving limits (max batch/seq, KV cache labelled modelled) are missing")
     engine = m["engine"]
     status = "built"
     if backend == "tensorrt":
