@@ -47,14 +47,17 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     from qwen3export.graphs.rope import parse_rope_flag
 
-    backends = tuple(b.strip() for b in args.backend.split(",") if b.strip())
+    # a tp x ep build's parts are torch.export programs (parallel_build.py): its default backend
+    backend = args.backend or ("torch-export" if args.tp * args.ep > 1 else "onnx")
+    backends = tuple(b.strip() for b in backend.split(",") if b.strip())
     overrides = {"rope_scaling": parse_rope_flag(args.rope_scaling)} if args.rope_scaling else {}
     opts = BuildOptions(model=args.model, target=args.target, backends=backends, dtype=args.dtype,
                         out=Path(args.out) if args.out else None, force=args.force, seed=args.seed,
                         dump_ir=Path(args.dump_ir) if args.dump_ir else None, overrides=overrides,
                         max_batch=args.max_batch, max_seq=args.max_seq, lower=not args.no_lower,
                         onnx_ops=args.onnx_ops, quant=args.quant, group_size=args.group_size,
-                        quantize_lm_head=args.quantize_lm_head, tp=args.tp, ep=args.ep)
+                        quantize_lm_head=args.quantize_lm_head, tp=args.tp, ep=args.ep, stream=args.stream,
+                        verify=not args.no_verify)
     results = build(opts, progress=_eprint)
     from .describe import engine_status, quantization_lines
     from .parity import summary_line
@@ -165,7 +168,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     params = SamplingParams.recommended(thinking, artifact.manifest["sampling"]["defaults"],
                                         thinking_budget=args.thinking_budget, **flags)
     ids = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else _chat_prompt(artifact, args.prompt, thinking)
-    engine = open_engine(artifact, args.threads)
+    if "parallel" in artifact.manifest:  # tp x ep rank parts: N gloo processes stepped as one decoder
+        from .parallel_artifact import ParallelEngine
+
+        engine = ParallelEngine(artifact, args.threads)
+    else:
+        engine = open_engine(artifact, args.threads)
     check_token_ids(torch.tensor([ids]), engine.spec.vocab_size)
     limit = engine.spec.max_positions
     if len(ids) + args.max_new_tokens > limit:
@@ -323,9 +331,10 @@ def make_parser() -> argparse.ArgumentParser:
     b = add("build", "build, verify and write an engine artifact", cmd_build)
     b.add_argument("--model", default="tiny-moe", help="Hugging Face Qwen3 folder or preset name (default tiny-moe)")
     b.add_argument("--target", default="cpu", help="target name (see `qwen3export targets`; default cpu)")
-    b.add_argument("--backend", default="onnx",
+    b.add_argument("--backend", default=None,
                    help=f"comma-separated backends ({', '.join(BACKENDS)}; kernels = the Triton kernel pack "
-                        "cross-compiled for a GPU target's arch)")
+                        "cross-compiled for a GPU target's arch; default onnx, and torch-export (one torch.export "
+                        "program per rank) with --tp/--ep)")
     b.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16 (default fp32)")
     b.add_argument("--out", help="artifact folder (default dist/<model>-<target>-<backend>)")
     b.add_argument("--force", action="store_true", help="replace an existing output folder")
@@ -351,6 +360,12 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--quantize-lm-head", action="store_true", help="quantize the lm_head as well (default: keep it)")
     b.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: one engine part per rank (default 1)")
     b.add_argument("--ep", type=int, default=1, help="expert-parallel degree (MoE models; default 1)")
+    b.add_argument("--stream", action="store_true",
+                   help="capture on the meta device and stream weights tensor by tensor into the ONNX external "
+                        "data: peak memory bounded by the largest tensor, not the model (onnx backend)")
+    b.add_argument("--no-verify", action="store_true",
+                   help="--stream / --tp/--ep builds: skip the parity check; the manifest records it as NOT run "
+                        "and names the `qwen3export verify` command that runs it")
 
     r = add("run", "generate tokens with an artifact's engine", cmd_run)
     r.add_argument("artifact")

@@ -23,6 +23,9 @@ def engine_record(manifest: dict[str, Any]) -> dict[str, Any]:
     if out["status"] == "pending":
         trt = engine.get("tensorrt", {})
         out["missing"], out["finish"] = trt.get("missing", []), trt.get("finish")
+    if "parallel" in manifest:  # tp x ep rank parts (parallel_artifact.py)
+        out["parallel"] = {k: manifest["parallel"][k] for k in ("tp", "ep", "world")}
+        out["ranks"] = manifest.get("ranks", [])
     kernels = (manifest.get("kernels") or {}).get("kernels") or engine.get("kernels")
     if kernels:
         out["kernel_configs"] = [{"kernel": k["kernel"], "table": k.get("table"), "sources": k["sources"],
@@ -38,6 +41,12 @@ def engine_lines(manifest: dict[str, Any]) -> list[str]:
         lines.append(f"    missing: {'; '.join(rec['missing'])}")
         if rec.get("finish"):
             lines.append(f"    finish:  {rec['finish']}")
+    if "parallel" in rec:
+        p = rec["parallel"]
+        lines.append(f"  ranks    tp {p['tp']} x ep {p['ep']} = {p['world']} parts (torch.export program + weight "
+                     "shard each; gloo processes on CPU)")
+        lines += [f"    rank {r['rank']}: tp_rank {r['tp_rank']} ep_rank {r['ep_rank']}  heads {r['heads']} kv_heads "
+                  f"{r['kv_heads']} experts {r['experts']} vocab {r['vocab']}" for r in rec["ranks"]]
     for k in rec.get("kernel_configs", []):
         where = k["table"] or "no tuned table: kernel default"
         lines.append(f"  kernel   {k['kernel']:18s} [{', '.join(k['sources'])}] {where}")

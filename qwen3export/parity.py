@@ -82,6 +82,9 @@ def check_parity(engine: Step, engine_cache: tuple, eager: Step, eager_cache: tu
 
 
 def summary_line(report: dict[str, Any]) -> str:
+    if report.get("not_run"):  # a streamed / parallel build with no check (streaming.py parity_not_run)
+        later = f"; run it with `{report['command']}`" if report.get("command") else ""
+        return f"parity NOT RUN ({report['not_run']}){later}"
     state = "PASS" if report["passed"] else "FAIL"
     if "functions" in report:  # a kernel pack (backends/kernel_pack.py verify_kernel_pack)
         inner = report.get("interpreter") or {}

@@ -51,6 +51,8 @@ class BuildOptions:
     quantize_lm_head: bool = False  # quantize the lm_head too (the embedding and norms never are)
     tp: int = 1  # tensor-parallel degree (graphs/parallel.py)
     ep: int = 1  # expert-parallel degree
+    stream: bool = False  # weight-free capture, weights streamed into the ONNX external data (streaming.py)
+    verify: bool = True  # False (--no-verify): streamed/parallel builds record parity as NOT run
 
 
 @dataclass
@@ -218,10 +220,17 @@ def quantization_record(module, spec: ModelSpec) -> dict[str, Any]:
 
 
 def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[BuildResult]:
+    if opts.stream:  # no full model in memory: weights flow tensor by tensor into the engine (streaming.py)
+        from .streaming import build_streamed
+
+        return build_streamed(opts, progress)
     if opts.tp * opts.ep > 1:  # one part per rank, collectives between them (parallel_build.py)
         from .parallel_build import build_parallel
 
         return build_parallel(opts, progress)
+    if not opts.verify:
+        raise InputError("--no-verify applies to --stream and --tp/--ep builds only: this build checks parity "
+                         "before writing anything; drop --no-verify")
     target = check_options(opts)
     spec, source, ref = resolve(opts.model, opts.seed, **opts.overrides)
     qcfg = quant_config(opts, spec, source)  # --quant or the checkpoint's own, checked before any weight is read
@@ -339,6 +348,10 @@ def verify_pack(folder: Path, manifest: dict[str, Any], progress: Progress = lam
 def verify_artifact(artifact: art.Artifact, model_override: str | None = None, threads: int | None = None,
                     progress: Progress = lambda s: None) -> dict[str, Any]:
     """`qwen3export verify`: re-run the parity checks an artifact's backend has."""
+    if "parallel" in artifact.manifest:  # tp x ep rank parts: N gloo processes vs unsharded eager
+        from .parallel_build import verify_parallel
+
+        return verify_parallel(artifact, eager_for(artifact, model_override), threads, progress)
     if artifact.backend == "kernels":
         if model_override is not None:
             eager_for(artifact, model_override)  # the same spec check; the interpreter rebuilds from the record

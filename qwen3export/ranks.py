@@ -47,6 +47,19 @@ def spawn_ranks(fn: Callable[..., None], world: int, *args: Any, threads: int = 
                        start_method="spawn", join=True)
 
 
+def start_ranks(fn: Callable[..., None], world: int, *args: Any, threads: int = 1) -> list:
+    """Like spawn_ranks, but returns the `world` started processes at once (daemonic: they end with this
+    process) instead of waiting for them; for a long-lived rank server (parallel_artifact.ParallelEngine)."""
+    import multiprocessing as mp
+
+    ctx, port = mp.get_context("spawn"), free_port()
+    procs = [ctx.Process(target=_rank_entry, args=(rank, fn, world, port, threads, args), daemon=True,
+                         name=f"qwen3export-rank{rank}") for rank in range(world)]
+    for p in procs:
+        p.start()
+    return procs
+
+
 def rank_step(spec, source: Any, layout, dtype: torch.dtype = torch.float32, exported: bool = False):
     """This rank's decoder as a generation step: (step callable, empty_cache function)."""
     from qwen3export.graphs.parallel import build_rank_module, capture_rank, shard_weights

@@ -3,13 +3,15 @@ loaded in N gloo processes, equal to the unsharded eager decoder; manifest ranks
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
 from qwen3export.errors import ArtifactError, InputError
 from qwen3export.generation import greedy_generate, left_pad
 from qwen3export.model import build_module
-from qwen3export.parallel_artifact import run_parallel_artifact, write_parallel_artifact
+from qwen3export.parallel_artifact import ParallelEngine, run_parallel_artifact, write_parallel_artifact
 from qwen3export.spec import preset
 from qwen3export.weights import RandomSource
 
@@ -37,11 +39,10 @@ def test_parallel_artifact_runs_like_eager(tmp_path, name, overrides, tp, ep):
     ids, mask = left_pad([[11, 500, 9000, 151643, 3], [spec.vocab_size - 1, 42]])
     eager = build_module(spec, source, torch.float32)
     tokens, prefill, steps = greedy_generate(eager, eager.empty_cache(2), ids, mask, STEPS, keep_logits=True)
-    results = run_parallel_artifact(art.path, ids, mask, STEPS, tmp_path)
-    for r in results:
-        assert torch.equal(r["tokens"], tokens)
-    torch.testing.assert_close(results[0]["prefill"], prefill, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(results[0]["steps"], torch.stack(steps, 1), atol=1e-4, rtol=1e-4)
+    got = run_parallel_artifact(art.path, ids, mask, STEPS)  # N gloo processes stepped as one decoder
+    assert torch.equal(got["tokens"], tokens)
+    torch.testing.assert_close(got["prefill"], prefill, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got["steps"], torch.stack(steps, 1), atol=1e-4, rtol=1e-4)
 
 
 def test_bad_degree_writes_nothing(tmp_path):
@@ -60,4 +61,22 @@ def test_tampered_part_is_refused_before_ranks_start(tmp_path):
     w.write_bytes(bytes(data))
     ids, mask = left_pad([[1, 2]])
     with pytest.raises(ArtifactError, match="rank1/weights.safetensors does not match its sha256"):
-        run_parallel_artifact(art.path, ids, mask, 1, tmp_path)
+        run_parallel_artifact(art.path, ids, mask, 1)
+
+
+def test_rank_error_is_one_line_not_a_hang(tmp_path):
+    """A step every rank refuses (a KV cache handle used twice) closes the engine with one line, at once."""
+    spec = preset("tiny", num_hidden_layers=1)
+    art = write_parallel_artifact(tmp_path / "art", spec, RandomSource(spec, 0), 2, 1)
+    ids, mask = left_pad([[1, 2, 3]])
+    pos = torch.arange(3)[None]
+    with ParallelEngine(art) as engine:
+        logits, present = engine(ids, pos, mask, engine.empty_cache(1))
+        eager = build_module(spec, RandomSource(spec, 0), torch.float32)
+        torch.testing.assert_close(logits, eager(ids, pos, mask, eager.empty_cache(1))[0], atol=1e-4, rtol=1e-4)
+        step = (torch.tensor([[4]]), torch.tensor([[3]]), torch.ones(1, 4, dtype=torch.int64))
+        engine(*step, present)
+        t0 = time.perf_counter()
+        with pytest.raises(ArtifactError, match=r"rank \d failed: KeyError"):
+            engine(*step, present)  # consumed by the previous step
+        assert time.perf_counter() - t0 < 30 and all(p.exitcode is not None for p in engine._procs)
