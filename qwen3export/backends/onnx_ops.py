@@ -233,8 +233,13 @@ def _mha_graph(tape, query, k, v, bias, groups, repeated, axis, hq, scale):
 
 # ---------------------------------------------------------------------- MoE
 def moe(x, router_weight, gate_up, down, top_k: int, norm_topk_prob: bool):
-    """graphs/decoder.py SparseMoeBlock: every expert on every token, combined by a dense [T, E] matrix
-    that is zero off the top-k (ONNX TopK breaks ties toward the lower index, as the custom op does).
+    """graphs/decoder.py SparseMoeBlock, routed as the custom op routes (ONNX TopK breaks ties toward the
+    lower index, as the custom op does), the experts run one of two ways under an If:
+    - a step of T tokens with T * k <= E (decode): the chosen experts' weights are gathered and only they run,
+      reading k/E of the expert bytes per token (TensorRT and CUDA providers would otherwise stream every
+      expert of a 128-expert layer for each decoded token);
+    - larger steps (prefill): every expert on every token, combined by a dense [T, E] matrix that is zero off
+      the top-k: one Gemm per layer rather than T * k gathered weight copies.
     Weights are read in their stored layout (Gemm transB, MatMul with down first): no transposed copies."""
     e, two_i, h = _static(gate_up, 0), _static(gate_up, 1), _static(gate_up, 2)
     inter = two_i // 2
@@ -243,18 +248,47 @@ def moe(x, router_weight, gate_up, down, top_k: int, norm_topk_prob: bool):
     top_w, top_i = op.TopK(probs, _ints(top_k), axis=-1)
     if norm_topk_prob:
         top_w = op.Div(top_w, op.ReduceSum(top_w, _ints(-1), keepdims=1))
-    dense = op.ScatterElements(op.CastLike(op.ConstantOfShape(op.Shape(probs)), t), top_i, op.CastLike(top_w, t),
-                               axis=1)  # [T, E]
-    gu = op.Reshape(op.Gemm(t, op.Reshape(gate_up, _ints(e * two_i, h)), transB=1), _ints(-1, e, two_i))
-    gate, up = op.Slice(gu, _ints(0), _ints(inter), _ints(2)), op.Slice(gu, _ints(inter), _ints(two_i), _ints(2))
-    act = op.Mul(_silu(gate), up)  # [T, E, I]
-    y = op.MatMul(down, op.Transpose(act, perm=[1, 2, 0]))  # [E, H, I] @ [E, I, T] -> [E, H, T]
-    out = op.ReduceSum(op.Mul(y, op.Unsqueeze(op.Transpose(dense, perm=[1, 0]), _ints(1))), _ints(0), keepdims=0)
-    return op.Reshape(op.Transpose(out, perm=[1, 0]), op.Shape(x))  # [H, T] -> x's shape
+    top_w = op.CastLike(top_w, t)
+    pairs = op.Mul(op.Shape(t, start=0, end=1), _ints(top_k))
+    few = op.Squeeze(op.LessOrEqual(pairs, _ints(e)))
+    gathered = (t, top_i, top_w, gate_up, down, _ints(1), _ints(-1), _ints(1, top_k, 1), _ints(-1, h, 1),
+                _ints(0), _ints(inter), _ints(two_i), _ints(-1, 1, 1), _ints(-1, top_k, h))
+    dense = (t, probs, top_i, top_w, router_weight, gate_up, down, _ints(e * two_i, h), _ints(-1, e, two_i),
+             _ints(0), _ints(inter), _ints(two_i), _ints(2), _ints(1), _ints(0))
+    out = op.If(few, then_branch=_branch(_gathered_experts, gathered),
+                else_branch=_branch(_dense_experts, dense))  # [T, H]
+    return op.Reshape(out, op.Shape(x))
 
 
-def _silu(x):
-    return op.Mul(x, op.Sigmoid(x))
+def _tape_silu_mul(tape, gate, up):
+    return tape.op("Mul", [tape.op("Mul", [gate, tape.op("Sigmoid", [gate])]), up])
+
+
+def _gathered_experts(tape, t, top_i, top_w, gate_up, down, one, flat, per_slot, column, zero, inter, two_i,
+                      weight_shape, token_shape):
+    """T * k (token, expert) pairs, each with its expert's weights gathered: [P, 2I, H] @ [P, H, 1]."""
+    experts = tape.op("Reshape", [top_i, flat])  # [P]
+    xs = tape.op("Reshape", [tape.op("Expand", [tape.op("Unsqueeze", [t, one]), per_slot]), column])  # [P, H, 1]
+    gu = tape.op("MatMul", [tape.op("Gather", [gate_up, experts], attributes={"axis": 0}), xs])  # [P, 2I, 1]
+    act = _tape_silu_mul(tape, tape.op("Slice", [gu, zero, inter, one]), tape.op("Slice", [gu, inter, two_i, one]))
+    y = tape.op("MatMul", [tape.op("Gather", [down, experts], attributes={"axis": 0}), act])  # [P, H, 1]
+    y = tape.op("Mul", [y, tape.op("Reshape", [top_w, weight_shape])])
+    return tape.op("ReduceSum", [tape.op("Reshape", [y, token_shape]), one], attributes={"keepdims": 0})  # [T, H]
+
+
+def _dense_experts(tape, t, probs, top_i, top_w, router_weight, gate_up, down, stacked, per_expert, zero, inter,
+                   two_i, axis2, one, axis0):
+    """Every expert on every token: [T, E*2I] in one Gemm, combined by the [T, E] top-k matrix."""
+    del router_weight  # routed outside the If
+    combine = tape.op("ScatterElements", [tape.op("CastLike", [tape.op("ConstantOfShape", [tape.op("Shape", [probs])]), t]),
+                                          top_i, top_w], attributes={"axis": 1})  # [T, E]
+    gu = tape.op("Reshape", [tape.op("Gemm", [t, tape.op("Reshape", [gate_up, stacked])], attributes={"transB": 1}),
+                             per_expert])  # [T, E, 2I]
+    act = _tape_silu_mul(tape, tape.op("Slice", [gu, zero, inter, axis2]), tape.op("Slice", [gu, inter, two_i, axis2]))
+    y = tape.op("MatMul", [down, tape.op("Transpose", [act], attributes={"perm": [1, 2, 0]})])  # [E, H, T]
+    weights = tape.op("Unsqueeze", [tape.op("Transpose", [combine], attributes={"perm": [1, 0]}), one])  # [E, 1, T]
+    out = tape.op("ReduceSum", [tape.op("Mul", [y, weights]), axis0], attributes={"keepdims": 0})  # [H, T]
+    return tape.op("Transpose", [out], attributes={"perm": [1, 0]})
 
 
 def ort_moe(x, router_weight, gate_up, down, top_k: int, norm_topk_prob: bool):

@@ -60,7 +60,16 @@ def settings(spec, target, dtype: str, max_batch: int, max_seq: int) -> dict[str
     return {"onnx": "decoder.onnx", "plan": PLAN_FILE, "timing_cache": TIMING_CACHE_FILE,
             "target": target.name, "arch": target.arch, "dtype": dtype, "builder_flags": flags,
             "profiles": profiles(spec, max_batch, max_seq), "workspace_bytes": 4 << 30,
-            "tensorrt_version": ">=10"}
+            "tensorrt_version": ">=10", "plugins": [], "plugins_note": PLUGINS_NOTE}
+
+
+# Why the plan has no plugins: the standard-ops ONNX (backends/onnx_ops.py, flavour "standard") expresses
+# attention (MatMul/Softmax over the grouped heads with the mask as a bias) and the MoE (TopK routing; under an
+# If, decode steps Gather the chosen experts' weights, prefill runs every expert in one Gemm) in ops TensorRT's
+# parser maps to its own layers (conditionals included), which its builder fuses and times per GPU. The tuned Triton kernels ship in the kernel pack (--backend kernels) for runtimes that
+# launch them; none is registered with TensorRT.
+PLUGINS_NOTE = ("none: every op of the standard-ops ONNX maps to TensorRT's own layers (attention and MoE "
+                "included); the tuned Triton kernels ship in the kernel pack (--backend kernels)")
 
 
 def write_settings(folder: Path, s: dict[str, Any]) -> None:

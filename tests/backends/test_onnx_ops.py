@@ -97,6 +97,9 @@ def test_lowered_decoder_matches_eager_in_onnx_runtime(name, flavour, tmp_path):
         assert baked == 0
         assert all(key.startswith("::") and onnx.defs.has(key[2:], OPSET, "") for key in types), types
         assert types["::Softmax"] == layers + report["moe"]
+        # each MoE: an If between the gathered top-k experts (decode: T * k <= E; here batch 2 x top-2 <= 8
+        # experts) and every expert (prefill: 12 tokens x 2 > 8); the steps below take both branches
+        assert types["::If"] == report["moe"] and types["::Gather"] >= 2 * report["moe"]
     path = tmp_path / "decoder.onnx"
     program.save(str(path))
     step = OrtStep(path, spec)
