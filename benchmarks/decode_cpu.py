@@ -16,6 +16,13 @@ fewer layers: `qwen3-30b-a3b:num_hidden_layers=2` is 128 experts, top-8, ~7.4 GB
 The engines run round-robin, --rounds rounds each with the best kept, when the three copies of the weights
 fit in memory, else one after another (a 2-layer 30B-A3B in fp32 is ~7.4 GB per copy); a probe before each
 round gives the fraction of the bandwidth available at that moment too.
+
+With --quant (repeatable: int4, int8, fp8, each optionally `+lm_head` to quantize the lm_head too) the run
+measures our own fp32 engine (lowered, ort flavour) against the quantized engines built with `build --quant`,
+each at every --accuracy-levels value of ONNX Runtime's MatMulNBits: 0 (activations kept fp32: what the
+artifact ships and the parity gate checked) and 4 (activations quantized to int8 per block inside the op: a
+copy of the decoder with the attribute rewritten, not parity-checked). The roofline of a quantized engine uses
+the bytes its ONNX weights read per token (quant_bytes_per_token: codes, scales as stored, top-k experts).
 """
 
 from __future__ import annotations
@@ -60,6 +67,50 @@ def parse_model(text: str) -> tuple[str, dict]:
         except json.JSONDecodeError:
             overrides[key] = value
     return name, overrides
+
+
+def parse_quant(text: str) -> dict:
+    """`int4` | `int4+lm_head` | `int8` | `fp8` -> BuildOptions fields (group size set by the caller)."""
+    mode, _, extra = text.partition("+")
+    if mode not in ("int4", "int8", "fp8") or extra not in ("", "lm_head"):
+        raise SystemExit(f"--quant {text!r}: choose int4, int8 or fp8, optionally with +lm_head")
+    return {"quant": mode, "quantize_lm_head": extra == "lm_head"}
+
+
+def _nbits_block(group: int) -> int:
+    """MatMulNBits' block for a group (backends/onnx_quant.py matmul_nbits_block): the largest power of two
+    <= 256 dividing it; the group's scale is stored once per block."""
+    return min(group & -group, 256)
+
+
+def quant_bytes_per_token(spec, mode: str, group: int, lm_head: bool) -> int:
+    """Weight bytes one batch-1 decode step of the ort-flavour quantized engine reads, as its ONNX initializers
+    store them: int4 codes half a byte, int8 / fp8 one, fp32 scales (MatMulNBits keeps A's dtype) once per
+    MatMulNBits block (int8 per channel re-blocked to <= 256, its scale repeated), one per channel for fp8 and
+    int8 QMoE experts; the MoE router, norms and an unquantized lm_head in fp32; top-k experts of each MoE
+    layer. The embedding is only gathered unless it is the (tied, unquantized) lm_head."""
+    h, d = spec.hidden_size, spec.head_dim
+
+    def linear(n: int, k: int, expert: bool = False) -> int:
+        if mode == "fp8" or (mode == "int8" and expert):
+            return n * k + 4 * n
+        g = group if mode == "int4" else k
+        return n * k * (4 if mode == "int4" else 8) // 8 + n * (k // _nbits_block(g)) * 4
+
+    q, kv = spec.num_attention_heads * d, spec.num_key_value_heads * d
+    attn = linear(q, h) + 2 * linear(kv, h) + linear(h, q) + 2 * d * 4
+    total = 0
+    for i in range(spec.num_hidden_layers):
+        if spec.layer_is_moe(i):
+            inter = spec.moe_intermediate_size
+            mlp = spec.num_experts_per_tok * (2 * linear(inter, h, True) + linear(h, inter, True)) \
+                + spec.num_experts * h * 4
+        else:
+            inter = spec.intermediate_size
+            mlp = 2 * linear(inter, h) + linear(h, inter)
+        total += attn + mlp + 2 * h * 4
+    head = linear(spec.vocab_size, h) if lm_head else spec.vocab_size * h * 4
+    return total + head + h * 4
 
 
 def weight_bytes_per_token(spec, dtype_bytes: int) -> int:
@@ -123,17 +174,23 @@ def transformers_step(hf):
     return step
 
 
-def built_artifact(name: str, overrides: dict, spec, work: Path, engine: str):
-    """The engine's artifact under `work` (built unless one with the same spec and lowering is there);
-    -> (artifact, build seconds or None when reused)."""
+def built_artifact(name: str, overrides: dict, spec, work: Path, engine: str, fields: dict | None = None):
+    """The engine's artifact under `work` (built unless one with the same spec, lowering and quantization is
+    there); -> (artifact, build seconds or None when reused)."""
     from qwen3export.artifact import load_artifact
     from qwen3export.pipeline import BuildOptions, build
 
     out = work / f"{spec.name}-{'-'.join(f'{k}{v}' for k, v in sorted(overrides.items()))}-{engine}".replace("--", "-")
-    fields = ENGINES[engine]
+    fields = fields if fields is not None else ENGINES[engine]
     if (out / "manifest.json").is_file():
         a = load_artifact(out, verify_checksums=False)
-        if a.manifest["model"]["spec"] == spec.to_dict() and a.manifest["lowering"]["enabled"] == fields["lower"]:
+        q = a.manifest.get("quantization") or {}
+        same_quant = (q.get("mode", "none"), q.get("group_size") if q.get("mode") == "int4" else None,
+                      q.get("quantize_lm_head", False)) == (
+            fields.get("quant", "none"), fields.get("group_size") if fields.get("quant") == "int4" else None,
+            fields.get("quantize_lm_head", False))
+        if a.manifest["model"]["spec"] == spec.to_dict() and a.manifest["lowering"]["enabled"] == fields["lower"] \
+                and same_quant:
             return a, None
     t0 = time.perf_counter()
     build(BuildOptions(model=name, out=out, overrides=overrides, force=True, **fields),
@@ -199,6 +256,91 @@ class Runner:
                 "decode_s_all_rounds": [round(r[1], 3) for r in self.rounds],
                 "probe_GBps_all_rounds": [round(r[2] / 1e9, 2) for r in self.rounds],
                 "providers": self.providers}
+
+
+def accuracy_variant(artifact, level: int, folder: Path):
+    """The artifact with every MatMulNBits at `level` (a copy of decoder.onnx under `folder`, the manifest
+    alongside): level 4 quantizes activations to int8 inside the op, ONNX Runtime's fast CPU path."""
+    import onnx
+
+    from qwen3export.artifact import Artifact
+
+    folder.mkdir(parents=True, exist_ok=True)
+    name = artifact.manifest["engine"]["file"]
+    model = onnx.load(str(artifact.file(name)))
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            for a in node.attribute:
+                if a.name == "accuracy_level":
+                    a.i, changed = level, changed + 1
+    onnx.save(model, str(folder / name), save_as_external_data=artifact.manifest["engine"]["external_data"],
+              location=name + ".data")
+    del model
+    return Artifact(folder, artifact.manifest), changed
+
+
+def bench_quant_model(text: str, args, bandwidth: Bandwidth) -> dict:
+    """Our fp32 engine against the --quant engines (and their accuracy-level variants), same weights."""
+    from qwen3export.model import resolve
+    from qwen3export.runner import open_engine
+
+    name, overrides = parse_model(text)
+    spec, _, _ = resolve(name, **overrides)
+    prompt = torch.randint(0, spec.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    work = Path(args.work)
+    variants = {"onnx_fp32_ort": ({"lower": True, "onnx_ops": "ort"}, None)}
+    for q in args.quant:
+        fields = {"lower": True, "onnx_ops": "ort", "group_size": args.group_size, **parse_quant(q)}
+        for level in args.accuracy_levels:
+            variants[f"onnx_{q.replace('+', '_')}_acc{level}"] = (fields, level)
+    builds, runners, meta = {}, [], {}
+    for engine, (fields, level) in variants.items():
+        base = engine.rsplit("_acc", 1)[0]
+        artifact, seconds = built_artifact(name, overrides, spec, work, base, fields)
+        builds.setdefault(base, None if seconds is None else round(seconds, 1))
+        q = artifact.manifest.get("quantization")
+        bpt = (quant_bytes_per_token(spec, q["mode"], args.group_size, q["quantize_lm_head"]) if q
+               else weight_bytes_per_token(spec, 4))
+        parity = artifact.manifest["parity"]
+        meta[engine] = {"weight_bytes_per_token": bpt, "accuracy_level": level,
+                        "parity_checked": level in (None, 0),
+                        "parity_vs_eager_dequantized": {k: parity[k] for k in ("passed", "logits_max_abs",
+                                                                               "greedy_tokens_matching")},
+                        "vs_unquantized": ({k: parity["quantization"].get(k) for k in
+                                            ("logits_kl", "top1_agreement", "greedy_match_length")}
+                                           if q else None),
+                        "artifact_weight_bytes": q["weight_bytes"] if q else 4 * spec.param_count()}
+        if level not in (None, 0):
+            artifact, changed = accuracy_variant(artifact, level, work / f"{artifact.path.name}-acc{level}")
+            meta[engine]["matmulnbits_nodes_rewritten"] = changed
+
+        def opener(artifact=artifact):
+            step = open_engine(artifact, threads=args.threads)
+            return step, lambda: step.empty_cache(1), step.providers
+
+        runners.append(Runner(engine, opener))
+    # one engine after another: the quantized engines are small, but several 30B-A3B ones are not
+    for r in runners:
+        r.open()
+        for _ in range(args.rounds):
+            r.round(prompt, args.new_tokens, bandwidth)
+        r.close()
+    engines = {r.name: {**r.summary(args.new_tokens, meta[r.name]["weight_bytes_per_token"]), **meta[r.name]}
+               for r in runners}
+    base = engines["onnx_fp32_ort"]["decode_tokens_per_s"]
+    return {
+        "model": spec.name, "overrides": overrides, "layers": spec.num_hidden_layers,
+        "experts": spec.num_experts, "top_k": spec.num_experts_per_tok, "param_count": spec.param_count(),
+        "tie_word_embeddings": spec.tie_word_embeddings, "group_size": args.group_size,
+        "build_s": {k: (v if v is not None else "reused") for k, v in builds.items()},
+        "schedule": "one engine after another",
+        "engines": engines,
+        "decode_speedup_vs_fp32_engine": {k: round(e["decode_tokens_per_s"] / base, 3) for k, e in engines.items()},
+        "bytes_ratio_vs_fp32_engine": {k: round(engines["onnx_fp32_ort"]["weight_bytes_per_token"]
+                                                / e["weight_bytes_per_token"], 3) for k, e in engines.items()},
+        "greedy_tokens_equal_to_fp32_engine": {r.name: r.tokens == runners[0].tokens for r in runners},
+    }
 
 
 def bench_model(text: str, args, bandwidth: Bandwidth) -> dict:
@@ -275,24 +417,33 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3, help="generation rounds per engine; best kept")
     ap.add_argument("--work", default="dist/bench", help="where the engine artifacts are built (reused if present)")
+    ap.add_argument("--quant", action="append", help="int4 | int8 | fp8, optionally +lm_head; repeatable: measure "
+                    "our fp32 engine against these quantized engines instead of the unlowered / transformers peers")
+    ap.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
+    ap.add_argument("--accuracy-levels", default="0,4", help="MatMulNBits accuracy levels to run each quantized "
+                    "engine at (default 0,4; 0 is the parity-checked setting)")
     args = ap.parse_args()
+    args.accuracy_levels = [int(x) for x in args.accuracy_levels.split(",") if x.strip()]
 
     import onnxruntime
     import transformers
 
     bandwidth = Bandwidth(args.threads)
-    models = [bench_model(m, args, bandwidth) for m in (args.model or DEFAULT_MODELS)]
+    bench = bench_quant_model if args.quant else bench_model
+    models = [bench(m, args, bandwidth) for m in (args.model or DEFAULT_MODELS)]
     for m in models:  # the roofline from the highest bandwidth seen anywhere in the run
-        roofline = bandwidth.ceiling / m["weight_bytes_per_token"]
-        m["decode_roofline_tokens_per_s"] = round(roofline, 3)
         for e in m["engines"].values():
+            roofline = bandwidth.ceiling / e.get("weight_bytes_per_token", m.get("weight_bytes_per_token"))
+            e["decode_roofline_tokens_per_s"] = round(roofline, 3)
             e["decode_fraction_of_roofline"] = round(e["decode_tokens_per_s"] / roofline, 4)
+        if "weight_bytes_per_token" in m:
+            m["decode_roofline_tokens_per_s"] = round(bandwidth.ceiling / m["weight_bytes_per_token"], 3)
     print(json.dumps({
         "benchmark": "decode_cpu",
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "threads": args.threads, "torch": torch.__version__, "transformers": transformers.__version__,
                     "onnxruntime": onnxruntime.__version__},
-        "dtype": "fp32", "batch": 1, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+        "dtype": "fp32", "quant": args.quant or "none", "batch": 1, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "rounds": args.rounds,
         "memory_read_bandwidth_GBps": {"ceiling": round(bandwidth.ceiling / 1e9, 2),
                                        "probes": [round(b / 1e9, 2) for b in bandwidth.probes]},

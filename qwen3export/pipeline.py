@@ -299,9 +299,9 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
                                     lambda: verify_engine(art.Artifact(tmp, manifest), module))
             progress(summary_line(report))
             if "quantization" in report:
-                from .quant_parity import summary_line as quant_line
+                from .describe import quality_line
 
-                progress(quant_line(report))
+                progress(quality_line(report["quantization"]))
             if not report["passed"]:
                 raise ParityError(f"engine failed the parity gate ({'; '.join(report['failures'])}); no artifact "
                                   "was written: report this with --debug output")
@@ -520,20 +520,28 @@ def verify_quantized(artifact: art.Artifact, spec: ModelSpec, source, qcfg, thre
     qsource = source if is_prequantized(source) else QuantizedSource(source, spec, qcfg)
     reference = dequantized_reference(spec, qsource, torch.float32)
     report = check_engine_parity(engine, engine.empty_cache(2), reference, artifact.manifest["dtype"])
+    report["providers"] = engine.providers
+    report["sampling"] = check_sampling_parity(*sampling_pair(artifact, threads, engine))
+    del engine
     if is_prequantized(source):
         quality = {"gated": False, "not_run": f"pre-quantized {qcfg.scheme} checkpoint: no unquantized weights to "
                    "compare with"}
     else:
-        quality = compare_to_unquantized(reference, build_module(spec, source, torch.float32))
+        # over HOLD_BOTH_BYTES the two fp32 models are held one at a time (the reference is rebuilt)
+        if 4 * spec.param_count() > HOLD_BOTH_BYTES:
+            del reference
+            reference = lambda: dequantized_reference(spec, qsource, torch.float32)  # noqa: E731
+        quality = compare_to_unquantized(reference, lambda: build_module(spec, source, torch.float32))
     quality["quantization"] = qcfg.to_dict()
     report["quantization"] = quality
-    report["providers"] = engine.providers
-    report["sampling"] = check_sampling_parity(*sampling_pair(artifact, threads, engine))
     if not report["sampling"]["identical"]:
         report["passed"] = False
         report["failures"].append(f"sampling graph differs from torch in {report['sampling']['mismatches']} "
                                   "tokens/state rows")
     return report
+
+
+HOLD_BOTH_BYTES = 4 << 30  # the quantized-vs-unquantized comparison holds both fp32 models below this size
 
 
 def artifact_quant_config(artifact: art.Artifact):

@@ -79,27 +79,42 @@ def _match_length(a: torch.Tensor, b: torch.Tensor) -> list[int]:
     return [int((a[i] == b[i]).long().cumprod(0).sum()) for i in range(a.shape[0])]
 
 
+def _pass(model: Qwen3Decoder, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int,
+          forced: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, _Probe, torch.Tensor]:
+    """One model's share of the comparison: its greedy tokens [B, N], and teacher-forced over prompt + `forced`
+    (its own greedy tokens when None) the logits, the layer probe and the real-position mask."""
+    batch = ids.shape[0]
+    tokens = greedy_generate(model, model.empty_cache(batch), ids, mask, new_tokens)[0]
+    forced = tokens if forced is None else forced
+    full = torch.cat((ids, forced), 1)  # [B, S + N]
+    full_mask = torch.cat((mask, torch.ones_like(forced)), 1)
+    logits, probe = _teacher_forced(model, full, full_mask)
+    return tokens, logits, probe, full_mask.bool()
+
+
 @torch.no_grad()
-def compare_to_unquantized(quantized: Qwen3Decoder, unquantized: Qwen3Decoder, new_tokens: int = NEW_TOKENS,
+def compare_to_unquantized(quantized, unquantized, new_tokens: int = NEW_TOKENS,
                            seed: int = 0) -> dict[str, Any]:
     """(b): `quantized` (an eager model computing what the engine computes: dequantized_reference) against
     `unquantized` on the parity prompts. Greedy generation from each gives the match length; then both read
     the same tokens (prompt + the unquantized model's greedy continuation, teacher forcing), and at every real
     position: KL(P_unquantized || P_quantized) of the next-token distributions, top-1 agreement, the relative
     error ||h_q - h|| / ||h|| of each layer's output, and each MoE layer's routed expert sets (routing both from
-    the same router weights: kernels/moe_routing.py, ties to the lowest id)."""
-    spec = unquantized.spec
+    the same router weights: kernels/moe_routing.py, ties to the lowest id).
+
+    Either model may be given as a function that builds it: the two are then held one at a time (a 2-layer
+    Qwen3-30B-A3B is 7.4 GB in fp32), the unquantized one first."""
+    model = unquantized() if callable(unquantized) and not isinstance(unquantized, torch.nn.Module) else unquantized
+    spec = model.spec
     ids, mask = left_pad(parity_prompts(spec.vocab_size, seed))
     batch = ids.shape[0]
-    ref_tokens = greedy_generate(unquantized, unquantized.empty_cache(batch), ids, mask, new_tokens)[0]
-    q_tokens = greedy_generate(quantized, quantized.empty_cache(batch), ids, mask, new_tokens)[0]
+    ref_tokens, ref_logits, ref_probe, real = _pass(model, ids, mask, new_tokens, None)
+    routers_w = {i: model.model.layers[i].mlp.gate.weight.detach().clone() for i in spec.moe_layers}
+    del model
+    model = quantized() if callable(quantized) and not isinstance(quantized, torch.nn.Module) else quantized
+    q_tokens, q_logits, q_probe, _ = _pass(model, ids, mask, new_tokens, ref_tokens)
+    del model
     lengths = _match_length(q_tokens, ref_tokens)
-
-    full = torch.cat((ids, ref_tokens), 1)  # [B, S + N]
-    full_mask = torch.cat((mask, torch.ones_like(ref_tokens)), 1)
-    ref_logits, ref_probe = _teacher_forced(unquantized, full, full_mask)
-    q_logits, q_probe = _teacher_forced(quantized, full, full_mask)
-    real = full_mask.bool()  # [B, L]
     ref_lp = F.log_softmax(ref_logits[real].double(), -1)  # [P, V]
     q_lp = F.log_softmax(q_logits[real].double(), -1)
     kl = (ref_lp.exp() * (ref_lp - q_lp)).sum(-1)  # [P]
@@ -109,7 +124,7 @@ def compare_to_unquantized(quantized: Qwen3Decoder, unquantized: Qwen3Decoder, n
         hidden.append(((hq - h).norm() / h.norm().clamp_min(1e-30)).item())
     routers = {}
     for i in spec.moe_layers:
-        router = unquantized.model.layers[i].mlp.gate.weight
+        router = routers_w[i]
         k = spec.num_experts_per_tok
         _, ref_ids = moe_routing_reference(ref_probe.moe_inputs[i][real], router, k, spec.norm_topk_prob)
         _, q_ids = moe_routing_reference(q_probe.moe_inputs[i][real], router, k, spec.norm_topk_prob)

@@ -1,0 +1,188 @@
+"""`build --quant` end to end (issue 9): the quantized decoder captured, lowered and emitted as ONNX (MatMulNBits /
+QMoE for the ort flavour, DequantizeLinear-21 + MatMul for standard), run by ONNX Runtime and gated against eager
+PyTorch on the same dequantized weights; the quantized-vs-unquantized comparison reported in the manifest; AWQ
+folders built as they are; every refusal one line, exit 2, nothing written. tiny / tiny-moe only (seconds each).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import onnx
+import pytest
+import torch
+
+from qwen3export.artifact import load_artifact
+from qwen3export.cli import main
+from qwen3export.generation import greedy_generate, left_pad
+from qwen3export.graphs.quantized import build_quantized
+from qwen3export.model import resolve
+from qwen3export.pipeline import verify_artifact
+from qwen3export.quant import QuantConfig, QuantizedSource
+from qwen3export.quant_parity import dequantized_reference
+from qwen3export.runner import open_engine
+from qwen3export.spec import preset
+
+from test_prequantized import _write_checkpoint
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def op_counts(artifact) -> Counter:
+    model = onnx.load(str(artifact.file("decoder.onnx")), load_external_data=False)
+    return Counter(f"{n.domain}::{n.op_type}" for n in model.graph.node)
+
+
+@pytest.fixture(scope="module")
+def int4_tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "tiny-int4"
+    assert main(["build", "--model", "tiny", "--quant", "int4", "--group-size", "32", "--out", str(out)]) == 0
+    return load_artifact(out)
+
+
+def test_int4_build_manifest_and_engine(int4_tiny):
+    m = int4_tiny.manifest
+    spec = preset("tiny")
+    q = m["quantization"]
+    assert (q["mode"], q["group_size"], q["quantize_lm_head"], q["scheme"]) == ("int4", 32, False, "rtn")
+    assert q["linears"] == 7 * spec.num_hidden_layers and q["moe_blocks"] == 0
+    # int4 codes (half a byte) plus one fp32 scale per 32 weights: 0.625 bytes a weight
+    quantized_params = sum(n * k for n, k in (s for name, s in _linear_shapes(spec)))
+    assert q["quantized_bytes"] == quantized_params // 2 + quantized_params // 32 * 4
+    assert q["weight_bytes"] < q["fp32_model_bytes"]
+    assert m["engine"]["opset"] == 21  # DequantizeLinear-21 (blocked, INT4); tiny weights are folded, not baked
+    ops = op_counts(int4_tiny)
+    assert ops["com.microsoft::MatMulNBits"] == 7 * spec.num_hidden_layers
+    assert ops["::MatMul"] == 1  # the fp lm_head only (tied to the embedding, left unquantized)
+    # gated: the engine against eager on the dequantized weights, at the fp32 thresholds
+    p = m["parity"]
+    assert p["passed"] and p["greedy_match"] and p["logits_max_abs"] < 1e-4
+    assert "dequantized" in p["reference"]
+    # reported, not gated: what int4 g32 costs against the unquantized model, in a plausible range
+    quality = p["quantization"]
+    assert quality["gated"] is False and quality["quantization"]["mode"] == "int4"
+    assert 0 < quality["logits_kl"]["mean"] < 1e-2 and 0.5 < quality["top1_agreement"] <= 1
+    assert all(0 < e < 0.5 for e in quality["hidden_state_rel_error"])
+
+
+def _linear_shapes(spec):
+    from qwen3export.quant import quantized_names
+    from qwen3export.weights import expected_tensors
+
+    shapes = expected_tensors(spec)
+    return [(n, shapes[n]) for n in quantized_names(spec)]
+
+
+def test_int4_engine_runs_like_eager_on_the_dequantized_weights(int4_tiny, capsys):
+    spec, source, _ = resolve("tiny")
+    config = QuantConfig("int4", 32)
+    reference = dequantized_reference(spec, QuantizedSource(source, spec, config))
+    ids, mask = left_pad([[5, 6, 7, 8, 9, 10], [11, 12]])
+    want = greedy_generate(reference, reference.empty_cache(2), ids, mask, 6)[0]
+    engine = open_engine(int4_tiny)
+    got = greedy_generate(engine, engine.empty_cache(2), ids, mask, 6)[0]
+    assert torch.equal(got, want)
+    # the quantized decoder computes the same (graphs/quantized.py)
+    qmodel = build_quantized(spec, source, config)
+    assert torch.equal(greedy_generate(qmodel, qmodel.empty_cache(2), ids, mask, 6)[0], want)
+    # `run` and `verify` on the artifact
+    code, out, _ = cli(capsys, "run", int4_tiny.path, "--prompt-ids", "5,6,7,8,9,10", "--max-new-tokens", "6",
+                          "--greedy")
+    assert code == 0 and out.split() == [str(t) for t in want[0].tolist()]
+    report = verify_artifact(int4_tiny)
+    assert report["passed"] and report["quantization"]["top1_agreement"] == \
+        int4_tiny.manifest["parity"]["quantization"]["top1_agreement"]
+    code, out, _ = cli(capsys, "inspect", int4_tiny.path)
+    assert code == 0 and "int4 g32 (rtn), lm_head fp" in out and "quantized vs unquantized" in out
+
+
+def test_moe_int8_standard_flavour(tmp_path, capsys):
+    """tiny-moe int8 (per channel) with --onnx-ops standard: DequantizeLinear-21 + MatMul, experts dequantized
+    into the dense MoE; the runner keeps ORT's DQ+MatMul -> MatMulNBits fusion at accuracy level 0, so the
+    fp32 gate holds."""
+    out = tmp_path / "moe"
+    code, _, err = cli(capsys, "build", "--quant", "int8", "--onnx-ops", "standard", "--out", out)
+    assert code == 0, err
+    a = load_artifact(out)
+    spec = preset("tiny-moe")
+    q = a.manifest["quantization"]
+    assert (q["mode"], q["group_size"], q["moe_blocks"]) == ("int8", None, len(spec.moe_layers))
+    ops = op_counts(a)
+    assert not any(k.startswith("com.microsoft") for k in ops)
+    linears = 7 * spec.num_hidden_layers - 3 * len(spec.moe_layers)
+    assert ops["::DequantizeLinear"] == linears + 2 * len(spec.moe_layers)
+    p = a.manifest["parity"]
+    assert p["passed"] and p["logits_max_abs"] < 1e-4
+    assert min(r["overlap"] for r in p["quantization"]["router_topk_agreement"].values()) > 0.6
+
+
+def test_awq_folder_builds_as_it_is(tmp_path, capsys):
+    spec = preset("tiny")
+    folder = tmp_path / "tiny-awq"
+    folder.mkdir()
+    qc = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}
+    _write_checkpoint(folder, spec, qc)
+    code, _, err = cli(capsys, "build", "--model", folder, "--quant", "int8", "--out", tmp_path / "no")
+    assert code == 2 and "already quantized (awq int4)" in err and not (tmp_path / "no").exists()
+    code, out, err = cli(capsys, "build", "--model", folder, "--out", tmp_path / "a")
+    assert code == 0, err
+    a = load_artifact(tmp_path / "a")
+    q = a.manifest["quantization"]
+    assert (q["mode"], q["group_size"], q["scheme"]) == ("int4", 32, "awq")
+    assert a.manifest["parity"]["passed"]
+    assert "not run" in out and "pre-quantized awq" in a.manifest["parity"]["quantization"]["not_run"]
+    # asymmetric AWQ zero points reach MatMulNBits as its zero_points input
+    model = onnx.load(str(a.file("decoder.onnx")), load_external_data=False)
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 7 * spec.num_hidden_layers and all(len(n.input) == 4 for n in nbits)
+
+
+@pytest.mark.parametrize("argv,needles", [
+    (["--target", "a100", "--quant", "fp8", "--backend", "onnx,kernels"], ["target a100 (sm_80) cannot run --quant fp8",
+                                                                          "sm_89", "h100"]),
+    (["--quant", "fp8"], ["--quant fp8 covers dense models only", "tiny-moe", "--model tiny"]),
+    (["--model", "tiny", "--quant", "int4", "--backend", "aoti"], ["--backend aoti cannot take a quantized model"]),
+    (["--model", "tiny", "--quant", "int4"], ["--group-size 128 does not divide in_features 64", "--group-size 64"]),
+    (["--model", "tiny", "--quant", "int4", "--group-size", "48"], ["--group-size 48 must be a power of two"]),
+    (["--model", "tiny", "--quantize-lm-head"], ["--quantize-lm-head needs --quant"]),
+])
+def test_refusals_are_one_line(argv, needles, capsys, tmp_path):
+    code, _, err = cli(capsys, "build", *argv, "--out", tmp_path / "o")
+    lines = [line for line in err.strip().splitlines() if line]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("qwen3export: error: "), err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_quantized_kernel_pack_plan():
+    """The pack of a quantized build compiles the kernels the model runs: wq_matmul once per weight layout
+    and fused_moe_wq in place of fused_moe for int4 (moe_align at fused_moe_wq's BLOCK_M); fp8_matmul for fp8
+    on h100; nothing is cross-compiled here (tests/test_kernel_backend_build.py covers compiling)."""
+    from qwen3export.autotune.tables import select_configs
+    from qwen3export.backends.kernel_pack import plan_jobs, quantized_selection
+    from qwen3export.kernels.fused_moe_wq import DEFAULT_CONFIG
+    from qwen3export.targets import get_target
+
+    h100 = get_target("h100")
+    spec = preset("tiny-moe")
+    record = QuantConfig("int4", 32).to_dict()
+    selection = quantized_selection(select_configs(h100, spec, "bf16", missing="default"), spec, h100, record)
+    kernels = [e["kernel"] for e in selection]
+    assert "fused_moe" not in kernels and {"wq_matmul", "fused_moe_wq", "moe_align"} <= set(kernels)
+    jobs = plan_jobs(selection, spec, "bf16", h100.compute_capability, record)
+    wq = [j for j in jobs if j["kernel"] == "wq_matmul"]
+    assert {j["shape"]["bits"] for j in wq} == {4} and all(j["shape"]["group"] == 32 for j in wq)
+    assert len({j["dir"] for j in jobs}) == len(jobs)  # every function in its own folder
+    align = [j for j in jobs if j["kernel"] == "moe_align"]
+    assert {j["shape"]["block_m"] for j in align} == {DEFAULT_CONFIG["BLOCK_M"]}
+    tiny = preset("tiny")
+    fp8 = quantized_selection(select_configs(h100, tiny, "bf16", missing="default"), tiny, h100,
+                              QuantConfig("fp8").to_dict())
+    assert "fp8_matmul" in [e["kernel"] for e in fp8]
+    assert json.dumps(fp8)  # the manifest's kernels entry stays JSON
