@@ -12,6 +12,7 @@ import triton.language as tl
 from qwen3export.errors import InputError
 from qwen3export.kernels.config import ArchLimits, CompileSpec, KernelConfig
 from qwen3export.kernels.launch import launch
+from qwen3export.kernels.tiles import grouped_tile
 from qwen3export.quant import QuantizedWeight, dequantize
 
 
@@ -63,11 +64,7 @@ def _wq_matmul_kernel(
     pid = tl.program_id(0)
     n_tiles_m = tl.cdiv(M, BLOCK_M)
     n_tiles_n = tl.cdiv(N, BLOCK_N)
-    tiles_per_group = GROUP_SIZE_M * n_tiles_n
-    first_m = (pid // tiles_per_group) * GROUP_SIZE_M
-    group_rows = tl.minimum(n_tiles_m - first_m, GROUP_SIZE_M)
-    pid_m = first_m + (pid % tiles_per_group) % group_rows
-    pid_n = (pid % tiles_per_group) // group_rows
+    pid_m, pid_n = grouped_tile(pid, n_tiles_m, n_tiles_n, GROUP_SIZE_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
