@@ -60,3 +60,79 @@ def test_emission_bound_does_not_grow_with_layers():
     a = emission_bound(spec.replace(num_hidden_layers=2), torch.bfloat16)
     b = emission_bound(spec.replace(num_hidden_layers=48), torch.bfloat16)
     assert a == b and a["largest_parameter_bytes"] == 128 * 2 * 768 * 2048 * 2  # one layer's stacked gate_up
+    assert a["bound_bytes"] == (2 << 30) + 3 * a["largest_parameter_bytes"]
+
+
+# ---------------------------------------------------------------------- build --stream
+def test_meta_decoder_keeps_rope_frequencies_fp32():
+    spec, _, _ = resolve("tiny", 0)
+    m = meta_decoder(spec, torch.bfloat16)
+    assert m.inv_freq.dtype == torch.float32 and m.inv_freq.device.type == "meta"
+    assert m.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def _cli(capsys, *argv):
+    from qwen3export.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_streamed_build_without_verify_records_not_run_and_verifies_later(tmp_path, capsys):
+    """--stream --no-verify: parity recorded as NOT run with the command; that command then passes (the
+    streamed engine equals eager: logits within 1e-4, 32 greedy tokens); the ort MoE fc1 is baked lazily."""
+    import json
+
+    from qwen3export.pipeline import BuildOptions, build
+
+    spec, _, _ = resolve("tiny-moe", 0, num_hidden_layers=2)
+    out = tmp_path / "art"
+    result = build(BuildOptions(model="tiny-moe", out=out, stream=True, verify=False,
+                                overrides={"num_hidden_layers": 2}))[0]
+    m = result.manifest
+    assert m["parity"] == {"passed": None, "not_run": "--no-verify", "command": f"qwen3export verify {out}"}
+    assert m["engine"]["external_data"] and m["engine"]["onnx_ops"] == "ort"
+    assert m["engine"]["baked_weights"] == sum(spec.layer_is_moe(i) for i in range(2)) >= 1
+    assert m["streaming"]["weight_bytes"] == (out / "decoder.onnx.data").stat().st_size
+    code, stdout, _ = _cli(capsys, "verify", out, "--json")
+    report = json.loads(stdout)
+    assert code == 0 and report["passed"] and report["logits_max_abs"] <= 1e-4 and report["greedy_match"]
+    assert report["sampling"]["identical"]
+
+
+def test_streamed_bf16_build_writes_the_source_weights_and_fp32_rope(tmp_path):
+    """bf16 (GPU target, --no-verify only): the external data holds the source tensors cast to bf16, RoPE
+    frequencies stay fp32, and the manifest says why parity was not run and offers no command that cannot."""
+    import onnx
+    from onnx import numpy_helper
+
+    from qwen3export.pipeline import BuildOptions, build
+
+    spec, source, _ = resolve("tiny-moe", 0, num_hidden_layers=1)
+    out = tmp_path / "art"
+    m = build(BuildOptions(model="tiny-moe", target="h100", dtype="bf16", out=out, stream=True, verify=False,
+                           overrides={"num_hidden_layers": 1}))[0].manifest
+    assert m["dtype"] == "bf16" and m["parity"]["passed"] is None and m["parity"]["command"] is None
+    assert "bf16" in m["parity"]["not_run"]
+    model = onnx.load(str(out / "decoder.onnx"))  # with its external data
+    inits = {t.name: t for t in model.graph.initializer}
+    assert inits["inv_freq"].data_type == onnx.TensorProto.FLOAT
+    emb = inits["model.embed_tokens.weight"]
+    assert emb.data_type == onnx.TensorProto.BFLOAT16
+    got = torch.from_numpy(numpy_helper.to_array(emb).astype(np.float32))
+    assert torch.equal(got, source.get("model.embed_tokens.weight").to(torch.bfloat16).float())
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--stream", "--quant", "int4"], "--stream cannot go with --quant int4"),
+    (["--stream", "--tp", "2"], "--stream cannot go with --tp/--ep"),
+    (["--stream", "--backend", "aoti"], "--stream emits the onnx backend only"),
+    (["--stream", "--target", "h100", "--dtype", "bf16"], "pass --no-verify"),
+    (["--stream", "--dtype", "bf16", "--no-verify"], "target cpu cannot run dtype bf16"),
+    (["--no-verify"], "--no-verify applies to --stream and --tp/--ep builds only"),
+])
+def test_stream_refusals_are_one_line_before_any_work(tmp_path, capsys, argv, needle):
+    code, _, err = _cli(capsys, "build", "--model", "tiny-moe", "--out", tmp_path / "art", *argv)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
