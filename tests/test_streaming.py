@@ -80,16 +80,19 @@ def _cli(capsys, *argv):
 
 
 def test_streamed_build_without_verify_records_not_run_and_verifies_later(tmp_path, capsys):
-    """--stream --no-verify: parity recorded as NOT run with the command; that command then passes (the
-    streamed engine equals eager: logits within 1e-4, 32 greedy tokens); the ort MoE fc1 is baked lazily."""
+    """--stream --no-verify from a sharded safetensors folder (read memory-mapped, tensor by tensor): parity
+    recorded as NOT run with the command; that command then passes (the streamed engine equals eager: logits
+    within 1e-4, 32 greedy tokens); the ort MoE fc1 is baked lazily."""
     import json
 
     from qwen3export.pipeline import BuildOptions, build
+    from qwen3export.weights import save_hf_checkpoint
 
-    spec, _, _ = resolve("tiny-moe", 0, num_hidden_layers=2)
+    spec, source, _ = resolve("tiny-moe", 0, num_hidden_layers=2)
+    folder = save_hf_checkpoint(spec, source, tmp_path / "ckpt", max_shard_bytes=16 << 20)
+    assert len(list(folder.glob("*.safetensors"))) > 1
     out = tmp_path / "art"
-    result = build(BuildOptions(model="tiny-moe", out=out, stream=True, verify=False,
-                                overrides={"num_hidden_layers": 2}))[0]
+    result = build(BuildOptions(model=str(folder), out=out, stream=True, verify=False))[0]
     m = result.manifest
     assert m["parity"] == {"passed": None, "not_run": "--no-verify", "command": f"qwen3export verify {out}"}
     assert m["engine"]["external_data"] and m["engine"]["onnx_ops"] == "ort"
