@@ -1,6 +1,6 @@
 """Parallel artifacts: a tp x ep decoder as one part per rank (its weight shard as safetensors and its
 weight-free torch.export program holding the collectives) plus a manifest describing the ranks; and the
-runner that loads the N parts in N gloo processes and generates.
+runner, ParallelEngine: the N parts in N gloo processes, stepped from the caller's process as one decoder.
 
 Layout: `<out>/manifest.json`, `<out>/rank<r>/weights.safetensors`, `<out>/rank<r>/decoder.pt2`. Each
 program is captured on the meta device (graphs/parallel.py meta_rank_decoder), so the build holds one
