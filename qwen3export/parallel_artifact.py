@@ -126,11 +126,26 @@ class RankCache:
     batch: int
 
 
+def _next_command(commands, parent: int):
+    """The parent's next message; None when it sends None or is gone (killed: no atexit ran to stop us)."""
+    import os
+    import queue
+
+    while True:
+        try:
+            return commands.get(timeout=5.0)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return None
+
+
 def _serve_rank(rank: int, artifact: Artifact, commands: list, results) -> None:
     """A rank's process: bind its part, then run steps as the parent sends them until it sends None."""
+    import os
+
     from qwen3export.graphs.parallel import init_parallel_groups
 
-    p = artifact.manifest["parallel"]
+    parent, p = os.getppid(), artifact.manifest["parallel"]
     try:
         init_parallel_groups(RankLayout(p["tp"], p["ep"], rank))
         step, empty_cache = load_rank_program(artifact, rank)
@@ -139,7 +154,7 @@ def _serve_rank(rank: int, artifact: Artifact, commands: list, results) -> None:
         return
     results.put((rank, "ready", None))
     caches: dict[int, tuple] = {}
-    while (msg := commands[rank].get()) is not None:
+    while (msg := _next_command(commands[rank], parent)) is not None:
         handle_in, handle_out, batch, ids, pos, mask = msg
         try:
             past = caches.pop(handle_in) if handle_in else empty_cache(batch)
