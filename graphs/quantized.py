@@ -159,6 +159,8 @@ def build_quantized(spec: ModelSpec, source: WeightSource, config: QuantConfig,
         setattr(module.get_submodule(owner), leaf, value)
     module.inv_freq = torch.empty(spec.head_dim // 2)
     module.reset_derived()  # RoPE frequencies; re-ties lm_head to the embedding
+    if isinstance(module.lm_head, QuantizedLinear):  # a tied model's quantized lm_head: not re-tied
+        module.lm_head._parameters.pop("weight", None)
     left = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
     if left:
         raise InputError(f"quantized decoder: {left[0]} was never loaded (graphs/quantized.py and "

@@ -250,16 +250,24 @@ def is_quantized(name: str, quantize_lm_head: bool = False) -> bool:
     return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in QUANTIZED_PROJECTIONS
 
 
+TIED_HEAD = "lm_head.weight"  # with tied embeddings (Qwen3-0.6B) a quantized lm_head is quantized from
+EMBEDDING = "model.embed_tokens.weight"  # the embedding, which itself stays fp (the gather reads one row)
+
+
 def quantized_names(spec: ModelSpec, quantize_lm_head: bool = False) -> list[str]:
-    """Every tensor of `spec`'s checkpoint that `is_quantized`, in checkpoint order."""
-    return [n for n in expected_tensors(spec) if is_quantized(n, quantize_lm_head)]
+    """Every tensor of `spec`'s checkpoint that `is_quantized`, in checkpoint order; a tied model's lm_head
+    (not a checkpoint tensor) last when quantize_lm_head."""
+    names = [n for n in expected_tensors(spec) if is_quantized(n, quantize_lm_head)]
+    if quantize_lm_head and spec.tie_word_embeddings:
+        names.append(TIED_HEAD)
+    return names
 
 
 def check_quantizable(spec: ModelSpec, config: QuantConfig) -> None:
     """int4's group size divides every quantized weight's in_features; else name the first that it does not."""
     if config.mode != "int4":
         return
-    shapes = expected_tensors(spec)
+    shapes = expected_tensors(spec) | {TIED_HEAD: (spec.vocab_size, spec.hidden_size)}
     for name in quantized_names(spec, config.quantize_lm_head):
         check_group_size(config.group_size, shapes[name][-1], name)
 
@@ -275,12 +283,17 @@ class QuantizedSource:
         self.description = f"{source.description}, {config.mode}" + (
             f" g{config.group_size}" if config.mode == "int4" else "")
         self._quantized = set(quantized_names(spec, config.quantize_lm_head))
+        # a tied model with --quantize-lm-head: lm_head becomes its own (quantized) tensor, read from the embedding
+        self.tied_head = config.quantize_lm_head and spec.tie_word_embeddings
+
+    def _stored(self, name: str) -> str:
+        return EMBEDDING if self.tied_head and name == TIED_HEAD else name
 
     def names(self) -> set[str]:
-        return self.source.names()
+        return self.source.names() | ({TIED_HEAD} if self.tied_head else set())
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self.source.shape(name)
+        return self.source.shape(self._stored(name))
 
     def is_quantized(self, name: str) -> bool:
         return name in self._quantized
@@ -289,7 +302,8 @@ class QuantizedSource:
         if name not in self._quantized:
             raise WeightsError(f"tensor {name} is not quantized under --quant {self.config.mode}")
         scale_dtype = torch.float32 if self.config.mode == "fp8" else self.config.scale_dtype
-        return quantize_weight(self.source.get(name), self.config.mode, self.config.group_size, scale_dtype, name)
+        return quantize_weight(self.source.get(self._stored(name)), self.config.mode, self.config.group_size,
+                               scale_dtype, name)
 
     def get(self, name: str) -> torch.Tensor:
         if name in self._quantized:

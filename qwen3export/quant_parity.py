@@ -32,6 +32,8 @@ def dequantized_reference(spec: ModelSpec, source: QuantizedSource, dtype: torch
     fp8_linear) and dequantized weights alone would not compute what the engine computes."""
     if source.config.mode == "fp8":
         return build_quantized(spec, source, source.config, dtype)
+    if getattr(source, "tied_head", False):  # the quantized lm_head is its own tensor: untie it here too
+        spec = spec.replace(tie_word_embeddings=False)
     return build_module(spec, source, dtype)
 
 
