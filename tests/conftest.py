@@ -37,3 +37,13 @@ def hf_checkpoints(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny graphs on a shared 2-core machine: one torch thread is faster and leaves the other core alone.
+    Modules that want it say `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

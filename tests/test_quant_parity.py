@@ -18,12 +18,7 @@ from qwen3export.quant_parity import compare_to_unquantized, dequantized_referen
 CONFIGS = {"int4": QuantConfig("int4", 32), "int8": QuantConfig("int8")}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache

@@ -5,33 +5,26 @@ types each flavour emits."""
 from __future__ import annotations
 
 import functools
-import logging
-import warnings
 from collections import Counter
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
 import qwen3export
-from qwen3export.backends.onnx import OPSET, io_names
+from qwen3export.backends.onnx import OPSET
 from qwen3export.backends.onnx_ops import bake_weight_layouts, custom_translation_table
 from qwen3export.capture import capture
 from qwen3export.generation import greedy_generate, left_pad, position_ids_from_mask
 from qwen3export.graphs.passes import lower
 
-PROMPTS = [[151644, 872, 198, 9707, 11, 151667], [5, 6, 7]]  # left padding in row 1
+from ort_step import PROMPTS, OrtStep
+from ort_step import export as export_program
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny graphs on a shared 2-core machine: one thread is faster and leaves the other core alone."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache
@@ -42,32 +35,7 @@ def lowered(name: str):
 
 
 def export(ep, spec, flavour: str):
-    """What backends/onnx.py emit_decoder does, with the flavour's translation table."""
-    inputs, outputs = io_names(spec)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        return torch.onnx.export(ep, (), dynamo=True, opset_version=OPSET, input_names=inputs, output_names=outputs,
-                                 optimize=True, verbose=False,
-                                 custom_translation_table=custom_translation_table(flavour))
-
-
-class OrtStep:
-    """A decoder step over an ONNX Runtime CPU session (the runner's OnnxEngine feed, without an artifact)."""
-
-    def __init__(self, path, spec):
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.log_severity_level = 1, 3
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.layers = spec.num_hidden_layers
-        self.outputs = io_names(spec)[1]
-
-    def __call__(self, ids, pos, mask, past):
-        feed = {"input_ids": ids.numpy(), "position_ids": pos.numpy(), "attention_mask": mask.numpy()}
-        for i, (k, v) in enumerate(past):
-            feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = k.numpy(), v.numpy()
-        out = [torch.from_numpy(o) for o in self.session.run(self.outputs, feed)]
-        return out[0], tuple((out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.layers))
+    return export_program(ep, spec, custom_translation_table(flavour), OPSET)
 
 
 def op_types(program) -> Counter:

@@ -6,8 +6,6 @@ int4 / int8 / fp8, baked and unbaked) against the eager quantized model."""
 from __future__ import annotations
 
 import functools
-import logging
-import warnings
 from collections import Counter
 
 import numpy as np
@@ -18,7 +16,6 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from qwen3export.backends.onnx import io_names
 from qwen3export.backends.onnx_ops import bake_weight_layouts, custom_translation_table
 from qwen3export.backends.onnx_quant import OPSET as QUANT_OPSET
 from qwen3export.backends.onnx_quant import (bake_quantized_weights, dequantize_matmul, matmul_nbits,
@@ -33,6 +30,9 @@ from qwen3export.kernels.moe_routing import moe_routing_reference
 from qwen3export.model import resolve
 from qwen3export.parity import check_parity
 from qwen3export.quant import QuantConfig, QuantizedWeight, dequantize, quantize_weight
+
+from ort_step import OrtStep as SharedOrtStep
+from ort_step import export
 
 # onnxruntime 1.2x reads IR version <= 10 / 13; onnx.helper would stamp its own (newer) one
 IR_VERSION = 10
@@ -155,12 +155,7 @@ WIDE = dict(vocab_size=512, bos_token_id=None, eos_token_ids=(1,), think_token_i
             hidden_size=256, intermediate_size=512)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache
@@ -178,29 +173,11 @@ def quantized_program(name: str, mode: str, wide: bool = False, zero_points: boo
 
 
 def export_quantized(ep, spec, flavour: str):
-    table = {**custom_translation_table(flavour), **quant_translation_table(flavour)}
-    inputs, outputs = io_names(spec)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        return torch.onnx.export(ep, (), dynamo=True, opset_version=QUANT_OPSET, input_names=inputs,
-                                 output_names=outputs, optimize=True, verbose=False, custom_translation_table=table)
+    return export(ep, spec, {**custom_translation_table(flavour), **quant_translation_table(flavour)}, QUANT_OPSET)
 
 
-class OrtStep:
-    def __init__(self, path, spec):
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.log_severity_level = 1, 3
-        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # see _run
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.layers, self.outputs = spec.num_hidden_layers, io_names(spec)[1]
-
-    def __call__(self, ids, pos, mask, past):
-        feed = {"input_ids": ids.numpy(), "position_ids": pos.numpy(), "attention_mask": mask.numpy()}
-        for i, (k, v) in enumerate(past):
-            feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = k.numpy(), v.numpy()
-        out = [torch.from_numpy(o) for o in self.session.run(self.outputs, feed)]
-        return out[0], tuple((out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.layers))
+def OrtStep(path, spec):  # noqa: N802  (the shared step; MatMulNBits at accuracy level 0, see _run)
+    return SharedOrtStep(path, spec, {"session.qdq_matmulnbits_accuracy_level": "0"})
 
 
 def _parity(model, path) -> dict:

@@ -16,16 +16,12 @@ from qwen3export.graphs.quantized import QuantizedLinear, build_quantized, quant
 from qwen3export.model import build_module, resolve
 from qwen3export.quant import QuantConfig, QuantizedSource, quantized_names
 
+from ort_step import PROMPTS
+
 CONFIGS = {"int4": QuantConfig("int4", 32), "int8": QuantConfig("int8")}  # tiny's hidden 64: groups of 32
-PROMPTS = [[151644, 872, 198, 9707, 11, 151667], [5, 6, 7]]  # left padding in row 1
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache

@@ -1,0 +1,43 @@
+"""Shared by the ONNX translation tests: export a lowered program with a translation table, and step the
+result in ONNX Runtime's CPU provider with the runner's feed convention (without an artifact)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import onnxruntime as ort
+import torch
+
+from qwen3export.backends.onnx import io_names
+
+PROMPTS = [[151644, 872, 198, 9707, 11, 151667], [5, 6, 7]]  # left padding in row 1
+
+
+def export(ep, spec, table: dict, opset: int):
+    """What backends/onnx.py emit_decoder does, with the given custom translation table and opset."""
+    inputs, outputs = io_names(spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        return torch.onnx.export(ep, (), dynamo=True, opset_version=opset, input_names=inputs, output_names=outputs,
+                                 optimize=True, verbose=False, custom_translation_table=table)
+
+
+class OrtStep:
+    """A decoder step over an ONNX Runtime CPU session, one thread; `config` adds session config entries."""
+
+    def __init__(self, path, spec, config: dict[str, str] | None = None):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.log_severity_level = 1, 3
+        for key, value in (config or {}).items():
+            opts.add_session_config_entry(key, value)
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.layers, self.outputs = spec.num_hidden_layers, io_names(spec)[1]
+
+    def __call__(self, ids, pos, mask, past):
+        feed = {"input_ids": ids.numpy(), "position_ids": pos.numpy(), "attention_mask": mask.numpy()}
+        for i, (k, v) in enumerate(past):
+            feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = k.numpy(), v.numpy()
+        out = [torch.from_numpy(o) for o in self.session.run(self.outputs, feed)]
+        return out[0], tuple((out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.layers))
