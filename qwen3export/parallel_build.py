@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from . import artifact as art
-from .errors import InputError, ParityError, TargetError
+from .errors import InputError, TargetError
 from .parallel_artifact import BACKEND, ParallelEngine, parallel_record, write_parts
 
 Progress = Callable[[str], None]
@@ -100,7 +100,7 @@ def build_parallel(opts, progress: Progress = lambda s: None) -> list:
 
     from .model import build_module, resolve
     from .parity import summary_line
-    from .pipeline import BuildResult, _Stages, emit_sampling, lowering_record, sampling_graph_for
+    from .pipeline import BuildResult, _Stages, emit_sampling, gate, lowering_record, sampling_graph_for
     from .plan import serving_plan
     from .streaming import parity_not_run
 
@@ -143,9 +143,7 @@ def build_parallel(opts, progress: Progress = lambda s: None) -> list:
             report = stages.run("verify", f"{len(ranks)} gloo rank processes against unsharded eager PyTorch",
                                 lambda: verify_parallel(art.Artifact(tmp, manifest),
                                                         build_module(spec, source, torch.float32), progress=progress))
-            if not report["passed"]:
-                raise ParityError(f"the rank parts failed the parity gate ({'; '.join(report['failures'])}); no "
-                                  "artifact was written: report this with --debug output")
+            gate(report, "the rank parts")
         else:
             report = not_run
         progress(summary_line(report))

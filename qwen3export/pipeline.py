@@ -302,14 +302,19 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
                 from .describe import quality_line
 
                 progress(quality_line(report["quantization"]))
-            if not report["passed"]:
-                raise ParityError(f"engine failed the parity gate ({'; '.join(report['failures'])}); no artifact "
-                                  "was written: report this with --debug output")
+            gate(report)
             manifest["parity"] = report
             # 6. seal: checksums of every file into the manifest, then the atomic rename
             stages.run("seal", "checksums + manifest", lambda: art.seal(tmp, manifest))
         results.append(BuildResult(out, manifest))
     return results
+
+
+def gate(report: dict[str, Any], what: str = "engine") -> None:
+    """The parity gate of every build: raising here drops the staging folder, so nothing is written."""
+    if not report["passed"]:
+        raise ParityError(f"{what} failed the parity gate ({'; '.join(report['failures'])}); no artifact was "
+                          "written: report this with --debug output")
 
 
 def kernel_configs(spec: ModelSpec, target, dtype: str, quantization: dict[str, Any] | None = None

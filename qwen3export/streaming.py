@@ -143,10 +143,9 @@ def emit_streamed_decoder(program: torch.export.ExportedProgram, spec: ModelSpec
     import logging
     import warnings
 
-    import onnx_ir as ir
     from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass
 
-    from .backends.onnx import DECODER_FILE, OPSET, io_names, io_shapes
+    from .backends.onnx import DECODER_FILE, OPSET, io_names, set_io_shapes
     from .backends.onnx_ops import bake_weight_layouts, custom_translation_table
 
     inputs, outputs = io_names(spec)
@@ -168,9 +167,7 @@ def emit_streamed_decoder(program: torch.export.ExportedProgram, spec: ModelSpec
                 _attach_constant(node)
         baked = bake_weight_layouts(model)
         RemoveUnusedNodesPass()(model)
-    shapes = io_shapes(spec)
-    for value in (*model.graph.inputs, *model.graph.outputs):
-        value.shape = ir.Shape([ir.SymbolicDim(d) if isinstance(d, str) else d for d in shapes[value.name]])
+    shapes = set_io_shapes(model, spec)
     onnx_program.save(str(folder / DECODER_FILE), external_data=True)
     return {"file": DECODER_FILE, "external_data": True, "opset": OPSET, "onnx_ops": flavour, "baked_weights": baked,
             "inputs": inputs, "outputs": outputs, "shapes": shapes}
@@ -233,11 +230,12 @@ def build_streamed(opts, progress: Callable[[str], None] = lambda s: None) -> li
     from qwen3export.graphs.sampling import capture_sampling
 
     from . import artifact as art
-    from .errors import InputError, ParityError, TargetError
+    from .errors import InputError, TargetError
     from .model import build_module, resolve
     from .parity import summary_line
-    from .pipeline import (BuildResult, _dump, _Stages, check_options, emit_sampling, kernel_configs, lower_program,
-                           lowering_record, onnx_flavour, output_folder, sampling_graph_for, verify_engine)
+    from .pipeline import (BuildResult, _dump, _Stages, check_options, emit_sampling, gate, kernel_configs,
+                           lower_program, lowering_record, onnx_flavour, output_folder, sampling_graph_for,
+                           verify_engine)
     from .plan import serving_plan
     from .weights import parse_dtype
 
@@ -303,9 +301,7 @@ def build_streamed(opts, progress: Callable[[str], None] = lambda s: None) -> li
             report = stages.run("verify", "parity against eager PyTorch (fp32 reference loaded after emission)",
                                 lambda: verify_engine(art.Artifact(tmp, manifest),
                                                       build_module(spec, source, torch.float32)))
-            if not report["passed"]:
-                raise ParityError(f"engine failed the parity gate ({'; '.join(report['failures'])}); no artifact "
-                                  "was written: report this with --debug output")
+            gate(report)
         else:
             report = not_run
         progress(summary_line(report))

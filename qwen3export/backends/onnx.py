@@ -44,6 +44,16 @@ def io_shapes(spec: ModelSpec) -> dict[str, list[str | int]]:
     return shapes
 
 
+def set_io_shapes(model, spec: ModelSpec) -> dict[str, list[str | int]]:
+    """Name the symbolic dimensions of an exported decoder's inputs and outputs (io_shapes); returns them."""
+    import onnx_ir as ir
+
+    shapes = io_shapes(spec)
+    for value in (*model.graph.inputs, *model.graph.outputs):
+        value.shape = ir.Shape([ir.SymbolicDim(d) if isinstance(d, str) else d for d in shapes[value.name]])
+    return shapes
+
+
 def weight_bytes(ep: ExportedProgram) -> int:
     return sum(t.numel() * t.element_size() for t in ep.state_dict.values())
 
@@ -56,8 +66,6 @@ def emit_decoder(ep: ExportedProgram, spec: ModelSpec, folder: Path, flavour: st
     program; None exports an unlowered one (a custom op left in it fails the export). `quantized`: the
     program holds the quantized ops (graphs/quantized.py), translated by backends/onnx_quant.py at its
     opset 21, their weight layouts baked into stored initializers."""
-    import onnx_ir as ir
-
     from .onnx_ops import bake_weight_layouts, custom_translation_table
     from .onnx_quant import OPSET as QUANT_OPSET, bake_quantized_weights, quant_translation_table
 
@@ -78,9 +86,7 @@ def emit_decoder(ep: ExportedProgram, spec: ModelSpec, folder: Path, flavour: st
     baked = bake_weight_layouts(program.model) if flavour == "ort" else 0
     # MatMulNBits / QMoE / DequantizeLinear read their weights in final layout, not through unpack chains
     baked += bake_quantized_weights(program.model) if quantized else 0
-    shapes = io_shapes(spec)
-    for value in (*program.model.graph.inputs, *program.model.graph.outputs):
-        value.shape = ir.Shape([ir.SymbolicDim(d) if isinstance(d, str) else d for d in shapes[value.name]])
+    shapes = set_io_shapes(program.model, spec)
     external = weight_bytes(ep) > PROTOBUF_LIMIT - (64 << 20)
     path = folder / DECODER_FILE
     program.save(str(path), external_data=external)
