@@ -140,22 +140,14 @@ def emit_streamed_decoder(program: torch.export.ExportedProgram, spec: ModelSpec
     is off (constant folding would need the values), and the top-level Constant nodes' values are attached to
     their outputs so that bake_weight_layouts can still find the MoE fc1 interleave chain of the ort flavour and bake it
     lazily (one layer's experts at a time) instead of leaving it to every session load."""
-    import logging
-    import warnings
-
     from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass
 
-    from .backends.onnx import DECODER_FILE, OPSET, io_names, set_io_shapes
+    from .backends.onnx import DECODER_FILE, OPSET, export_program, io_names, set_io_shapes
     from .backends.onnx_ops import bake_weight_layouts, custom_translation_table
 
     inputs, outputs = io_names(spec)
     table = custom_translation_table(flavour) if flavour is not None else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        onnx_program = torch.onnx.export(program, (), dynamo=True, opset_version=OPSET, input_names=inputs,
-                                         output_names=outputs, optimize=False, verbose=False,
-                                         custom_translation_table=table)
+    onnx_program = export_program(program, spec, table, OPSET, optimize=False)
     model = onnx_program.model
     bind_lazy_initializers(model, loaders)
     # unoptimized exports reuse value names (val_0, ...) inside If branches; ONNX Runtime wants SSA names

@@ -3,25 +3,17 @@ result in ONNX Runtime's CPU provider with the runner's feed convention (without
 
 from __future__ import annotations
 
-import logging
-import warnings
-
 import onnxruntime as ort
 import torch
 
-from qwen3export.backends.onnx import io_names
+from qwen3export.backends.onnx import export_program, io_names
 
 PROMPTS = [[151644, 872, 198, 9707, 11, 151667], [5, 6, 7]]  # left padding in row 1
 
 
 def export(ep, spec, table: dict, opset: int):
-    """What backends/onnx.py emit_decoder does, with the given custom translation table and opset."""
-    inputs, outputs = io_names(spec)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        return torch.onnx.export(ep, (), dynamo=True, opset_version=opset, input_names=inputs, output_names=outputs,
-                                 optimize=True, verbose=False, custom_translation_table=table)
+    """emit_decoder's export (backends/onnx.export_program), with the given translation table and opset."""
+    return export_program(ep, spec, table, opset)
 
 
 class OrtStep:

@@ -54,6 +54,18 @@ def set_io_shapes(model, spec: ModelSpec) -> dict[str, list[str | int]]:
     return shapes
 
 
+def export_program(ep: ExportedProgram, spec: ModelSpec, table: dict | None, opset: int = OPSET,
+                   optimize: bool = True):
+    """torch.onnx.export (dynamo) of a captured decoder with the interface's names and `table`'s translations
+    of the qwen3export:: ops; the exporter's warnings and log chatter silenced."""
+    inputs, outputs = io_names(spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        return torch.onnx.export(ep, (), dynamo=True, opset_version=opset, input_names=inputs, output_names=outputs,
+                                 optimize=optimize, verbose=False, custom_translation_table=table)
+
+
 def weight_bytes(ep: ExportedProgram) -> int:
     return sum(t.numel() * t.element_size() for t in ep.state_dict.values())
 
@@ -76,12 +88,7 @@ def emit_decoder(ep: ExportedProgram, spec: ModelSpec, folder: Path, flavour: st
     if quantized:
         table = {**table, **quant_translation_table(flavour)}
     opset = QUANT_OPSET if quantized else OPSET
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        program = torch.onnx.export(ep, (), dynamo=True, opset_version=opset, input_names=inputs,
-                                    output_names=outputs, optimize=True, verbose=False,
-                                    custom_translation_table=table)
+    program = export_program(ep, spec, table, opset)
     # ORT's MoE reads fc1 interleaved: store it so, rather than have every session fold it at load
     baked = bake_weight_layouts(program.model) if flavour == "ort" else 0
     # MatMulNBits / QMoE / DequantizeLinear read their weights in final layout, not through unpack chains
