@@ -53,6 +53,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     overrides = {"rope_scaling": parse_rope_flag(args.rope_scaling)} if args.rope_scaling else {}
     opts = BuildOptions(model=args.model, target=args.target, backends=backends, dtype=args.dtype,
                         out=Path(args.out) if args.out else None, force=args.force, seed=args.seed,
+                        weight_stats=args.weight_stats,
                         dump_ir=Path(args.dump_ir) if args.dump_ir else None, overrides=overrides,
                         max_batch=args.max_batch, max_seq=args.max_seq, lower=not args.no_lower,
                         onnx_ops=args.onnx_ops, quant=args.quant, group_size=args.group_size,
@@ -339,6 +340,9 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="artifact folder (default dist/<model>-<target>-<backend>)")
     b.add_argument("--force", action="store_true", help="replace an existing output folder")
     b.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights (default 0)")
+    b.add_argument("--weight-stats", choices=("trained", "small"), default="trained",
+                   help="statistics of a preset's random weights: trained (default: logits std ~3 and max 15-35, "
+                        "massive activations, norms not 1, uneven MoE routing) or small (N(0, 0.02), logits near 0)")
     b.add_argument("--dump-ir", metavar="DIR", help="write each phase's graph into DIR")
     b.add_argument("--max-batch", type=int, default=8,
                    help="serving limit: sequences per batch (TensorRT profile; KV cache planned for it; default 8)")

@@ -12,6 +12,7 @@ import torch
 from qwen3export.graphs.decoder import Qwen3Decoder
 
 from .errors import ConfigError
+from .synthetic_weights import DEFAULT_WEIGHT_STATS
 from .spec import PRESETS, ModelSpec, preset, read_config, spec_from_hf_config
 from .weights import RandomSource, SafetensorsSource, WeightSource, load_into, parse_dtype
 
@@ -26,14 +27,20 @@ class ModelRef:
     name: str  # preset name or folder path
     seed: int = DEFAULT_SEED
     overrides: tuple[tuple[str, Any], ...] = ()  # preset field overrides, e.g. (("num_hidden_layers", 2),)
+    weight_stats: str | None = None  # a preset's random-weight statistics (synthetic_weights.py); None: a folder
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "name": self.name, "seed": self.seed, "overrides": dict(self.overrides)}
+        d = {"kind": self.kind, "name": self.name, "seed": self.seed, "overrides": dict(self.overrides)}
+        if self.weight_stats is not None:
+            d["weight_stats"] = self.weight_stats
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelRef":
+        # manifests written before the "trained" statistics existed drew the "small" ones
+        stats = d.get("weight_stats", "small") if d["kind"] == "preset" else None
         return cls(d["kind"], d["name"], int(d.get("seed", DEFAULT_SEED)),
-                   tuple(sorted(d.get("overrides", {}).items())))
+                   tuple(sorted(d.get("overrides", {}).items())), stats)
 
 
 def read_think_ids(folder: Path) -> tuple[int | None, int | None] | None:
@@ -50,8 +57,10 @@ def read_think_ids(folder: Path) -> tuple[int | None, int | None] | None:
     return tok.token_to_id("<think>"), tok.token_to_id("</think>")
 
 
-def resolve(model: str | Path, seed: int = DEFAULT_SEED, **overrides: Any) -> tuple[ModelSpec, WeightSource, ModelRef]:
-    """A folder with config.json, or a preset name (with optional field overrides)."""
+def resolve(model: str | Path, seed: int = DEFAULT_SEED, *, weight_stats: str = DEFAULT_WEIGHT_STATS,
+            **overrides: Any) -> tuple[ModelSpec, WeightSource, ModelRef]:
+    """A folder with config.json, or a preset name (with optional field overrides; its random weights drawn
+    with `weight_stats`, synthetic_weights.py)."""
     text = str(model)
     path = Path(text).expanduser()
     if path.is_dir():
@@ -71,7 +80,8 @@ def resolve(model: str | Path, seed: int = DEFAULT_SEED, **overrides: Any) -> tu
                                                        tuple(sorted(overrides.items())))
     if text in PRESETS:
         spec = preset(text, **overrides)
-        return spec, RandomSource(spec, seed), ModelRef("preset", text, seed, tuple(sorted(overrides.items())))
+        return spec, RandomSource(spec, seed, weight_stats), ModelRef("preset", text, seed,
+                                                                      tuple(sorted(overrides.items())), weight_stats)
     if path.exists():
         raise ConfigError(f"{path} is not a folder: point --model at a Hugging Face Qwen3 folder (config.json + safetensors)")
     if "/" in text or text.startswith("."):
@@ -92,7 +102,8 @@ def resolve_spec(model: str | Path, **overrides: Any) -> ModelSpec:
 
 
 def resolve_ref(ref: ModelRef) -> tuple[ModelSpec, WeightSource]:
-    spec, source, _ = resolve(ref.name, ref.seed, **dict(ref.overrides))
+    spec, source, _ = resolve(ref.name, ref.seed, weight_stats=ref.weight_stats or DEFAULT_WEIGHT_STATS,
+                              **dict(ref.overrides))
     return spec, source
 
 
@@ -110,13 +121,13 @@ def build_module(spec: ModelSpec, source: WeightSource, dtype: torch.dtype) -> Q
     return module
 
 
-def load_model(model: str | Path, dtype: str | torch.dtype = "fp32", seed: int = DEFAULT_SEED,
-               **overrides: Any) -> Qwen3Decoder:
+def load_model(model: str | Path, dtype: str | torch.dtype = "fp32", seed: int = DEFAULT_SEED, *,
+               weight_stats: str = DEFAULT_WEIGHT_STATS, **overrides: Any) -> Qwen3Decoder:
     """The eager Qwen3Decoder for a Hugging Face folder or a preset name, with weights in `dtype`.
 
     >>> m = load_model("tiny-moe")            # preset, random weights from seed 0
     >>> m = load_model("/ckpt/Qwen3-0.6B", dtype="bf16")
     """
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
-    spec, source, _ = resolve(model, seed, **overrides)
+    spec, source, _ = resolve(model, seed, weight_stats=weight_stats, **overrides)
     return build_module(spec, source, torch_dtype)

@@ -107,7 +107,7 @@ def build_parallel(opts, progress: Progress = lambda s: None) -> list:
     if opts.stream:
         raise InputError("--stream cannot go with --tp/--ep: a parallel build already writes one rank's shard at a "
                          "time; drop --stream")
-    spec, source, ref = resolve(opts.model, opts.seed, **opts.overrides)
+    spec, source, ref = resolve(opts.model, opts.seed, weight_stats=opts.weight_stats, **opts.overrides)
     target = check_parallel_options(opts, spec)
     serving = serving_plan(spec, target, "fp32", tp=opts.tp, ep=opts.ep, max_batch=opts.max_batch,
                            max_seq=opts.max_seq)

@@ -20,6 +20,7 @@ from .backends import onnx as onnx_backend
 from .capture import capture
 from qwen3export.graphs.sampling import capture_sampling
 from .errors import InputError, ParityError, TargetError
+from .synthetic_weights import DEFAULT_WEIGHT_STATS
 from .model import DEFAULT_SEED, ModelRef, build_module, is_prequantized, resolve, resolve_ref
 from .plan import serving_plan
 from .parity import check_parity, check_sampling_parity, summary_line
@@ -40,6 +41,7 @@ class BuildOptions:
     out: Path | None = None  # artifact folder (one backend) or parent folder (several); default ./dist
     force: bool = False
     seed: int = DEFAULT_SEED
+    weight_stats: str = DEFAULT_WEIGHT_STATS  # a preset's random-weight statistics: trained | small
     dump_ir: Path | None = None
     overrides: dict[str, Any] = field(default_factory=dict)  # preset field overrides
     max_batch: int = 8  # serving limit: sequences per batch (TensorRT profile maximum; KV cache planned for it)
@@ -232,7 +234,7 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
         raise InputError("--no-verify applies to --stream and --tp/--ep builds only: this build checks parity "
                          "before writing anything; drop --no-verify")
     target = check_options(opts)
-    spec, source, ref = resolve(opts.model, opts.seed, **opts.overrides)
+    spec, source, ref = resolve(opts.model, opts.seed, weight_stats=opts.weight_stats, **opts.overrides)
     qcfg = quant_config(opts, spec, source)  # --quant or the checkpoint's own, checked before any weight is read
     # the engine's serving limits and its KV cache at them (modelled); a GPU it cannot fit is refused here
     serving = serving_plan(spec, target, opts.dtype, qcfg.mode if qcfg else "none",
@@ -564,7 +566,8 @@ def source_for(artifact: art.Artifact, model_override: str | None = None):
     m = artifact.manifest
     ref = ModelRef.from_dict(m["model"]["ref"])
     if model_override is not None:
-        spec, source, _ = resolve(model_override, ref.seed, **dict(ref.overrides))
+        spec, source, _ = resolve(model_override, ref.seed, weight_stats=ref.weight_stats or DEFAULT_WEIGHT_STATS,
+                                  **dict(ref.overrides))
     else:
         spec, source = resolve_ref(ref)
     if spec.to_dict() | {"name": ""} != m["model"]["spec"] | {"name": ""}:

@@ -248,7 +248,7 @@ def build_streamed(opts, progress: Callable[[str], None] = lambda s: None) -> li
         raise TargetError(f"--stream --dtype {opts.dtype}: a {opts.dtype} engine cannot be checked against eager "
                           "here (ONNX Runtime's CPU provider runs fp32); pass --no-verify to write it with parity "
                           "recorded as not run, or build fp32")
-    spec, source, ref = resolve(opts.model, opts.seed, **opts.overrides)
+    spec, source, ref = resolve(opts.model, opts.seed, weight_stats=opts.weight_stats, **opts.overrides)
     serving = serving_plan(spec, target, opts.dtype, max_batch=opts.max_batch, max_seq=opts.max_seq)
     out = output_folder(opts, spec, target.name, "onnx")
     if out.exists() and not opts.force:

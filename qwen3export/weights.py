@@ -7,7 +7,6 @@ pickle) and copied straight into the module's parameters, so peak memory is the 
 from __future__ import annotations
 
 import json
-import zlib
 from pathlib import Path
 from typing import Iterator, Protocol
 
@@ -16,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from .errors import WeightsError
 from .spec import ModelSpec
+from .synthetic_weights import DEFAULT_WEIGHT_STATS, WEIGHT_STATS, Channels, small_tensor, trained_tensor
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -148,16 +148,20 @@ class SafetensorsSource:
 
 
 class RandomSource:
-    """Deterministic random weights for a preset: each tensor from its own seed (seed, name), made on demand.
+    """Deterministic random weights for a preset: each tensor from (seed, name), made on demand.
 
-    Linear weights ~ N(0, 0.02) (transformers' initializer_range); norm weights ~ 1 + N(0, 0.1) so the
-    q/k-norm scales are exercised. A tensor does not depend on which others were generated before it.
+    `stats` names the statistics (synthetic_weights.py): "trained" (the default: logits std ~3 and max
+    15-35, norms not 1, massive activations, uneven MoE routing) or "small" (N(0, 0.02), the first wave's).
+    A tensor does not depend on which others were generated before it.
     """
 
-    def __init__(self, spec: ModelSpec, seed: int = 0):
-        self.spec, self.seed = spec, seed
-        self.description = f"preset {spec.name} (random weights, seed {seed})"
+    def __init__(self, spec: ModelSpec, seed: int = 0, stats: str = DEFAULT_WEIGHT_STATS):
+        if stats not in WEIGHT_STATS:
+            raise WeightsError(f"unknown weight statistics {stats!r}; choose one of {', '.join(WEIGHT_STATS)}")
+        self.spec, self.seed, self.stats = spec, seed, stats
+        self.description = f"preset {spec.name} (random weights with {stats} statistics, seed {seed})"
         self._shapes = expected_tensors(spec)
+        self._channels = Channels(spec, seed) if stats == "trained" else None
 
     def names(self) -> set[str]:
         return set(self._shapes)
@@ -166,12 +170,10 @@ class RandomSource:
         return self._shapes[name]
 
     def get(self, name: str) -> torch.Tensor:
-        # torch's CPU generator keeps only 32 bits of a seed: fold (seed, name) into them
-        g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{name}".encode()))
-        t = torch.randn(self._shapes[name], generator=g, dtype=torch.float32)
-        if name.endswith("norm.weight"):
-            return 1.0 + 0.1 * t
-        return 0.02 * t
+        shape = self._shapes[name]
+        if self._channels is None:
+            return small_tensor(name, shape, self.seed)
+        return trained_tensor(self.spec, self._channels, name, shape, self.seed)
 
 
 def check_names(spec: ModelSpec, source: WeightSource) -> None:
