@@ -34,7 +34,7 @@ def sha256_file(path: Path) -> str:
 
 
 def _canonical(d: dict[str, Any]) -> bytes:
-    return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+    return json.dumps(d, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
 def tool_versions() -> dict[str, str]:
@@ -71,7 +71,7 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
     body["manifest_sha256"] = hashlib.sha256(_canonical(body)).hexdigest()
     tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(body, indent=2, sort_keys=True, allow_nan=False) + "\n")
     os.replace(tmp, folder / MANIFEST)
     manifest.clear()
     manifest.update(body)

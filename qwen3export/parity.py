@@ -12,13 +12,23 @@ import torch
 
 from .generation import Step, greedy_generate, left_pad
 
-# logits_abs: max |engine - eager| over real (unpadded) positions and decode steps.
-# fp32 is the issue's gate. fp16/bf16 are relative to the logits' largest magnitude: 8-bit (bf16) and
-# 11-bit (fp16) mantissas give per-op relative errors of 4e-3 / 5e-4, compounded over layers.
+# The gated metric is scale-aware: for each logits row (a position of a prompt, or a decode step),
+# max |engine - eager| / max(1, max |eager|), and its maximum over rows ("logits_scaled_err"; METRIC below).
+# An absolute bound fails trained checkpoints whose logits reach 15-35 (fp32 rounding of a logit of 30 is
+# 30 x 2^-24 per op), although every token matches; dividing by the row's own scale keeps near-zero logits
+# (the "small" weight statistics) gated as tightly as before (max(1, .) makes the bound absolute there).
+# fp32 1e-4: measured worst rows on the trained-statistics models of tests/test_realistic_build.py are
+# 1e-6..4e-5 (lowered and unlowered ONNX, aoti, --stream, --tp/--ep, quantized engines on their dequantized
+# weights: the README's error table), so 1e-4 is 2.5x above the worst and ~100x below a real bug (a wrong
+# rope, mask or routing gives 1e-2..1). fp16 / bf16 (eager fp16 / bf16 decoders against fp32, same table):
+# their 11- and 8-bit mantissas give per-op errors of 5e-4 / 4e-3 compounded over layers; measured worst
+# 6e-3 (fp16) and 5e-2 (bf16) on the realistic models, bounds 2x those, with top-1 agreement gated too.
+METRIC = ("logits_scaled_err = max over logits rows of max|engine - eager| / max(1, max|eager|), over the "
+          "prefill's real positions and every decode step fed the same tokens; NaN or Inf anywhere fails")
 THRESHOLDS: dict[str, dict[str, Any]] = {
-    "fp32": {"logits_abs": 1e-4, "logits_rel": None, "greedy_match": True},
-    "fp16": {"logits_abs": None, "logits_rel": 2e-2, "greedy_match": False, "top1_agreement": 0.95},
-    "bf16": {"logits_abs": None, "logits_rel": 5e-2, "greedy_match": False, "top1_agreement": 0.9},
+    "fp32": {"logits_scaled": 1e-4, "greedy_match": True},
+    "fp16": {"logits_scaled": 2e-2, "greedy_match": False, "top1_agreement": 0.95},
+    "bf16": {"logits_scaled": 1e-1, "greedy_match": False, "top1_agreement": 0.9},
 }
 NEW_TOKENS = 32
 PROMPT_LENGTHS = (16, 9)
@@ -29,11 +39,22 @@ def parity_prompts(vocab_size: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(0, vocab_size, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
 
 
-def _errors(got: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+def logits_errors(got: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
+    """Errors of logits rows [..., V] against a reference: max abs, max rel (to the largest |ref|), the
+    scale-aware metric (METRIC), top-1 agreement, and whether either side holds NaN or Inf."""
     got, ref = got.double(), ref.double()
-    abs_err = (got - ref).abs().max().item()
-    return {"max_abs": abs_err, "max_rel": abs_err / max(ref.abs().max().item(), 1e-30),
-            "top1_agreement": (got.argmax(-1) == ref.argmax(-1)).double().mean().item()}
+    finite = {"engine": bool(torch.isfinite(got).all()), "reference": bool(torch.isfinite(ref).all())}
+    if not all(finite.values()):  # NaN compares False against every bound: report it, never a number
+        return {"max_abs": None, "max_rel": None, "scaled": None, "top1_agreement": 0.0, "finite": finite}
+    diff = (got - ref).abs()
+    abs_err = diff.max().item()
+    scaled = (diff.amax(-1) / ref.abs().amax(-1).clamp(min=1.0)).max().item()
+    return {"max_abs": abs_err, "max_rel": abs_err / max(ref.abs().max().item(), 1e-30), "scaled": scaled,
+            "top1_agreement": (got.argmax(-1) == ref.argmax(-1)).double().mean().item(), "finite": finite}
+
+
+def _worst(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else max(a, b)
 
 
 def check_parity(engine: Step, engine_cache: tuple, eager: Step, eager_cache: tuple, vocab_size: int,
@@ -43,20 +64,22 @@ def check_parity(engine: Step, engine_cache: tuple, eager: Step, eager_cache: tu
     ref_tokens, ref_prefill, ref_steps = greedy_generate(eager, eager_cache, ids, mask, new_tokens, keep_logits=True)
     got_tokens, got_prefill, got_steps = greedy_generate(engine, engine_cache, ids, mask, new_tokens, keep_logits=True)
     real = mask.bool()
-    prefill = _errors(got_prefill[real].float(), ref_prefill[real].float())
+    prefill = logits_errors(got_prefill[real].float(), ref_prefill[real].float())
     same = (got_tokens == ref_tokens).all(0)  # [N]
     n_same = int(same.long().cumprod(0).sum()) if same.numel() else 0
     # decode logits are comparable only while both sides fed the same tokens: steps 1..n_same
     upto = max(1, min(n_same + 1, new_tokens))
-    decode = _errors(torch.stack(got_steps[:upto]).float(), torch.stack(ref_steps[:upto]).float())
+    decode = logits_errors(torch.stack(got_steps[:upto]).float(), torch.stack(ref_steps[:upto]).float())
     th = THRESHOLDS[dtype]
-    worst_abs = max(prefill["max_abs"], decode["max_abs"])
-    worst_rel = max(prefill["max_rel"], decode["max_rel"])
+    worst_abs = _worst(prefill["max_abs"], decode["max_abs"])
+    worst_rel = _worst(prefill["max_rel"], decode["max_rel"])
+    worst_scaled = _worst(prefill["scaled"], decode["scaled"])
     failures = []
-    if th.get("logits_abs") is not None and worst_abs > th["logits_abs"]:
-        failures.append(f"logits max abs error {worst_abs:.3g} > {th['logits_abs']:g}")
-    if th.get("logits_rel") is not None and worst_rel > th["logits_rel"]:
-        failures.append(f"logits max rel error {worst_rel:.3g} > {th['logits_rel']:g}")
+    for side in ("engine", "reference"):
+        if not (prefill["finite"][side] and decode["finite"][side]):
+            failures.append(f"the {side}'s logits hold NaN or Inf")
+    if worst_scaled is not None and worst_scaled > th["logits_scaled"]:
+        failures.append(f"logits scaled error {worst_scaled:.3g} > {th['logits_scaled']:g} (max abs {worst_abs:.3g})")
     if th.get("greedy_match") and n_same != new_tokens:
         failures.append(f"greedy tokens differ from step {n_same}")
     top1 = min(prefill["top1_agreement"], decode["top1_agreement"])
@@ -70,6 +93,8 @@ def check_parity(engine: Step, engine_cache: tuple, eager: Step, eager_cache: tu
         "new_tokens": new_tokens,
         "prefill": prefill,
         "decode": decode,
+        "metric": METRIC,
+        "logits_scaled_err": worst_scaled,
         "logits_max_abs": worst_abs,
         "logits_max_rel": worst_rel,
         "top1_agreement": top1,
@@ -81,6 +106,10 @@ def check_parity(engine: Step, engine_cache: tuple, eager: Step, eager_cache: tu
     }
 
 
+def _num(x: float | None) -> str:
+    return "NaN/Inf" if x is None else f"{x:.2e}"
+
+
 def summary_line(report: dict[str, Any]) -> str:
     if report.get("not_run"):  # a streamed / parallel build with no check (streaming.py parity_not_run)
         later = f"; run it with `{report['command']}`" if report.get("command") else ""
@@ -88,13 +117,19 @@ def summary_line(report: dict[str, Any]) -> str:
     state = "PASS" if report["passed"] else "FAIL"
     if "functions" in report:  # a kernel pack (backends/kernel_pack.py verify_kernel_pack)
         inner = report.get("interpreter") or {}
-        ran = (f"interpreter vs eager: logits max abs {inner['logits_max_abs']:.2e}, greedy "
-               f"{inner['greedy_tokens_matching']}/{inner['new_tokens']}" if inner.get("passed") is not None
+        err = inner.get("logits_scaled_err", inner.get("logits_max_abs"))
+        ran = (f"interpreter vs eager: logits scaled error {_num(err)}, greedy {inner['greedy_tokens_matching']}"
+               f"/{inner['new_tokens']}" if inner.get("passed") is not None
                else f"interpreter check not run ({inner.get('not_run')})")
         return (f"parity {state}: kernel pack, {report['functions']} functions (cubin resources re-read, loader "
                 f"rebuilt); {ran}; GPU launch not run here")
-    return (f"parity {state}: logits max abs {report['logits_max_abs']:.2e} (rel {report['logits_max_rel']:.2e}), "
-            f"top-1 {report['top1_agreement']:.3f}, greedy {report['greedy_tokens_matching']}/{report['new_tokens']} "
+    if "logits_scaled_err" not in report:  # a manifest written before the scale-aware metric
+        return (f"parity {state}: logits max abs {_num(report['logits_max_abs'])} (rel "
+                f"{_num(report['logits_max_rel'])}), top-1 {report['top1_agreement']:.3f}, greedy "
+                f"{report['greedy_tokens_matching']}/{report['new_tokens']} tokens match")
+    return (f"parity {state}: logits scaled error {_num(report['logits_scaled_err'])} (max |engine - eager| / "
+            f"max(1, max |eager|) per row; max abs {_num(report['logits_max_abs'])}), top-1 "
+            f"{report['top1_agreement']:.3f}, greedy {report['greedy_tokens_matching']}/{report['new_tokens']} "
             f"tokens match")
 
 

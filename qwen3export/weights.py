@@ -142,9 +142,29 @@ class SafetensorsSource:
     def get(self, name: str) -> torch.Tensor:
         f = self._file_of[name]
         try:
-            return self._open(f).get_tensor(name)
+            t = self._open(f).get_tensor(name)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise WeightsError(f"tensor {name} in {f.name} cannot be read ({e}); download the shard again") from None
+        check_finite(t, name, f.name)
+        return t
+
+
+_FINITE_CHUNK = 1 << 24  # elements checked at a time: a 622M-element embedding never needs a full-size mask
+
+
+def check_finite(t: torch.Tensor, name: str, where: str) -> None:
+    """Refuse a floating-point tensor holding NaN or Inf: an engine built from it would pass no honest gate
+    (NaN compares False against every bound) and serve garbage."""
+    if not t.is_floating_point() or t.dtype.itemsize == 1:  # fp8 codes are checked where they are dequantized
+        return
+    flat = t.reshape(-1)
+    for start in range(0, flat.numel(), _FINITE_CHUNK):
+        chunk = flat[start:start + _FINITE_CHUNK]
+        if not torch.isfinite(chunk).all():
+            bad = int((~torch.isfinite(chunk)).nonzero()[0]) + start
+            value = flat[bad].item()
+            raise WeightsError(f"tensor {name} in {where} holds {value} at flat index {bad}; the checkpoint is "
+                               "corrupt: download or re-save it (a NaN/Inf weight gives a NaN engine)")
 
 
 class RandomSource:

@@ -6,6 +6,7 @@ and in tests, never by qwen3export itself.
 
 from __future__ import annotations
 
+import copy
 import os
 
 # Triton reads TRITON_INTERPRET when it is first imported, and transformers/torch may import it during
@@ -26,7 +27,9 @@ from hf_reference import save_hf_checkpoint  # noqa: E402
 
 @pytest.fixture(scope="session")
 def hf_checkpoints(tmp_path_factory):
-    """Lazily written reference checkpoints, cached per spec for the session: name -> (folder, hf model)."""
+    """Lazily written reference checkpoints, cached per spec for the session: name -> (folder, hf model).
+    Each call gets its own deep copy of the model, so a test that casts or edits it (bf16) cannot change
+    what the next test compares against."""
     cache: dict = {}
 
     def get(spec, name: str | None = None, **kwargs):
@@ -34,7 +37,8 @@ def hf_checkpoints(tmp_path_factory):
         if key not in cache:
             folder = tmp_path_factory.mktemp(key)
             cache[key] = (folder, save_hf_checkpoint(spec, folder, **kwargs))
-        return cache[key]
+        folder, model = cache[key]
+        return folder, copy.deepcopy(model)
 
     return get
 
