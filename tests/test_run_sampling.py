@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
 
 from qwen3export.cli import main
-from qwen3export.spec import preset
+from qwen3export.spec import ModelSpec, preset
 from qwen3export.tokens import END_THINK, IM_END, IM_START, THINK
+from qwen3export.weights import RandomSource, WeightSource
+from qwen3export.weights import save_hf_checkpoint as save_source_checkpoint
 
 from hf_reference import save_hf_checkpoint
 
@@ -30,25 +33,99 @@ def run(capsys, art, *flags):
     return json.loads(capsys.readouterr().out)
 
 
-def test_thinking_budget_is_enforced(tiny_art, capsys):
+class PinnedLogitsSource:
+    """`base` (a WeightSource) changed so that the model emits `logits` [V] at every position whatever it
+    reads: the test states what the model wants instead of hoping random weights want it.
+
+    Every o_proj and down_proj is zero, so the residual stream stays the token's embedding; every token
+    embeds as e_0 and the final norm's weight is e_0, so the last hidden state is RMSNorm(e_0) =
+    sqrt(H) * e_0 (times 1 - H * eps / 2 = 1 - 3.2e-5 for H 64, eps 1e-6); lm_head column 0 =
+    logits / sqrt(H) then gives `logits`. The base weights' statistics never reach the output.
+    Needs untied embeddings (the embedding and lm_head differ).
+    """
+
+    def __init__(self, base: WeightSource, spec: ModelSpec, logits: torch.Tensor):
+        assert not spec.tie_word_embeddings and logits.shape == (spec.vocab_size,)
+        self.base, self.spec, self.logits = base, spec, logits
+        self.description = f"{base.description}, logits pinned"
+
+    def names(self) -> set[str]:
+        return self.base.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.base.shape(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        h = self.spec.hidden_size
+        t = torch.zeros(self.base.shape(name))
+        if name.endswith(("o_proj.weight", "o_proj.bias", "down_proj.weight")):
+            return t  # no layer writes to the residual stream
+        if name == "model.embed_tokens.weight":
+            t[:, 0] = 1.0
+        elif name == "model.norm.weight":
+            t[0] = 1.0
+        elif name == "lm_head.weight":
+            t[:, 0] = self.logits / h**0.5
+        else:
+            return self.base.get(name)
+        return t
+
+
+def pinned_artifact(folder, pins: dict[int, float]):
+    """Build an artifact from a tiny checkpoint (real vocabulary, untied) whose logits at every position are
+    N(0, 1) noise (seed 0) with the tokens in `pins` set to the given values."""
+    spec = preset("tiny").replace(tie_word_embeddings=False)
+    logits = torch.randn(spec.vocab_size, generator=torch.Generator().manual_seed(0))  # max ~ 4.6
+    for token, value in pins.items():
+        logits[token] = value
+    save_source_checkpoint(spec, PinnedLogitsSource(RandomSource(spec, seed=0), spec, logits), folder / "hf")
+    assert main(["build", "--model", str(folder / "hf"), "--out", str(folder / "art")]) == 0
+    return folder / "art"
+
+
+@pytest.fixture(scope="module")
+def eager_thinker(tmp_path_factory):
+    """A model whose <think> logit is 200 above N(0, 1) noise: unmasked it is drawn with probability
+    1 - 1e-23 even at temperature 3 (151935 * exp(-195 / 3))."""
+    return pinned_artifact(tmp_path_factory.mktemp("eager_thinker"), {THINK: 200.0})
+
+
+@pytest.fixture(scope="module")
+def never_closes(tmp_path_factory):
+    """A model whose <think> and </think> logits are -200: it never opens or closes a thinking block by
+    itself, so every </think> in its output is one the sampling graph forced."""
+    return pinned_artifact(tmp_path_factory.mktemp("never_closes"), {THINK: -200.0, END_THINK: -200.0})
+
+
+def test_thinking_budget_is_enforced(never_closes, capsys):
     ids = ",".join(map(str, PROMPT_OPEN_THINK))
     for budget in (0, 3, 8):
-        out = run(capsys, tiny_art, "--prompt-ids", ids, "--thinking", "on", "--thinking-budget", budget,
+        out = run(capsys, never_closes, "--prompt-ids", ids, "--thinking", "on", "--thinking-budget", budget,
                   "--max-new-tokens", budget + 6, "--no-stop", "--seed", 1)
         toks = out["tokens"]
-        # the prompt opened <think>: exactly `budget` sampled thinking tokens, then the early stop (for a
-        # preset without tokenizer just </think>), unless the model closed it earlier itself
-        first_close = toks.index(END_THINK)
-        assert first_close <= budget and out["thinking_tokens"] == first_close
-        assert THINK not in toks[:first_close]
+        # The prompt opened <think>, so generation starts inside thinking with think_spent 0. Each step the
+        # graph forces once think_spent >= budget, and each token sampled inside thinking adds 1 (SamplingGraph,
+        # DESIGN §4): tokens 0 .. budget-1 are sampled, token `budget` is the forced early stop, which for a
+        # preset without tokenizer is the single token </think> (early_stop_ids). The model never emits
+        # </think> itself, so exactly one appears, at index `budget`.
+        assert toks.index(END_THINK) == budget, toks
+        assert toks.count(END_THINK) == 1 and THINK not in toks, toks
+        assert out["thinking_tokens"] == budget
 
 
-def test_thinking_off_never_thinks_and_unlimited_budget_never_forces(tiny_art, capsys):
+def test_thinking_off_never_thinks_and_unlimited_budget_never_forces(eager_thinker, capsys):
     ids = ",".join(map(str, PROMPT_OPEN_THINK[:-1]))  # prompt without <think>
     for seed in range(4):
-        out = run(capsys, tiny_art, "--prompt-ids", ids, "--thinking", "off", "--max-new-tokens", 24,
-                  "--temperature", 3.0, "--top-k", 0, "--top-p", 1.0, "--seed", seed, "--no-stop")
-        assert THINK not in out["tokens"] and out["thinking_tokens"] == 0
+        flags = ("--prompt-ids", ids, "--max-new-tokens", 24, "--temperature", 3.0, "--top-k", 0, "--top-p", 1.0,
+                 "--seed", seed, "--no-stop")
+        # control: thinking on, the model's <think> wins every step (a second <think> inside thinking is
+        # a plain token) and the unlimited budget never forces </think>; the first <think> opens the block
+        # and is not counted, the 23 after it are
+        on = run(capsys, eager_thinker, *flags, "--thinking", "on")
+        assert on["tokens"] == [THINK] * 24 and on["thinking_tokens"] == 23, on["tokens"]
+        # thinking off: the same model never gets <think>, only the sampling graph's mask stands in its way
+        off = run(capsys, eager_thinker, *flags, "--thinking", "off")
+        assert THINK not in off["tokens"] and off["thinking_tokens"] == 0, off["tokens"]
 
 
 def test_seed_determinism_and_greedy(tiny_art, capsys):

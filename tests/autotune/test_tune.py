@@ -84,10 +84,13 @@ def test_two_workers_on_one_sqlite_study(tmp_path):
 
 
 def test_two_workers_on_one_postgresql_study():
-    # CI sets QWEN3EXPORT_TEST_PG_URL from .ci/start_postgres.sh (a throwaway server on 127.0.0.1)
+    # .ci/run sets QWEN3EXPORT_TEST_PG_URL from .ci/start_postgres.sh (a throwaway server on 127.0.0.1); the
+    # README's plain pytest command does not, so the skip says how to run this test by hand
     url = os.environ.get("QWEN3EXPORT_TEST_PG_URL")
     if not url:
-        pytest.skip("QWEN3EXPORT_TEST_PG_URL is unset (run .ci/start_postgres.sh)")
+        pytest.skip("QWEN3EXPORT_TEST_PG_URL is unset (only .ci/run starts PostgreSQL); to run this test: "
+                    'eval "$(bash .ci/start_postgres.sh)" && .venv/bin/python -m pytest '
+                    "tests/autotune/test_tune.py -k postgresql")
     # a bucket no earlier run used: the database may be reused between runs
     _workers_share_one_study(url, {"B": 1, "L": 8192 + time.time_ns() % 100_000})
 

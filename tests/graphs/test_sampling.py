@@ -256,23 +256,29 @@ def test_inverse_cdf_follows_the_reference_distribution(small_graph):
 # ---------------------------------------------------------------------- Qwen3's real vocabulary
 def test_real_vocabulary_torch_and_onnx_agree(tmp_path):
     """V = 151936 with <think> 151667 / </think> 151668 (tokens.py): graph and ONNX agree over a rollout
-    that crosses a thinking budget."""
+    that crosses a thinking budget, and a greedy row whose argmax is <think> gets it with thinking on
+    (row 3) and never with thinking off (row 1, the same row otherwise)."""
     vocab = SamplingVocab(tokens.VOCAB_SIZE, tokens.THINK, tokens.END_THINK)
     graph = SamplingGraph(vocab, (198, 271, tokens.END_THINK)).eval()
     emit_sampling_onnx(graph, tmp_path / "sampling.onnx")
     session = SamplingSession(tmp_path / "sampling.onnx")
     rng = np.random.default_rng(11)
-    b = 3
-    state = initial_state([[tokens.IM_START, 872, tokens.THINK], [tokens.IM_START, 9707], [tokens.THINK]], vocab)
+    b = 4
+    state = initial_state([[tokens.IM_START, 872, tokens.THINK], [tokens.IM_START, 9707], [tokens.THINK],
+                           [tokens.IM_START, 9707]], vocab)
     st_t = st_o = [state[n] for n in STATE_NAMES]
     params = [torch.tensor(x, dtype=d) for x, d in (
-        ([0.6, 0.0, 1.0], torch.float32), ([20, 0, 0], torch.int64), ([0.95, 1.0, 0.5], torch.float32),
-        ([0.0, 0.0, 0.1], torch.float32), ([1.0, 1.2, 1.0], torch.float32), ([0.0, 1.5, 0.0], torch.float32),
-        ([True, False, True], torch.bool), ([2, -1, 0], torch.int64))]
+        ([0.6, 0.0, 1.0, 0.0], torch.float32), ([20, 0, 0, 0], torch.int64), ([0.95, 1.0, 0.5, 1.0], torch.float32),
+        ([0.0, 0.0, 0.1, 0.0], torch.float32), ([1.0, 1.2, 1.0, 1.2], torch.float32),
+        ([0.0, 1.5, 0.0, 1.5], torch.float32), ([True, False, True, True], torch.bool),
+        ([2, -1, 0, -1], torch.int64))]
     streams = []
     for _ in range(6):
         logits = torch.tensor(rng.standard_normal((b, vocab.vocab_size)) * 3, dtype=torch.float32)
         logits[:, tokens.END_THINK] = float("-inf")  # the model never closes by itself
+        # rows 1 and 3 want <think>: 100 against N(0, 9) noise (max ~14 over the vocabulary), still the argmax
+        # after row 3's own penalties once it was generated (100 / 1.2 - 1.5)
+        logits[1::2, tokens.THINK] = 100.0
         u = torch.tensor(rng.random(b, dtype=np.float32))
         with torch.no_grad():
             out_t = graph(logits, *st_t, *params, u)
@@ -284,7 +290,8 @@ def test_real_vocabulary_torch_and_onnx_agree(tmp_path):
     rows = list(zip(*streams))
     assert rows[0][2:5] == (198, 271, tokens.END_THINK)  # budget 2: two sampled tokens, then forced
     assert rows[2][:3] == (198, 271, tokens.END_THINK)  # budget 0 inside thinking: forced at once
-    assert tokens.THINK not in rows[1]  # thinking disabled
+    assert rows[3] == (tokens.THINK,) * 6  # thinking on, unlimited budget: the argmax <think>, never closed
+    assert tokens.THINK not in rows[1], rows[1]  # thinking disabled: the mask beats the argmax
 
 
 class _Weights(torch.nn.Module):
