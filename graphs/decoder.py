@@ -21,12 +21,13 @@ KVCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per layer (key, value
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back before the weight
-    (transformers Qwen3RMSNorm; Qwen3 is trained in bf16, so fp32 keeps fp16 from overflowing)."""
-    dtype = x.dtype
+    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 and cast to the weight's dtype before the weight
+    (transformers Qwen3RMSNorm; Qwen3 is trained in bf16, so fp32 keeps fp16 from overflowing: the sum of
+    squares of a massive activation of 2,000 is 4e6, past fp16's 65,504). x may be the fp32 residual stream
+    of an fp16 decoder; the output is in the weight's (compute) dtype either way."""
     xf = x.to(torch.float32)
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(dtype)
+    return weight * xf.to(weight.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -187,9 +188,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, past_k, past_v, attention_mask=None):
+        """x: the residual stream [B, S, H], fp32 in an fp16 decoder (residual_dtype); the sublayers compute in
+        the weights' dtype and their outputs are added in the stream's (a no-op cast when both agree)."""
         a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_k, past_v, attention_mask)
-        x = x + a
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = x + a.to(x.dtype)
+        x = x + self.mlp(self.post_attention_layernorm(x)).to(x.dtype)
         return x, k, v
 
 
@@ -270,10 +273,19 @@ class Qwen3Decoder(nn.Module):
         z = torch.zeros(batch, s.num_key_value_heads, 0, s.head_dim, dtype=self.dtype, device=self.model.embed_tokens.weight.device)
         return tuple((z, z) for _ in range(s.num_hidden_layers))
 
+    @property
+    def residual_dtype(self) -> torch.dtype:
+        """The residual stream's dtype: fp32 in an fp16 decoder, else the weights'. Trained Qwen3 residuals hold
+        massive activations in the thousands (tens of thousands in larger models) where fp16's spacing is 1-32
+        and its range ends at 65,504; every GPU target adds in fp32 at no cost next to the GEMMs. bf16 keeps
+        fp32's range and stays as transformers runs it."""
+        return torch.float32 if self.dtype == torch.float16 else self.dtype
+
     def forward(self, input_ids, position_ids, attention_mask, past: KVCache):
-        x = self.model.embed_tokens(input_ids)  # [B, S, H]
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype, self.rope_scaling_factor)
-        mask = attention_mask_bias(attention_mask, input_ids.shape[1], x.dtype)
+        dtype = self.dtype  # the compute dtype of the GEMMs, attention and KV cache
+        x = self.model.embed_tokens(input_ids).to(self.residual_dtype)  # [B, S, H]
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, dtype, self.rope_scaling_factor)
+        mask = attention_mask_bias(attention_mask, input_ids.shape[1], dtype)
         present = []
         for layer, (pk, pv) in zip(self.model.layers, past):
             x, k, v = layer(x, cos, sin, mask, pk, pv, attention_mask)

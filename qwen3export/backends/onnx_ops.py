@@ -171,9 +171,10 @@ def attention(q, k, v, attention_mask=None, kv_lens=None, scale: float = 1.0):
     hq, hkv, d = _static(q, 1), _static(k, 1), _static(q, 3)
     qg = op.Reshape(q, _ints(0, hkv, hq // hkv, -1, d))
     kt = op.Transpose(op.Unsqueeze(k, _ints(2)), perm=[0, 1, 2, 4, 3])  # [B, Hkv, 1, D, L]
-    scores = op.Mul(op.MatMul(qg, kt), op.CastLike(_float(scale), q))
+    scores = op.Cast(op.Mul(op.MatMul(qg, kt), op.CastLike(_float(scale), q)), to=FLOAT)
+    # the bias is added in fp32: fp32's minimum cast to fp16 is -inf, and a fully padded row of -inf is NaN
     scores = op.Add(scores, op.Unsqueeze(_key_bias(attention_mask, scores, q, k), _ints(1)))  # [B, Hkv, G, S, L]
-    probs = op.CastLike(op.Softmax(op.Cast(scores, to=FLOAT), axis=-1), q)
+    probs = op.CastLike(op.Softmax(scores, axis=-1), q)
     return op.Reshape(op.MatMul(probs, op.Unsqueeze(v, _ints(2))), _ints(0, hq, -1, d))
 
 
