@@ -134,11 +134,30 @@ def check_options(opts: BuildOptions):
     parse_dtype(opts.dtype)
     target.check_dtype(opts.dtype)
     check_quant(opts, target)
-    if opts.dtype != "fp32" and set(opts.backends) & {"onnx", "aoti"}:
-        raise TargetError(f"--dtype {opts.dtype} engines for onnx/aoti can only be verified on the target's GPU, and "
-                          "parity is checked before an artifact is written: build fp32 here, or use --backend "
-                          "tensorrt (fp32 ONNX verified here, precision set by TensorRT's builder flags)")
+    check_dtype_backends(opts)
     return target
+
+
+def check_dtype_backends(opts: BuildOptions) -> None:
+    """Which engines can be built, and verified here, in --dtype fp16 / bf16. fp16: the ONNX (standard ops) is
+    fp16 with an fp32 residual stream and fp32 norm statistics, verified in ONNX Runtime's CPU provider (its
+    fp16 kernels) against fp32 eager, and TensorRT builds that same file strongly typed. bf16: TensorRT only
+    (from the fp32 ONNX with its BF16 flag): ONNX Runtime's CPU provider has no bf16 kernels to verify with."""
+    if opts.dtype == "fp32":
+        return
+    if "aoti" in opts.backends:
+        raise TargetError(f"--dtype {opts.dtype} cannot go with --backend aoti: AOTInductor packages are compiled "
+                          "and verified on this machine's CPU in fp32; build aoti with --dtype fp32")
+    if opts.dtype == "bf16" and "onnx" in opts.backends:
+        raise TargetError("--dtype bf16 cannot go with --backend onnx: ONNX Runtime's CPU provider, where engines "
+                          "are verified, has no bf16 kernels; use --dtype fp16 (verified here) or --backend tensorrt "
+                          "(bf16 through TensorRT's builder flag)")
+    if opts.dtype == "fp16" and opts.onnx_ops == "ort":
+        raise TargetError("--dtype fp16 cannot go with --onnx-ops ort: fp16 engines use standard ONNX ops; drop "
+                          "--onnx-ops or pass --onnx-ops standard")
+    if opts.quant != "none":
+        raise TargetError(f"--dtype {opts.dtype} cannot go with --quant {opts.quant}: quantized engines keep fp32 "
+                          "activations here; drop one of them")
 
 
 def check_quant(opts: BuildOptions, target) -> None:
@@ -253,8 +272,14 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
     what = f"{source.description} as fp32" + (f", {qcfg.mode} weights ({qcfg.scheme})" if qcfg else "")
     module = stages.run("load", what, lambda: load_decoder(spec, source, qcfg))
     quantization = quantization_record(module, spec) if qcfg else None
+    # an fp16 engine is captured from an fp16 decoder (fp32 residual stream, graphs/decoder.py) and verified
+    # against the fp32 one at the fp16 thresholds; bf16 reaches TensorRT as its builder flag on the fp32 graph
+    half = opts.dtype == "fp16"
+    engine_dtype = "fp16" if half else "fp32"
+    captured = build_module(spec, source, torch.float16) if half else module
     # 2. capture: one ExportedProgram for prefill and decode
-    ep = stages.run("capture", "torch.export (dynamic batch, sequence, cache length)", lambda: capture(module))
+    ep = stages.run("capture", f"torch.export of the {engine_dtype} decoder (dynamic batch, sequence, cache "
+                    "length)", lambda: capture(captured))
     _dump(opts.dump_ir, "01-capture.txt", str(ep.graph_module.code))
     sampling_ep = capture_sampling(sampling_graph_for(spec, ref))
     # 3. lower: attention, MoE and norm subgraphs -> qwen3export:: ops; the captured program is kept as it was
@@ -276,7 +301,8 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
         with art.staging(out, opts.force) as tmp:
             manifest = art.default_manifest(
                 model={"ref": ref.to_dict(), "spec": spec.to_dict(), "param_count": spec.param_count()},
-                target=target.to_dict(), backend=backend, dtype="fp32", lowering=record)
+                target=target.to_dict(), backend=backend, dtype="fp32" if backend == "kernels" else engine_dtype,
+                lowering=record)
             manifest["serving"] = serving
             if kernels is not None:
                 manifest["kernels"] = kernels
@@ -577,7 +603,8 @@ def source_for(artifact: art.Artifact, model_override: str | None = None):
 
 
 def eager_for(artifact: art.Artifact, model_override: str | None = None) -> torch.nn.Module:
-    """Rebuild the eager model an artifact was built from (its recorded source, or `model_override`)."""
+    """Rebuild the eager model an artifact was built from (its recorded source, or `model_override`), in fp32:
+    every engine, fp16 ones included, is checked against fp32 eager (at its dtype's thresholds)."""
     spec, source = source_for(artifact, model_override)
-    return build_module(spec, source, parse_dtype(artifact.manifest["dtype"]))
+    return build_module(spec, source, torch.float32)
 

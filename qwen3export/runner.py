@@ -85,7 +85,7 @@ class OnnxEngine:
             feed[f"past_key_values.{i}.key"] = k.numpy()
             feed[f"past_key_values.{i}.value"] = v.numpy()
         out = self.session.run(self.outputs, feed)
-        logits = torch.from_numpy(out[0])
+        logits = torch.from_numpy(out[0]).float()  # an fp16 engine's logits: the sampling graph takes fp32
         present = tuple((torch.from_numpy(out[1 + 2 * i]), torch.from_numpy(out[2 + 2 * i]))
                         for i in range(self.spec.num_hidden_layers))
         return logits, present

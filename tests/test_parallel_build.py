@@ -34,7 +34,7 @@ def test_tp2_build_run_and_inspect(tmp_path, capsys):
     entry = json.loads(stdout)["artifacts"][0]
     assert entry["backend"] == "torch-export" and entry["status"] == "built"  # the default backend with --tp
     p = entry["parity"]
-    assert p["passed"] and p["greedy_match"] and p["greedy_tokens_matching"] == 32 and p["logits_max_abs"] <= 1e-4
+    assert p["passed"] and p["greedy_match"] and p["greedy_tokens_matching"] == 32 and p["logits_scaled_err"] <= 1e-4
     assert p["sampling"]["identical"] and "2 processes, gloo" in p["providers"][0]
     m = load_artifact(out).manifest
     assert m["parallel"]["world"] == 2 and [r["rank"] for r in m["ranks"]] == [0, 1]

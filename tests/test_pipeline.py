@@ -41,7 +41,7 @@ def test_parity_gate_rejects_a_wrong_engine(monkeypatch, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code != 0
     assert "parity FAIL" in err and "qwen3export: error: engine failed the parity gate" in err
-    assert "logits max abs error" in err
+    assert "logits scaled error" in err
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
@@ -65,7 +65,7 @@ def test_verify_reports_failure_of_a_resealed_wrong_engine(tmp_path, capsys):
     capsys.readouterr()
     assert main(["verify", str(out), "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
-    assert not report["passed"] and report["logits_max_abs"] > 1e-4
+    assert not report["passed"] and report["logits_scaled_err"] > 1e-4
     assert json.loads((out / "manifest.json").read_text())["parity"]["passed"] is False
     art.load_artifact(out)  # the updated manifest is still consistent
 

@@ -55,10 +55,16 @@ def profiles(spec, max_batch: int, max_seq: int, opt_batch: int = 1, opt_seq: in
 
 
 def settings(spec, target, dtype: str, max_batch: int, max_seq: int) -> dict[str, Any]:
-    """Builder settings recorded in the artifact (the ONNX itself is fp32; precision comes from flags)."""
-    flags = [f for f in target.trt_builder_flags if dtype != "fp32" or f == "TF32"]
+    """Builder settings recorded in the artifact. fp32 / bf16: the ONNX is fp32 and precision comes from the
+    builder flags (bf16 keeps fp32's range). fp16: the ONNX itself is fp16 with the residual stream and the
+    norms' statistics in fp32 (verified here in ONNX Runtime), and the network is built strongly typed, so
+    TensorRT keeps those types instead of choosing fp16 for the norms, where a massive activation of ~2,000
+    squares past fp16's 65,504 (TensorRT forbids precision flags on strongly typed networks)."""
+    strongly_typed = dtype == "fp16"
+    flags = [] if strongly_typed else [f for f in target.trt_builder_flags if dtype != "fp32" or f == "TF32"]
     return {"onnx": "decoder.onnx", "plan": PLAN_FILE, "timing_cache": TIMING_CACHE_FILE,
             "target": target.name, "arch": target.arch, "dtype": dtype, "builder_flags": flags,
+            "strongly_typed": strongly_typed,
             "profiles": profiles(spec, max_batch, max_seq), "workspace_bytes": 4 << 30,
             "tensorrt_version": ">=10", "plugins": [], "plugins_note": PLUGINS_NOTE}
 
@@ -88,7 +94,9 @@ def build_plan(folder: Path) -> dict[str, Any]:
     s = json.loads((folder / SETTINGS_FILE).read_text())
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    # TensorRT 10: explicit batch is the only mode; strongly typed keeps the ONNX's own types (fp16 engines)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if s.get("strongly_typed") else 0
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(folder / s["onnx"])):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
