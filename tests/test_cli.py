@@ -232,3 +232,28 @@ def _flip_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+def test_custom_serving_limits_reach_manifest_profiles_and_run(tmp_path, capsys):
+    """--max-batch 3 --max-seq 40 (not the defaults): the manifest's serving entry and KV cache, TensorRT's
+    optimization profiles (max shapes), and `run`, which serves exactly 40 tokens and refuses 41."""
+    code, _, err = cli(capsys, "build", "--model", "tiny", "--target", "a100", "--backend", "onnx,tensorrt",
+                       "--max-batch", "3", "--max-seq", "40", "--out", tmp_path)
+    assert code == 3, err  # TensorRT pending (no TensorRT here), everything else built and verified
+    spec = preset("tiny")
+    per_token = 2 * spec.num_hidden_layers * spec.num_key_value_heads * spec.head_dim * 4
+    onnx_art, trt_art = tmp_path / "tiny-a100-onnx", tmp_path / "tiny-a100-tensorrt"
+    for folder in (onnx_art, trt_art):
+        s = json.loads((folder / "manifest.json").read_text())["serving"]
+        assert (s["max_batch"], s["max_seq"]) == (3, 40)
+        assert s["kv_cache_bytes"] == per_token * 40 * 3
+    profiles = json.loads((trt_art / "tensorrt" / "build.json").read_text())["profiles"]
+    assert profiles["input_ids"][2] == [3, 40]
+    assert profiles["past_key_values.0.key"][2] == [3, spec.num_key_value_heads, 39, spec.head_dim]
+    prompt = ",".join(str(i) for i in range(1, 31))
+    code, out, err = cli(capsys, "run", onnx_art, "--prompt-ids", prompt, "--max-new-tokens", "10", "--greedy",
+                         "--no-stop", "--json")
+    assert code == 0, err
+    assert len(json.loads(out)["tokens"]) == 10
+    code, _, err = cli(capsys, "run", onnx_art, "--prompt-ids", prompt, "--max-new-tokens", "11")
+    _one_line_error(code, err, "exceeds the engine's 40 tokens per sequence", "--max-seq 40")
