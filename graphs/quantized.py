@@ -28,7 +28,9 @@ LINEARS = {Attention: ("q_proj", "k_proj", "v_proj", "o_proj"), MLP: ("gate_proj
 
 
 class QuantizedTensor(nn.Module):
-    """One QuantizedWeight as buffers: qweight, scales and zero_points (None when symmetric).
+    """One QuantizedWeight as buffers: qweight, scales and zero_points (None when symmetric); qweight holds
+    whole groups (quant.py), so with a partial last group it is wider than in_features, which the ops read
+    from their input.
 
     int scales are stored in the model's dtype (the kernels read them as the activations' type and
     MatMulNBits wants A's type); the cast must be exact, i.e. the quantizer rounded them to that dtype or a
@@ -37,6 +39,8 @@ class QuantizedTensor(nn.Module):
     def __init__(self, qw: QuantizedWeight, dtype: torch.dtype, name: str = "weight"):
         super().__init__()
         self.mode, self.bits, self.group_size = qw.mode, qw.bits, qw.group_size
+        # K: the stored codes cover whole groups, so a partial last group leaves K short of their width
+        self.in_features = qw.in_features
         scales = qw.scales
         if qw.mode != "fp8":  # fp8 scales stay fp32 (fp8_linear's contract)
             scales = qw.scales.to(dtype)
@@ -48,7 +52,8 @@ class QuantizedTensor(nn.Module):
         self.register_buffer("zero_points", qw.zero_points)
 
     def quantized_weight(self) -> QuantizedWeight:
-        return QuantizedWeight(self.mode, self.qweight, self.scales, self.zero_points, self.group_size)
+        return QuantizedWeight(self.mode, self.qweight, self.scales, self.zero_points, self.group_size,
+                               self.in_features)
 
     def extra_repr(self) -> str:
         shape = list(self.quantized_weight().shape)

@@ -41,9 +41,10 @@ def _fused_moe_wq_gate_up_kernel(
 ):
     """act[p, n] = silu(x[t] . Wg[e, n]) * (x[t] . Wu[e, n]) for pair p = t * k + slot of expert e, W dequantized.
 
-    x [T, H]; gate_up quantized [E, 2I, H] (qweight uint8 [E, 2I, H * BITS / 8], scales / zeros [E, 2I, H/g];
-    rows [0, I) gate, [I, 2I) up); act [T * k, I]. Tiling, grouping and rounding as kernels/fused_moe.py's
-    gate/up kernel; each K tile lies in one quantization group (wq_matmul.block_k_for).
+    x [T, H]; gate_up quantized [E, 2I, H] (qweight uint8 [E, 2I, G*g * BITS / 8], G = ceil(H/g) groups stored
+    whole, scales / zeros [E, 2I, G]; rows [0, I) gate, [I, 2I) up); act [T * k, I]. Tiling, grouping and
+    rounding as kernels/fused_moe.py's gate/up kernel; each K tile lies in one quantization group
+    (wq_matmul.block_k_for); k >= H is masked, so a partial last group's padding is never read.
     """
     pid = tl.program_id(0)
     n_tiles_n = tl.cdiv(inter, BLOCK_N)
@@ -107,7 +108,8 @@ def _fused_moe_wq_down_kernel(
 ):
     """partial[p, n] = w[p] * (act[p] . Wd[e, n]) for pair p of expert e, n in [0, H), Wd dequantized.
 
-    act [T * k, I]; down quantized [E, H, I] (qweight uint8 [E, H, I * BITS / 8], scales / zeros [E, H, I/g]);
+    act [T * k, I]; down quantized [E, H, I] (qweight uint8 [E, H, G*g * BITS / 8], scales / zeros [E, H, G],
+    G = ceil(I/g), the last group padded as in the gate/up kernel);
     topk_weights [T * k]; partial [T * k, H], summed over each token's k slots by the launcher.
     """
     pid = tl.program_id(0)
@@ -143,30 +145,45 @@ def _fused_moe_wq_down_kernel(
              mask=pair_ok[:, None] & n_ok[None, :])
 
 
-def _experts(qweight, scales, zero_points, bits, what) -> QuantizedWeight:
-    """(qweight, scales, zero_points) of stacked experts -> QuantizedWeight; the group size is K / scales' last
-    dim (so int8 per channel means H for gate_up and I for down)."""
+def _experts(qweight, scales, zero_points, bits, what, in_features: int) -> QuantizedWeight:
+    """(qweight, scales, zero_points) of stacked experts -> QuantizedWeight over K = in_features (H for gate_up,
+    I for down). The codes hold whole groups (quant.QuantizedWeight), so the group size is their width over
+    scales' last dim, G = ceil(K / g): int8 per channel means H for gate_up and I for down."""
     if bits not in (4, 8):
         raise InputError(f"fused_moe_wq: bits={bits} must be 4 or 8")
-    k = qweight.shape[-1] * (8 // bits)
-    if scales.dim() != 3 or k % scales.shape[-1]:
-        raise InputError(f"fused_moe_wq: {what} scales {tuple(scales.shape)} must be [E, N, K/g] with g dividing "
-                         f"K={k}")
-    qw = QuantizedWeight("int4" if bits == 4 else "int8", qweight, scales, zero_points, k // scales.shape[-1])
+    width = qweight.shape[-1] * (8 // bits)
+    if scales.dim() != 3 or width % scales.shape[-1]:
+        raise InputError(f"fused_moe_wq: {what} scales {tuple(scales.shape)} must be [E, N, G] with G dividing "
+                         f"the {width} stored columns")
+    group = width // scales.shape[-1]
+    if not width - group < in_features <= width:
+        raise InputError(f"fused_moe_wq: x, gate_up and down must be [T, H], [E, 2I, H] and [E, H, I]; {what} "
+                         f"stores {scales.shape[-1]} group(s) of {group}, which do not cover K={in_features} with "
+                         "at most the last one partial")
+    qw = QuantizedWeight("int4" if bits == 4 else "int8", qweight, scales, zero_points, group, in_features)
     if len(qw.shape) != 3:
         raise InputError(f"fused_moe_wq: {what} must be stacked experts [E, N, K], got {list(qw.shape)}")
     return qw
+
+
+def _expert_pair(x: torch.Tensor, gate_up: tuple, down: tuple, bits: int) -> tuple[QuantizedWeight, QuantizedWeight]:
+    """gate_up over K = H (x's last dim), down over K = I (half gate_up's rows)."""
+    if x.dim() != 2:
+        raise InputError(f"fused_moe_wq: x {tuple(x.shape)} must be [T, H]")
+    gu = _experts(*gate_up, bits, "gate_up", x.shape[1])
+    return gu, _experts(*down, bits, "down", gu.shape[1] // 2)
 
 
 def fused_moe_wq(x: torch.Tensor, gate_up: tuple, down: tuple, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                  bits: int, config: KernelConfig | None = None) -> torch.Tensor:
     """fused_moe with quantized experts: x [T, H]; gate_up = (qweight, scales, zero_points | None) of the
     stacked [E, 2I, H] weight, down = the same for [E, H, I] (quant.QuantizedWeight layout, `bits` 4 or 8;
-    group sizes follow from the scales' shapes); topk_weights / topk_ids [T, k] -> out [T, H] in x's dtype."""
-    gu, dn = _experts(*gate_up, bits, "gate_up"), _experts(*down, bits, "down")
+    group sizes follow from the stored widths and the scales' shapes, H from x, I from gate_up's rows);
+    topk_weights / topk_ids [T, k] -> out [T, H] in x's dtype."""
+    gu, dn = _expert_pair(x, gate_up, down, bits)
     n_experts, two_i, hidden = gu.shape
     inter = two_i // 2
-    if x.dim() != 2 or x.shape[1] != hidden or two_i % 2 or dn.shape != (n_experts, hidden, inter):
+    if two_i % 2 or dn.shape != (n_experts, hidden, inter):
         raise InputError(f"fused_moe_wq: x {tuple(x.shape)}, gate_up {list(gu.shape)} and down {list(dn.shape)} "
                          "must be [T, H], [E, 2I, H] and [E, H, I]")
     if topk_ids.shape != topk_weights.shape or topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
@@ -205,7 +222,7 @@ def fused_moe_wq(x: torch.Tensor, gate_up: tuple, down: tuple, topk_weights: tor
 def fused_moe_wq_reference(x: torch.Tensor, gate_up: tuple, down: tuple, topk_weights: torch.Tensor,
                            topk_ids: torch.Tensor, bits: int, config: KernelConfig | None = None) -> torch.Tensor:
     """quant.dequantize both expert stacks (fp32), then fused_moe's loop-over-experts reference."""
-    gu, dn = dequantize(_experts(*gate_up, bits, "gate_up")), dequantize(_experts(*down, bits, "down"))
+    gu, dn = (dequantize(qw) for qw in _expert_pair(x, gate_up, down, bits))
     return fused_moe_reference(x.float(), gu, dn, topk_weights.float(), topk_ids).to(x.dtype)
 
 
@@ -233,19 +250,27 @@ def keep(config: KernelConfig, arch: ArchLimits) -> bool:
 
 
 def compile_specs(config: KernelConfig, dtype: str, shape: dict) -> list[CompileSpec]:
-    """Both kernels; group 0 in a shape means per channel (one group over each kernel's K)."""
+    """Both kernels; group 0 in a shape means per channel (one group over each kernel's K). A group that does
+    not divide K (a partial last group) pads the rows of qweight to whole groups; the divisibility hints go
+    to the dimensions and strides that are multiples of 16 for this shape only (wq_matmul.aligned_args)."""
+    from qwen3export.kernels.wq_matmul import aligned_args
+
+    hidden, inter, bits = shape["hidden"], shape["inter"], shape["bits"]
     specs = []
-    for fn, k, pointers in (
-            (_fused_moe_wq_gate_up_kernel, shape["hidden"], {"x_ptr": dtype, "act_ptr": dtype}),
-            (_fused_moe_wq_down_kernel, shape["inter"], {"act_ptr": dtype, "topk_weights_ptr": dtype,
-                                                         "partial_ptr": dtype})):
+    for fn, k, rows, pointers in (
+            (_fused_moe_wq_gate_up_kernel, hidden, 2 * inter, {"x_ptr": dtype, "act_ptr": dtype}),
+            (_fused_moe_wq_down_kernel, inter, hidden, {"act_ptr": dtype, "topk_weights_ptr": dtype,
+                                                        "partial_ptr": dtype})):
         group = shape["group"] or k
+        n_groups = -(-k // group)
+        row_bytes = n_groups * group * bits // 8  # [E, N, whole groups] codes
+        aligned = aligned_args({"hidden": hidden, "inter": inter, "group_size": group, "stride_qe": rows * row_bytes,
+                                "stride_qn": row_bytes, "stride_se": rows * n_groups, "stride_ap": inter})
         specs.append(CompileSpec(
             fn, pointers=pointers | {"qweight_ptr": "u8", "scales_ptr": dtype, "zeros_ptr": "u8",
                                      "sorted_ids_ptr": "i32", "expert_ids_ptr": "i32", "n_padded_ptr": "i32"},
-            constexprs=config.constexprs | {"BLOCK_K": block_k_for(config, group, k // group), "BITS": shape["bits"],
+            constexprs=config.constexprs | {"BLOCK_K": block_k_for(config, group, n_groups), "BITS": bits,
                                             "HAS_ZP": bool(shape["zero_points"])},
-            aligned=("hidden", "inter", "group_size", "stride_qe", "stride_qn", "stride_se", "stride_ap"),
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            aligned=aligned, num_warps=config.num_warps, num_stages=config.num_stages,
             shape=",".join(f"{key}={v}" for key, v in shape.items())))
     return specs

@@ -54,9 +54,11 @@ def _wq_matmul_kernel(
 ):
     """out[m, n] = sum_k x[m, k] * (code[n, k] - zero[n, k // g]) * scale[n, k // g].
 
-    x [M, K] fp16/bf16/fp32; qweight uint8 [N, K] (BITS 8) or [N, K/2] (BITS 4, two codes per byte);
-    scales [N, K/g]; zeros uint8 [N, K/g] when HAS_ZP; out [M, N] in x's dtype. Each K tile lies in one
-    group (the launcher caps BLOCK_K at g unless there is a single group), so one scale / zero row per tile.
+    x [M, K] fp16/bf16/fp32; qweight uint8 [N, G*g] (BITS 8) or [N, G*g/2] (BITS 4, two codes per byte),
+    G = ceil(K/g) whole groups (a partial last group is padded: quant.QuantizedWeight); scales [N, G]; zeros
+    uint8 [N, G] when HAS_ZP; out [M, N] in x's dtype. Each K tile lies in one group (the launcher caps BLOCK_K
+    at g unless there is a single group), so one scale / zero row per tile; k >= K is masked (x and W alike),
+    so the padding is never read.
     The weight is dequantized in registers to x's dtype and multiplied with tl.dot into an fp32 accumulator
     (as Marlin / vLLM's AWQ Triton kernel do); tiles are visited in GROUP_SIZE_M groups along M for L2 reuse
     (Triton tutorial 03-matrix-multiplication).
@@ -87,11 +89,23 @@ def _wq_matmul_kernel(
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _weight(qweight, scales, zero_points, bits, group_size) -> QuantizedWeight:
-    """The launcher's arguments as a QuantizedWeight: its __post_init__ checks every shape and dtype."""
+def _weight(qweight, scales, zero_points, bits, group_size, in_features: int | None = None) -> QuantizedWeight:
+    """The launcher's arguments as a QuantizedWeight: its __post_init__ checks every shape and dtype.
+    in_features: K (x's last dim); None = the stored width."""
     if bits not in (4, 8):
         raise InputError(f"wq_matmul: bits={bits} must be 4 or 8")
-    return QuantizedWeight("int4" if bits == 4 else "int8", qweight, scales, zero_points, group_size)
+    return QuantizedWeight("int4" if bits == 4 else "int8", qweight, scales, zero_points, group_size, in_features)
+
+
+def _check_x(x: torch.Tensor, qw: QuantizedWeight, group_size: int) -> int:
+    """K = x's last dim: floating point, and covered by the stored groups with the last one partial at most."""
+    n, width = qw.shape
+    k = x.shape[-1]
+    if not x.is_floating_point() or not width - group_size < k <= width:
+        raise InputError(f"wq_matmul: x {tuple(x.shape)} must be floating point [..., K] with K in "
+                         f"{max(width - group_size + 1, 1)}..{width} for a weight [{n}, K] of {qw.n_groups} "
+                         f"group(s) of {group_size}")
+    return k
 
 
 def block_k_for(config: KernelConfig, group_size: int, n_groups: int) -> int:
@@ -107,12 +121,12 @@ def block_k_for(config: KernelConfig, group_size: int, n_groups: int) -> int:
 
 def wq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
               bits: int, group_size: int, config: KernelConfig | None = None) -> torch.Tensor:
-    """x [..., K] @ W^T -> [..., N] in x's dtype, W [N, K] quantized as quant.QuantizedWeight (bits 8: qweight
-    uint8 [N, K]; bits 4: [N, K/2]; scales [N, K/g]; zero_points uint8 [N, K/g] or None = 2^(bits-1))."""
+    """x [..., K] @ W^T -> [..., N] in x's dtype, W [N, K] quantized as quant.QuantizedWeight, G = ceil(K/g)
+    groups stored whole (bits 8: qweight uint8 [N, G*g]; bits 4: [N, G*g/2]; scales [N, G]; zero_points uint8
+    [N, G] or None = 2^(bits-1)); K is x's last dim."""
     qw = _weight(qweight, scales, zero_points, bits, group_size)
-    n, k = qw.shape
-    if x.shape[-1] != k or not x.is_floating_point():
-        raise InputError(f"wq_matmul: x {tuple(x.shape)} must be floating point [..., {k}] for a weight [{n}, {k}]")
+    k = _check_x(x, qw, group_size)
+    n = qw.shape[0]
     config = config or DEFAULT_CONFIG
     x2 = x.reshape(-1, k)
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
@@ -135,7 +149,8 @@ def wq_matmul_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
                         zero_points: torch.Tensor | None, bits: int, group_size: int,
                         config: KernelConfig | None = None) -> torch.Tensor:
     """quant.dequantize (fp32) then an fp32 matmul, cast to x's dtype; `config` is ignored."""
-    w = dequantize(_weight(qweight, scales, zero_points, bits, group_size))  # [N, K]
+    k = _check_x(x, _weight(qweight, scales, zero_points, bits, group_size), group_size)
+    w = dequantize(_weight(qweight, scales, zero_points, bits, group_size, k))  # [N, K]
     return (x.float() @ w.t()).to(x.dtype)
 
 
@@ -163,13 +178,23 @@ def keep(config: KernelConfig, arch: ArchLimits) -> bool:
     return bm * bn // config.threads <= 128 and shared <= arch.max_shared_per_block and bn * bk >= 8 * config.threads
 
 
+def aligned_args(values: dict[str, int]) -> tuple[str, ...]:
+    """The int arguments whose value in this compile shape is a multiple of 16: only those get Triton's
+    divisibility hint (a K of 72, a partial last group, must not be compiled as if K % 16 == 0)."""
+    return tuple(name for name, value in values.items() if value % 16 == 0)
+
+
 def compile_specs(config: KernelConfig, dtype: str, shape: dict) -> list[CompileSpec]:
-    block_k = block_k_for(config, shape["group"], shape["K"] // shape["group"])
+    k, n, group = shape["K"], shape["N"], shape["group"]
+    n_groups = -(-k // group)
+    row_bytes = n_groups * group * shape["bits"] // 8  # qweight's row: whole groups, the last one padded
+    block_k = block_k_for(config, group, n_groups)
     return [CompileSpec(
         _wq_matmul_kernel,
         pointers={"x_ptr": dtype, "qweight_ptr": "u8", "scales_ptr": dtype, "zeros_ptr": "u8", "out_ptr": dtype},
         constexprs=config.constexprs | {"BLOCK_K": block_k, "BITS": shape["bits"],
                                         "HAS_ZP": bool(shape["zero_points"])},
-        aligned=("N", "K", "group_size", "stride_xm", "stride_qn", "stride_om"),
+        aligned=aligned_args({"N": n, "K": k, "group_size": group, "stride_xm": k, "stride_qn": row_bytes,
+                              "stride_om": n}),
         num_warps=config.num_warps, num_stages=config.num_stages,
         shape=",".join(f"{k}={v}" for k, v in shape.items()))]

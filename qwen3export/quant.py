@@ -35,16 +35,23 @@ class QuantizedWeight:
     """A linear weight W [..., N, K] (out x in, as nn.Linear stores it) quantized along K in groups.
 
     int modes:  W[..., n, k] = (code[..., n, k] - zero[..., n, g]) * scale[..., n, g],  g = k // group_size
-      codes are unsigned: int8 `qweight` uint8 [..., N, K]; int4 `qweight` uint8 [..., N, K/2] with two codes
-      per byte, even k in the low nibble and odd k in the high one. This is ONNX Runtime's com.microsoft
-      MatMulNBits layout: qweight.view(N, K/group, group*bits/8) is its input B, scales its [N, K/group]
-      (ContribOperators.md, MatMulNBits: "packed uint8 tensor of shape (N, k_blocks, blob_size)", "the first
-      4 bits are stored in the lower 4 bits of a byte").
-      zero_points: uint8 [..., N, K/group] (AWQ / GPTQ asymmetric checkpoints) or None = 2^(bits-1), i.e.
-      128 / 8, the symmetric RTN case and MatMulNBits' default zero point.
+      G = ceil(K / group_size) groups; when group_size does not divide K the last group covers the K % group_size
+      columns left. Codes are stored padded to whole groups, G * group_size columns, the padding holding the
+      zero point (it dequantizes to 0; no consumer reads it against a real input): ONNX Runtime's MatMulNBits
+      layout, whose B is [N, n_blocks, blob] with n_blocks = ceil(K / block_size) and the last block padded
+      (ContribOperators.md, MatMulNBits; its quantizer pads the same way, quantization/matmul_nbits_quantizer.py).
+      The group size is then padded width / G, which the stacked-expert op (qwen3export::wq_moe, given no
+      group size) relies on; K itself is `in_features` (the consumers read it from their input's last dim).
+      Codes are unsigned: int8 `qweight` uint8 [..., N, G*group]; int4 `qweight` uint8 [..., N, G*group/2] with
+      two codes per byte, even k in the low nibble and odd k in the high one (so qweight.view(N, G,
+      group*bits/8) is MatMulNBits' input B, scales its [N, G]: "packed uint8 tensor of shape (N, k_blocks,
+      blob_size)", "the first 4 bits are stored in the lower 4 bits of a byte").
+      zero_points: uint8 [..., N, G] (AWQ / GPTQ asymmetric checkpoints) or None = 2^(bits-1), i.e. 128 / 8,
+      the symmetric RTN case and MatMulNBits' default zero point.
     fp8:  W[..., n, k] = float(qweight[..., n, k]) * scale[..., n, 0]; qweight float8_e4m3fn [..., N, K],
       scales float32 [..., N, 1] (per output channel), zero_points None, group_size = K.
     Leading dims (...) stack experts: [E, N, K] for an MoE layer's gate_up or down.
+    in_features: K; None means the stored width (every group whole, as AWQ / GPTQ / int8 per channel).
     """
 
     mode: str
@@ -52,20 +59,29 @@ class QuantizedWeight:
     scales: torch.Tensor
     zero_points: torch.Tensor | None
     group_size: int
+    in_features: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in QUANT_MODES:
             raise InputError(f"unknown quantization mode {self.mode!r}; choose one of {', '.join(QUANT_MODES)}")
         lead, n = tuple(self.qweight.shape[:-2]), self.qweight.shape[-2]
-        k = self.in_features
+        width = self.qweight.shape[-1] * (2 if self.mode == "int4" else 1)  # codes stored per row, padding included
+        k = width if self.in_features is None else self.in_features
+        object.__setattr__(self, "in_features", k)
         want = {"int8": torch.uint8, "int4": torch.uint8, "fp8": torch.float8_e4m3fn}[self.mode]
         problems = []
         if self.qweight.dtype != want:
             problems.append(f"qweight dtype {self.qweight.dtype} (want {want})")
-        if self.group_size <= 0 or k % self.group_size:
-            problems.append(f"group size {self.group_size} does not divide K={k}")
-        elif tuple(self.scales.shape) != (*lead, n, k // self.group_size):
-            problems.append(f"scales {tuple(self.scales.shape)} (want {(*lead, n, k // self.group_size)})")
+        g = self.group_size
+        if g <= 0 or width % g:
+            problems.append(f"group size {g} does not divide the {width} stored columns")
+        elif self.mode == "fp8" and (g != k or width != k):
+            problems.append(f"fp8 is per output channel: group size {g} and {width} stored columns (want K={k})")
+        elif not width - g < k <= width:
+            problems.append(f"K={k} with {width} stored columns (want {width // g} groups of {g} to cover K, "
+                            "the last one padded)")
+        elif tuple(self.scales.shape) != (*lead, n, width // g):
+            problems.append(f"scales {tuple(self.scales.shape)} (want {(*lead, n, width // g)})")
         if self.zero_points is not None and (self.mode == "fp8" or self.zero_points.dtype != torch.uint8
                                              or self.zero_points.shape != self.scales.shape):
             problems.append(f"zero_points {self.zero_points.dtype} {tuple(self.zero_points.shape)} "
@@ -78,10 +94,6 @@ class QuantizedWeight:
         return BITS[self.mode]
 
     @property
-    def in_features(self) -> int:
-        return self.qweight.shape[-1] * (2 if self.mode == "int4" else 1)
-
-    @property
     def shape(self) -> tuple[int, ...]:
         """The dequantized weight's shape [..., N, K]."""
         return (*self.qweight.shape[:-1], self.in_features)
@@ -90,13 +102,19 @@ class QuantizedWeight:
     def n_groups(self) -> int:
         return self.scales.shape[-1]
 
-    def codes(self) -> torch.Tensor:
-        """Unsigned integer codes [..., N, K] (uint8), int4 unpacked; int modes only."""
+    @property
+    def padded(self) -> bool:
+        """Whether the last group is partial (group_size does not divide K): codes stored past K."""
+        return self.in_features != self.n_groups * self.group_size
+
+    def codes(self, padded: bool = False) -> torch.Tensor:
+        """Unsigned integer codes [..., N, K] (uint8), int4 unpacked; [..., N, n_groups * group_size] with the
+        last group's padding when `padded`. int modes only."""
         if self.mode == "fp8":
             raise InputError("fp8 weights have no integer codes; use dequantize()")
-        if self.mode == "int8":
-            return self.qweight
-        return torch.stack([self.qweight & 0xF, self.qweight >> 4], -1).flatten(-2)
+        codes = self.qweight if self.mode == "int8" else torch.stack([self.qweight & 0xF, self.qweight >> 4],
+                                                                     -1).flatten(-2)
+        return codes if padded else codes[..., :self.in_features]
 
     def zeros(self) -> torch.Tensor:
         """Zero points [..., N, n_groups] as uint8, the symmetric default 2^(bits-1) filled in."""
@@ -123,15 +141,12 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     return codes[..., 0::2] | (codes[..., 1::2] << 4)
 
 
-def check_group_size(group_size: int, in_features: int, what: str = "weight") -> None:
-    """int4 groups: a power of two >= 16 (MatMulNBits' block_size rule) that divides in_features."""
+def check_group_size(group_size: int) -> None:
+    """int4 groups: a power of two >= 16 (MatMulNBits' block_size rule). It need not divide in_features: the last
+    group then covers what is left (QuantizedWeight), as MatMulNBits' last block does."""
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 16 or group_size & (
             group_size - 1):
         raise InputError(f"--group-size {group_size!r} must be a power of two >= 16 (16, 32, 64, 128, …)")
-    if in_features % group_size:
-        fits = [g for g in (16, 32, 64, 128, 256) if in_features % g == 0]
-        hint = f"; e.g. --group-size {fits[-1]}" if fits else ""
-        raise InputError(f"--group-size {group_size} does not divide in_features {in_features} of {what}{hint}")
 
 
 @torch.no_grad()
@@ -140,7 +155,9 @@ def quantize_weight(weight: torch.Tensor, mode: str, group_size: int = 128,
     """Round-to-nearest symmetric quantization of W [..., N, K] along K.
 
     int8: one scale per output channel, scale = absmax / 127, codes round(W / scale) + 128.
-    int4: one scale per group of `group_size` along K, scale = absmax / 7, codes round(W / scale) + 8.
+    int4: one scale per group of `group_size` along K, scale = absmax / 7, codes round(W / scale) + 8; when
+      group_size does not divide K the last group's absmax is over its K % group_size real columns, and the
+      codes are padded to whole groups with the zero point 8 (W padded with zeros, as ONNX Runtime's quantizer).
     fp8:  one fp32 scale per output channel, scale = absmax / 448, codes float8_e4m3fn(W / scale).
     The scale is rounded to `scale_dtype` (pass the engine's activation dtype: MatMulNBits wants A's dtype)
     before the codes are computed, so dequantize() is exactly what an engine computes. torch.round rounds
@@ -156,9 +173,12 @@ def quantize_weight(weight: torch.Tensor, mode: str, group_size: int = 128,
         raise WeightsError(f"{name} holds inf or NaN; the checkpoint is corrupt")
     k = w.shape[-1]
     if mode == "int4":
-        check_group_size(group_size, k, name)
+        check_group_size(group_size)
     group = group_size if mode == "int4" else k
-    grouped = w.unflatten(-1, (k // group, group))  # [..., N, G, group]
+    n_groups = -(-k // group)
+    if n_groups * group != k:  # zeros past K: they leave the last group's absmax alone and quantize to code 8
+        w = torch.nn.functional.pad(w, (0, n_groups * group - k))
+    grouped = w.unflatten(-1, (n_groups, group))  # [..., N, G, group]
     absmax = grouped.abs().amax(-1)  # [..., N, G]
     if mode == "fp8":
         scales = absmax / FP8_MAX
@@ -169,16 +189,18 @@ def quantize_weight(weight: torch.Tensor, mode: str, group_size: int = 128,
     scales = (absmax / qmax).to(scale_dtype)
     safe = torch.where(scales > 0, scales.float(), torch.ones_like(absmax))
     q = torch.round(grouped / safe[..., None]).clamp(-qmax, qmax)
-    codes = (q + 2 ** (BITS[mode] - 1)).to(torch.uint8).flatten(-2)  # [..., N, K]
-    return QuantizedWeight(mode, pack_int4(codes) if mode == "int4" else codes, scales, None, group)
+    codes = (q + 2 ** (BITS[mode] - 1)).to(torch.uint8).flatten(-2)  # [..., N, G * group]
+    return QuantizedWeight(mode, pack_int4(codes) if mode == "int4" else codes, scales, None, group, k)
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The eager reference: W [..., N, K] computed in fp32 from codes, zero points and scales, cast to `dtype`."""
-    scales = qw.scales.float().repeat_interleave(qw.group_size, -1)  # [..., N, K]
+    """The eager reference: W [..., N, K] computed in fp32 from codes, zero points and scales, cast to `dtype`
+    (a partial last group's padding is not part of it)."""
+    k = qw.in_features
+    scales = qw.scales.float().repeat_interleave(qw.group_size, -1)[..., :k]  # [..., N, K]
     if qw.mode == "fp8":
         return (qw.qweight.float() * scales).to(dtype)
-    zeros = qw.zeros().float().repeat_interleave(qw.group_size, -1)
+    zeros = qw.zeros().float().repeat_interleave(qw.group_size, -1)[..., :k]
     return ((qw.codes().float() - zeros) * scales).to(dtype)
 
 
@@ -203,12 +225,12 @@ def stack(parts: list[QuantizedWeight]) -> QuantizedWeight:
 
 def _join(parts: list[QuantizedWeight], join) -> QuantizedWeight:
     first = parts[0]
-    if any(p.mode != first.mode or p.group_size != first.group_size for p in parts):
-        raise WeightsError("cannot join quantized weights of different modes or group sizes: "
-                           f"{sorted({(p.mode, p.group_size) for p in parts})}")
+    if any((p.mode, p.group_size, p.in_features) != (first.mode, first.group_size, first.in_features) for p in parts):
+        raise WeightsError("cannot join quantized weights of different modes, group sizes or in_features: "
+                           f"{sorted({(p.mode, p.group_size, p.in_features) for p in parts})}")
     zeros = None if all(p.zero_points is None for p in parts) else join([p.zeros() for p in parts])
     return QuantizedWeight(first.mode, join([p.qweight for p in parts]), join([p.scales for p in parts]), zeros,
-                           first.group_size)
+                           first.group_size, first.in_features)
 
 
 # ------------------------------------------------------------------ which tensors, and a quantizing source
@@ -230,7 +252,7 @@ class QuantConfig:
             raise InputError(f"unknown quantization scheme {self.scheme!r}; rtn, awq or gptq")
         # a pre-quantized checkpoint may be per channel (group_size -1 in its quantization_config)
         if self.mode == "int4" and not (self.scheme != "rtn" and self.group_size == -1):
-            check_group_size(self.group_size, self.group_size)
+            check_group_size(self.group_size)
 
     def to_dict(self) -> dict:
         """The manifest's view (group size only where it means something: int4, or a checkpoint's own)."""
@@ -264,12 +286,11 @@ def quantized_names(spec: ModelSpec, quantize_lm_head: bool = False) -> list[str
 
 
 def check_quantizable(spec: ModelSpec, config: QuantConfig) -> None:
-    """int4's group size divides every quantized weight's in_features; else name the first that it does not."""
-    if config.mode != "int4":
-        return
-    shapes = expected_tensors(spec) | {TIED_HEAD: (spec.vocab_size, spec.hidden_size)}
-    for name in quantized_names(spec, config.quantize_lm_head):
-        check_group_size(config.group_size, shapes[name][-1], name)
+    """int4's group size is one MatMulNBits takes (a power of two >= 16). It need not divide a weight's
+    in_features: the last group is partial (QuantizedWeight), which every consumer runs exactly (MatMulNBits,
+    DequantizeLinear-21, the Triton kernels; QMoE too while K is even, backends/onnx_quant.py qmoe)."""
+    if config.mode == "int4":
+        check_group_size(config.group_size)
 
 
 class QuantizedSource:

@@ -14,6 +14,8 @@ from qwen3export.quant import (FP8_MAX, QuantConfig, QuantizedSource, QuantizedW
 from qwen3export.spec import preset
 from qwen3export.weights import RandomSource, check_names, load_into
 
+from quant_cases import PARTIAL, partial_weight
+
 
 def _w(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 0.02
@@ -92,8 +94,7 @@ def test_fp8_activation_per_token():
 
 
 @pytest.mark.parametrize("group,k,match", [(100, 200, "power of two"), (8, 64, "power of two"),
-                                           (128, 64, "does not divide in_features 64 .*--group-size 64"),
-                                           (True, 64, "power of two")])
+                                           (48, 96, "power of two"), (True, 64, "power of two")])
 def test_bad_group_size_is_one_line(group, k, match):
     with pytest.raises(InputError, match=match) as err:
         quantize_weight(_w(8, k), "int4", group)
@@ -124,11 +125,88 @@ def test_which_tensors_are_quantized():
     assert len(names) == 3 * 4 + 3 + 2 * 8 * 3  # 3 layers' attention, 1 dense MLP, 2 MoE layers x 8 experts x 3
 
 
-def test_group_size_is_checked_against_every_quantized_weight():
+def test_a_group_size_need_not_divide_in_features():
+    """tiny's hidden 64 under groups of 128 (one partial group per row) or 32; only the power-of-two rule is
+    refused, when the config is made."""
     spec = preset("tiny")  # hidden 64: in_features 64 for q/k/v/gate/up
-    with pytest.raises(InputError, match="in_features 64 of model.layers.0.self_attn.q_proj.weight"):
-        check_quantizable(spec, QuantConfig("int4", 128))
-    check_quantizable(spec, QuantConfig("int4", 32))
+    for group in (128, 32, 256):
+        check_quantizable(spec, QuantConfig("int4", group))
+    with pytest.raises(InputError, match="--group-size 96 must be a power of two"):
+        QuantConfig("int4", 96)
+
+
+def _rtn_int4_reference(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, over the real columns only: scale = absmax / 7 (fp32), codes round(w / scale) + 8 in 0..15;
+    codes [..., N, K] and scales [..., N, ceil(K / group)], written column range by column range."""
+    k = w.shape[-1]
+    codes, scales = torch.empty(w.shape, dtype=torch.uint8), []
+    for start in range(0, k, group):
+        part = w[..., start:start + group]  # the last one is short when group does not divide K
+        scale = part.abs().amax(-1, keepdim=True) / 7
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        codes[..., start:start + group] = (torch.round(part / safe).clamp(-7, 7) + 8).to(torch.uint8)
+        scales.append(scale)
+    return codes, torch.cat(scales, -1)
+
+
+def _unpacked(qw) -> torch.Tensor:
+    """Every stored code [..., N, G * group] read nibble by nibble: byte k // 2, low nibble for even k."""
+    byte = qw.qweight.repeat_interleave(2, -1).int()
+    shift = torch.tensor([0, 4]).repeat(qw.qweight.shape[-1])
+    return ((byte >> shift) & 0xF).to(torch.uint8)
+
+
+@pytest.mark.parametrize("lead", [(), (3,)], ids=["linear", "experts"])
+@pytest.mark.parametrize("k,group", PARTIAL)
+def test_int4_partial_last_group(k, group, lead):
+    """The last group covers K % group columns: its scale comes from those alone, its codes are padded to a
+    whole group with the zero point 8 (MatMulNBits' padded last block), scales are [..., N, ceil(K / group)] and
+    dequantize returns exactly [..., N, K]."""
+    w = _w(*lead, 5, k, seed=k)
+    w[..., 0, -1] = 0.5  # an outlier in the last (partial) group of row 0: its scale must follow it
+    qw = quantize_weight(w, "int4", group, scale_dtype=torch.float32)
+    groups = -(-k // group)
+    assert qw.in_features == k and qw.shape == (*lead, 5, k) and qw.group_size == group and qw.n_groups == groups
+    assert qw.qweight.shape == (*lead, 5, groups * group // 2) and qw.scales.shape == (*lead, 5, groups)
+    codes, scales = _rtn_int4_reference(w, group)
+    torch.testing.assert_close(qw.scales, scales, rtol=0, atol=0)
+    stored = _unpacked(qw)
+    assert torch.equal(stored[..., :k], codes) and torch.equal(qw.codes(), codes)
+    assert (stored[..., k:] == 8).all() and torch.equal(qw.codes(padded=True), stored)
+    want = (codes.float() - 8) * scales.repeat_interleave(group, -1)[..., :k]
+    torch.testing.assert_close(dequantize(qw), want, rtol=0, atol=0)
+    assert (dequantize(qw) - w).abs().max() <= scales.max() / 2 + 1e-7
+    torch.testing.assert_close(dequantize(qw)[..., 0, -1], w[..., 0, -1], rtol=1e-6, atol=0)  # its group's absmax
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+@pytest.mark.parametrize("k,group", PARTIAL)
+def test_dequantize_partial_groups_with_zero_points(k, group, mode):
+    """Asymmetric weights (AWQ / GPTQ zero points) with a partial last group, int4 and grouped int8: dequantize
+    against W[n, k] = (code - zero[n, k // g]) * scale[n, k // g], element by element."""
+    qw = partial_weight((), 4, k, mode, group, zero_points=True, seed=k)
+    codes = _unpacked(qw) if mode == "int4" else qw.qweight
+    want = torch.empty(4, k)
+    for n in range(4):
+        for col in range(k):
+            want[n, col] = (int(codes[n, col]) - int(qw.zero_points[n, col // group])) * qw.scales[n, col // group]
+    torch.testing.assert_close(dequantize(qw), want, rtol=0, atol=0)
+
+
+def test_partial_group_validation_and_joins():
+    """A weight stores whole groups; in_features says where K ends inside the last one, and must end there."""
+    qw = quantize_weight(_w(6, 72), "int4", 32)
+    assert qw.qweight.shape == (6, 48) and qw.nbytes() == 6 * 48 + 6 * 3 * 2  # padded codes + fp16 scales
+    for bad in (64, 97, 40):  # inside the second group, past the stored width, a whole group short
+        with pytest.raises(WeightsError, match="inconsistent int4"):
+            QuantizedWeight("int4", qw.qweight, qw.scales, None, 32, bad)
+    # without in_features a weight is its stored width (every group whole), as AWQ / GPTQ checkpoints are
+    assert QuantizedWeight("int4", qw.qweight, qw.scales, None, 32).in_features == 96
+    joined = stack([cat_rows([qw, quantize_weight(_w(2, 72, seed=1), "int4", 32)])] * 2)
+    assert joined.shape == (2, 8, 72) and joined.in_features == 72
+    torch.testing.assert_close(dequantize(joined)[1, :6], dequantize(qw))
+    with pytest.raises(WeightsError, match="in_features"):
+        cat_rows([qw, quantize_weight(_w(2, 80), "int4", 32)])
 
 
 def test_cat_rows_and_stack_match_dequantized_concat():
@@ -140,6 +218,21 @@ def test_cat_rows_and_stack_match_dequantized_concat():
     torch.testing.assert_close(dequantize(stacked)[1, :16], dequantize(parts[2]))
     with pytest.raises(WeightsError, match="different modes"):
         stack([parts[0], quantize_weight(_w(16, 64), "int8")])
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_quantized_source_with_hidden_off_the_group(mode):
+    """hidden 72 under int4 groups of 32: q/k/v/gate/up have a partial last group; the eager decoder loads
+    exactly dequantize's [N, 72] weights."""
+    spec = preset("tiny-moe").replace(hidden_size=72, moe_intermediate_size=40)
+    source = QuantizedSource(RandomSource(spec), spec, QuantConfig(mode, group_size=32))
+    check_names(spec, source)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.experts.2.down_proj.weight"):
+        qw = source.quantized(name)
+        assert qw.shape == tuple(RandomSource(spec).shape(name))
+        torch.testing.assert_close(source.get(name), dequantize(qw))
+    module = Qwen3Decoder.empty(spec, torch.float32)
+    load_into(module, spec, source, torch.float32)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4", "fp8"])

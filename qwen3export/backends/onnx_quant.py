@@ -1,6 +1,12 @@
 """ONNX translations of a weight-only quantized linear (qwen3export/quant.py QuantizedWeight, int4 / int8), for the
 emit stage: ONNX Runtime's com.microsoft MatMulNBits (the `ort` flavour) and standard DequantizeLinear (opset 21,
 blocked) + MatMul (the TensorRT flavour). Each returns (nodes, initializers) for y = x @ W^T, x [..., K] -> [..., N].
+
+A group size that does not divide K (quant.QuantizedWeight: the last group partial, its codes padded) maps onto
+what each op takes, checked in ONNX Runtime 1.31 CPU: MatMulNBits' B [N, ceil(K/block), blob] with the last block
+padded; DequantizeLinear-21's blocked scales [ceil(K/block), N] over codes [K, N]; QMoE's codes [E, N, K*bits/8]
+unpadded with scales [E, N, ceil(K/block)] (it dequantizes such weights itself, then SGEMM; its int4 needs an even
+K: moe_helper.h "hidden_size must be divisible by pack_size").
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from onnx import NodeProto, TensorProto, helper
 from onnxscript import opset21 as op21
 
 from qwen3export.errors import InputError
-from qwen3export.quant import FP8_MAX, QuantizedWeight
+from qwen3export.quant import FP8_MAX, QuantizedWeight, pack_int4
 
 from .onnx_ops import FLAVOURS, FLOAT, _float, _ints, _ort_op, _static, moe
 
@@ -33,14 +39,39 @@ def _check(qw: QuantizedWeight) -> tuple[int, int]:
     return qw.shape
 
 
-def matmul_nbits_block(qw: QuantizedWeight) -> int:
-    """MatMulNBits' block_size for a weight: its group size when that is a power of two in 16..256, else the
-    largest power of two <= 256 dividing it (an int8 per-channel weight with K = 3072 -> 256), the group's
-    scale (and zero point) repeated over its blocks, which dequantizes to the same values."""
-    block = min(qw.group_size & -qw.group_size, MATMUL_NBITS_MAX_BLOCK)
+def nbits_block(group_size: int, k: int, n_groups: int) -> int:
+    """MatMulNBits' / QMoE's block_size for a weight of `n_groups` groups over K: its group size when that is a
+    power of two in 16..256, else the largest power of two <= 256 dividing it (an int8 per-channel weight with
+    K = 3072 -> 256), the group's scale (and zero point) repeated over its blocks, which dequantizes to the same
+    values. A single group (int8 per channel, or K <= group size) takes any block, the last one partial: the
+    largest power of two in 16..256 not above K when its group size has none (K = 72 per channel -> 64)."""
+    block = min(_lowbit(group_size), MATMUL_NBITS_MAX_BLOCK)
+    if block < 16 and n_groups == 1:
+        block = min(MATMUL_NBITS_MAX_BLOCK, max(16, 1 << (k.bit_length() - 1)))
     if block < 16:
-        raise InputError(f"MatMulNBits needs blocks of >= 16 (a power of two); group size {qw.group_size} has none")
+        raise InputError(f"MatMulNBits / QMoE need blocks of >= 16 (a power of two); group size {group_size} has "
+                         "none")
     return block
+
+
+def matmul_nbits_block(qw: QuantizedWeight) -> int:
+    """nbits_block of a QuantizedWeight."""
+    return nbits_block(qw.group_size, qw.in_features, qw.n_groups)
+
+
+def _per_block(t: torch.Tensor, group: int, n_groups: int, block: int, k: int) -> torch.Tensor:
+    """Per-group values [..., G] -> per-block [..., ceil(K/block)]: block b lies in group b * block // group."""
+    index = torch.arange(-(-k // block)) * block // group if n_groups > 1 else torch.zeros(-(-k // block),
+                                                                                          dtype=torch.long)
+    return t[..., index]
+
+
+def _blocked_codes(qw: QuantizedWeight, block: int) -> torch.Tensor:
+    """Codes [..., N, ceil(K/block) * block]: the real K columns, the last block padded with its zero point (as
+    ONNX Runtime's quantizer pads; MatMulNBits reads no column past K)."""
+    k = qw.in_features
+    zeros = _per_block(qw.zeros(), qw.group_size, qw.n_groups, block, k)  # [..., N, blocks]
+    return torch.cat([qw.codes(), zeros.repeat_interleave(block, -1)[..., k:]], -1)
 
 
 def _tensor(name: str, array: np.ndarray, data_type: int) -> TensorProto:
@@ -62,14 +93,15 @@ def matmul_nbits(x: str, y: str, qw: QuantizedWeight, name: str, act_dtype: torc
     accuracy_level 0 keeps A unquantized: the parity gate's setting; 4 (A quantized to int8) is the fast CPU path."""
     n, k = _check(qw)
     block = matmul_nbits_block(qw)
-    repeat = qw.group_size // block
-    blocks = k // block
-    codes = qw.qweight.numpy().reshape(n, blocks, block * qw.bits // 8)
+    blocks = -(-k // block)  # the last one padded when block does not divide K
+    codes = _blocked_codes(qw, block)  # [N, blocks * block]
+    codes = (pack_int4(codes) if qw.bits == 4 else codes).numpy().reshape(n, blocks, block * qw.bits // 8)
+    scales = _per_block(qw.scales, qw.group_size, qw.n_groups, block, k)  # [N, k_blocks]
     inits = [_tensor(f"{name}.B", codes, TensorProto.UINT8),
-             _float_tensor(f"{name}.scales", qw.scales.repeat_interleave(repeat, -1).reshape(-1), act_dtype)]
+             _float_tensor(f"{name}.scales", scales.reshape(-1), act_dtype)]
     inputs = [x, inits[0].name, inits[1].name]
     if qw.zero_points is not None:
-        zeros = qw.zero_points.repeat_interleave(repeat, -1)  # [N, k_blocks]
+        zeros = _per_block(qw.zero_points, qw.group_size, qw.n_groups, block, k)  # [N, k_blocks]
         if qw.bits == 4:
             if blocks % 2:
                 zeros = torch.cat([zeros, torch.zeros(n, 1, dtype=torch.uint8)], -1)  # each row padded to a byte
@@ -83,8 +115,9 @@ def matmul_nbits(x: str, y: str, qw: QuantizedWeight, name: str, act_dtype: torc
 
 def dequantize_matmul(x: str, y: str, qw: QuantizedWeight, name: str, act_dtype: torch.dtype = torch.float32
                       ) -> tuple[list[NodeProto], list[TensorProto]]:
-    """Standard ONNX (opset 21): W^T = DequantizeLinear(codes [K, N], scale [K/g, N], zero [K/g, N], axis=0,
+    """Standard ONNX (opset 21): W^T = DequantizeLinear(codes [K, N], scale [G, N], zero [G, N], axis=0,
     block_size=g), then MatMul(x, W^T): the Q/DQ weight-only pattern TensorRT fuses into its int4/int8 GEMMs.
+    G = ceil(K/g): a partial last group is DequantizeLinear-21's own rule (scale's blocked dim ceil(K/g)).
     Symmetric weights store signed codes (INT4 / INT8, code - 2^(bits-1)) with no zero point; asymmetric ones
     unsigned codes (UINT4 / UINT8) with their zero points. INT4 / UINT4 pack two values a byte, low nibble first
     (onnx.proto), over the flattened [K, N] tensor."""
@@ -121,6 +154,23 @@ def dequantize_matmul(x: str, y: str, qw: QuantizedWeight, name: str, act_dtype:
     return nodes, inits
 
 
+def qmoe_block(weights: list[tuple[int, int, int]]) -> int:
+    """One QMoE block_size for weights given as (group size, K, groups): nbits_block of the most constraining
+    one. A weight of several groups needs blocks inside its groups (a power of two dividing the group); one of a
+    single group takes any block, so it only constrains when no weight has several."""
+    several = [nbits_block(g, k, n) for g, k, n in weights if n > 1]
+    return min(several) if several else min(nbits_block(g, k, n) for g, k, n in weights)
+
+
+def _check_even(bits: int, *ks: int) -> None:
+    """QMoE packs int4 codes two a byte along K with no padding: ONNX Runtime refuses an odd hidden or
+    intermediate size ("hidden_size must be divisible by pack_size", moe_helper.h)."""
+    odd = [k for k in ks if bits == 4 and k % 2]
+    if odd:
+        raise InputError(f"QMoE (--onnx-ops ort) packs int4 experts two codes a byte and ONNX Runtime refuses the odd "
+                         f"in_features {odd[0]}; use --onnx-ops standard or --quant int8")
+
+
 def _interleave_rows(t: torch.Tensor) -> torch.Tensor:
     """[E, 2I, …] rows gate 0..I-1 then up 0..I-1 -> g0 u0 g1 u1 … (ONNX Runtime's swiglu_fusion=1 layout)."""
     e, two_i = t.shape[:2]
@@ -141,13 +191,12 @@ def qmoe(x: str, router_logits: str, y: str, gate_up: QuantizedWeight, down: Qua
                              f"{list(qw.shape)}")
     if gate_up.mode != down.mode:
         raise InputError(f"QMoE: gate_up is {gate_up.mode} but down is {down.mode}; one expert_weight_bits")
-    # int8 per channel maps onto QMoE's column-wise scales; otherwise one block size for both weights: the
-    # largest power of two <= 256 dividing both group sizes, each group's scale / zero repeated over its blocks
+    # int8 per channel maps onto QMoE's column-wise scales; otherwise one block size for both weights
+    # (qmoe_block), each group's scale / zero repeated over its blocks
     per_channel = gate_up.n_groups == 1 and down.n_groups == 1 and gate_up.bits == 8
-    block = min(gate_up.group_size & -gate_up.group_size, down.group_size & -down.group_size, MATMUL_NBITS_MAX_BLOCK)
-    if not per_channel and block < 16:
-        raise InputError(f"QMoE needs blocks of >= 16 (a power of two); group sizes {gate_up.group_size} and "
-                         f"{down.group_size} have no common one")
+    _check_even(gate_up.bits, gate_up.in_features, down.in_features)
+    block = None if per_channel else qmoe_block([(qw.group_size, qw.in_features, qw.n_groups) for qw in (gate_up,
+                                                                                                       down)])
     attrs = dict(k=top_k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
                  normalize_routing_weights=int(norm_topk_prob), expert_weight_bits=gate_up.bits, quant_type="int")
     if not per_channel:
@@ -158,12 +207,14 @@ def qmoe(x: str, router_logits: str, y: str, gate_up: QuantizedWeight, down: Qua
         def order(t: torch.Tensor) -> torch.Tensor:
             return _interleave_rows(t) if interleave else t.contiguous()
 
-        def blocks(t: torch.Tensor) -> torch.Tensor:  # [E, N, groups] -> [E, N, K / block]
-            return t if per_channel else t.repeat_interleave(qw.group_size // block, -1)
+        def blocks(t: torch.Tensor) -> torch.Tensor:  # [E, N, groups] -> [E, N, ceil(K / block)]
+            return t if per_channel else _per_block(t, qw.group_size, qw.n_groups, block, qw.in_features)
 
         scales = blocks(order(qw.scales))
-        scales = scales[..., 0] if per_channel else scales  # [E, N] column-wise, else [E, N, K/block]
-        inits.append(_tensor(f"{name}.{suffix}_weights", order(qw.qweight).numpy(), TensorProto.UINT8))
+        scales = scales[..., 0] if per_channel else scales  # [E, N] column-wise, else [E, N, ceil(K/block)]
+        codes = qw.codes()  # [E, N, K]: QMoE takes the codes unpadded
+        codes = pack_int4(codes) if qw.bits == 4 else codes
+        inits.append(_tensor(f"{name}.{suffix}_weights", order(codes).numpy(), TensorProto.UINT8))
         inits.append(_float_tensor(f"{name}.{suffix}_scales", scales, act_dtype))
         names = [inits[-2].name, inits[-1].name]
         if qw.zero_points is None:
@@ -189,8 +240,9 @@ def qmoe(x: str, router_logits: str, y: str, gate_up: QuantizedWeight, down: Qua
 # ====================================================================== translations of the quantized ops
 # onnxscript translations of qwen3export::wq_linear / wq_moe / fp8_linear for torch.onnx.export's
 # custom_translation_table, merged with backends/onnx_ops.py custom_translation_table(flavour). They read the
-# module's buffers as stored (graphs/quantized.py: qweight uint8 [..., N, K*bits/8], scales in the model dtype
-# [..., N, K/g], zero points uint8 or absent) and reach each node's layout with plain ONNX ops on those
+# module's buffers as stored (graphs/quantized.py: qweight uint8 [..., N, G*g*bits/8], whole groups, scales in the
+# model dtype [..., N, G], zero points uint8 or absent; G = ceil(K/g), K the input's last dim, static in the
+# export) and reach each node's layout with plain ONNX ops on those
 # initializers (valid as they stand: ONNX Runtime folds them when a session loads); `bake_quantized_weights`
 # then stores the folded layouts as initializers, as INT4 where the standard flavour asks for it.
 
@@ -230,26 +282,50 @@ def _codes(qweight, bits: int, rank: int):
     return _unpack_nibbles(qweight, rank) if bits == 4 else qweight
 
 
-def _nbits_block(group_size: int) -> int:
-    """matmul_nbits_block's rule on a bare group size."""
-    block = min(_lowbit(group_size), MATMUL_NBITS_MAX_BLOCK)
-    if block < 16:
-        raise InputError(f"MatMulNBits / QMoE need blocks of >= 16 (a power of two); group size {group_size} has none")
-    return block
+def _last(t, n: int, width: int):
+    """[..., width] -> [..., n]: the first n along the last axis (no node when n == width)."""
+    return t if n == width else op21.Slice(t, _ints(0), _ints(n), _ints(-1))
+
+
+def _blocks(t, group: int, n_groups: int, block: int, k: int, rank: int):
+    """Per-group [..., G] -> per-block [..., ceil(K/block)] (as `_per_block`): each group repeated over its
+    blocks, a partial last group's blocks past K dropped."""
+    n_blocks = -(-k // block)
+    if n_groups == 1:
+        return _repeat_last(t, n_blocks, rank)
+    return _last(_repeat_last(t, group // block, rank), n_blocks, n_groups * group // block)
+
+
+def _weight_dims(qweight, scales, bits: int) -> tuple[int, int, int]:
+    """(stored width in codes, groups, group size) of a stored quantized weight (whole groups)."""
+    rank = len(qweight.shape)
+    width, n_groups = _static(qweight, rank - 1) * 8 // bits, _static(scales, rank - 1)
+    return width, n_groups, width // n_groups
 
 
 # ---------------------------------------------------------------------- "ort": MatMulNBits, QMoE
 def ort_wq_linear(x, qweight, scales, zero_points=None, bits: int = 4, group_size: int = 128):
-    """com.microsoft MatMulNBits (as `matmul_nbits`): B [N, K/block, blob], 1-D scales in x's dtype, packed
-    zero points only when asymmetric; accuracy_level 0 (A is not quantized: the parity gate's setting)."""
-    n, k = _static(qweight, 0), _static(qweight, 1) * 8 // bits
-    block = _nbits_block(group_size)
-    times = group_size // block
-    inputs = [x, op21.Reshape(qweight, _ints(n, k // block, block * bits // 8)),
-              op21.Reshape(_repeat_last(op21.CastLike(scales, x), times, 2), _ints(-1))]
+    """com.microsoft MatMulNBits (as `matmul_nbits`): B [N, ceil(K/block), blob], 1-D scales in x's dtype, packed
+    zero points only when asymmetric; accuracy_level 0 (A is not quantized: the parity gate's setting). The stored
+    rows cover whole groups; B takes the blocks that reach into K, the last one padded. Only a single group
+    with no power-of-two block in it (int8 per channel, K = 72) needs B wider than stored: padded with the
+    symmetric zero point, which MatMulNBits never reads against A (columns past K)."""
+    n, k = _static(qweight, 0), _static(x, len(x.shape) - 1)
+    width, n_groups, group = _weight_dims(qweight, scales, bits)
+    block = nbits_block(group, k, n_groups)
+    n_blocks = -(-k // block)
+    row = n_blocks * block * bits // 8
+    stored = width * bits // 8
+    if row <= stored:
+        b = _last(qweight, row, stored)
+    else:
+        pad_byte = 0x88 if bits == 4 else 0x80
+        b = op21.Pad(qweight, _ints(0, 0, 0, row - stored), op21.Constant(value=ir.tensor(np.uint8(pad_byte))))
+    inputs = [x, op21.Reshape(b, _ints(n, n_blocks, block * bits // 8)),
+              op21.Reshape(_blocks(op21.CastLike(scales, x), group, n_groups, block, k, 2), _ints(-1))]
     if zero_points is not None:
-        zeros = _repeat_last(zero_points, times, 2)
-        inputs.append(op21.Reshape(_pack_nibbles(zeros, 2, k // block) if bits == 4 else zeros, _ints(-1)))
+        zeros = _blocks(zero_points, group, n_groups, block, k, 2)
+        inputs.append(op21.Reshape(_pack_nibbles(zeros, 2, n_blocks) if bits == 4 else zeros, _ints(-1)))
     return _ort_op("MatMulNBits")(*inputs, K=k, N=n, bits=bits, block_size=block, accuracy_level=0)
 
 
@@ -262,28 +338,32 @@ def _interleave(t, e: int, two_i: int):
 def ort_wq_moe(x, router_weight, gate_up_qweight, gate_up_scales, gate_up_zero_points, down_qweight, down_scales,
                down_zero_points, bits: int, top_k: int, norm_topk_prob: bool):
     """com.microsoft QMoE (as `qmoe`): router logits from an fp Gemm (QMoE applies softmax + top-k), fc1 rows
-    interleaved for swiglu_fusion=1, int8 per channel as column-wise scales, else one block size for both."""
+    interleaved for swiglu_fusion=1, int8 per channel as column-wise scales, else one block size for both; the
+    codes cut to K (QMoE takes them unpadded), H from x, I from gate_up's rows."""
     e, two_i = _static(gate_up_qweight, 0), _static(gate_up_qweight, 1)
-    h, inter = _static(gate_up_qweight, 2) * 8 // bits, _static(down_qweight, 2) * 8 // bits
-    g1, g2 = h // _static(gate_up_scales, 2), inter // _static(down_scales, 2)
-    per_channel = bits == 8 and g1 == h and g2 == inter
-    block = None if per_channel else _nbits_block(min(_lowbit(g1), _lowbit(g2)))
+    h, inter = _static(x, len(x.shape) - 1), two_i // 2
+    w1, n1, g1 = _weight_dims(gate_up_qweight, gate_up_scales, bits)
+    w2, n2, g2 = _weight_dims(down_qweight, down_scales, bits)
+    per_channel = bits == 8 and n1 == 1 and n2 == 1
+    _check_even(bits, h, inter)
+    block = None if per_channel else qmoe_block([(g1, h, n1), (g2, inter, n2)])
 
-    def weights(qweight, scales, zeros, group, k, interleave):
+    def weights(qweight, scales, zeros, width, n_groups, group, k, interleave):
         order = (lambda t: _interleave(t, e, two_i)) if interleave else (lambda t: t)
         scales = order(op21.CastLike(scales, x))
-        scales = op21.Squeeze(scales, _ints(-1)) if per_channel else _repeat_last(scales, group // block, 3)
+        scales = (op21.Squeeze(scales, _ints(-1)) if per_channel
+                  else _blocks(scales, group, n_groups, block, k, 3))
         if zeros is not None:
             zeros = order(zeros)
             if per_channel:
                 zeros = op21.Squeeze(zeros, _ints(-1))
             else:
-                zeros = _repeat_last(zeros, group // block, 3)
-                zeros = _pack_nibbles(zeros, 3, k // block) if bits == 4 else zeros
-        return order(qweight), scales, zeros
+                zeros = _blocks(zeros, group, n_groups, block, k, 3)
+                zeros = _pack_nibbles(zeros, 3, -(-k // block)) if bits == 4 else zeros
+        return order(_last(qweight, k * bits // 8, width * bits // 8)), scales, zeros
 
-    fc1_w, fc1_s, fc1_z = weights(gate_up_qweight, gate_up_scales, gate_up_zero_points, g1, h, True)
-    fc2_w, fc2_s, fc2_z = weights(down_qweight, down_scales, down_zero_points, g2, inter, False)
+    fc1_w, fc1_s, fc1_z = weights(gate_up_qweight, gate_up_scales, gate_up_zero_points, w1, n1, g1, h, True)
+    fc2_w, fc2_s, fc2_z = weights(down_qweight, down_scales, down_zero_points, w2, n2, g2, inter, False)
     t = op21.Reshape(x, _ints(-1, h))  # [T, H]
     logits = op21.Gemm(t, router_weight, transB=1)  # [T, E]
     attrs = dict(k=top_k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
@@ -297,17 +377,18 @@ def ort_wq_moe(x, router_weight, gate_up_qweight, gate_up_scales, gate_up_zero_p
 
 
 # ---------------------------------------------------------------------- "standard": DequantizeLinear (opset 21)
-def _dequantize(qweight, scales, zero_points, bits: int, like, transpose: bool):
+def _dequantize(qweight, scales, zero_points, bits: int, like, transpose: bool, k: int):
     """W = DequantizeLinear(codes, scales, zero points) in `like`'s dtype, as `dequantize_matmul` stores it:
     symmetric weights as signed INT4 / INT8 codes without a zero point, asymmetric ones as UINT4 / UINT8 with
     theirs; blocked along K (block_size = group size), a 2-D int8 per-channel weight per-axis. transpose: a 2-D [N, K]
-    weight as W^T [K, N] (the MatMul's B: the layout TensorRT's weight-only Q/DQ fusion reads), else [..., N, K]."""
+    weight as W^T [K, N] (the MatMul's B: the layout TensorRT's weight-only Q/DQ fusion reads), else [..., N, K].
+    The codes are cut to K; a partial last group keeps its scale (DequantizeLinear's ceil(K / block_size))."""
     rank = len(qweight.shape)
-    n, k = _static(qweight, rank - 2), _static(qweight, rank - 1) * 8 // bits
-    groups = _static(scales, rank - 1)
+    n = _static(qweight, rank - 2)
+    width, groups, group = _weight_dims(qweight, scales, bits)
     perm = [1, 0] if transpose else None
     t = (lambda v: op21.Transpose(v, perm=perm)) if transpose else (lambda v: v)
-    codes = t(_codes(qweight, bits, rank))
+    codes = t(_last(_codes(qweight, bits, rank), k, width))
     narrow = {4: (ir.DataType.INT4, ir.DataType.UINT4), 8: (ir.DataType.INT8, ir.DataType.UINT8)}[bits]
     scales = op21.CastLike(scales, like)
     axis = 0 if transpose else rank - 1
@@ -326,7 +407,7 @@ def _dequantize(qweight, scales, zero_points, bits: int, like, transpose: bool):
         if zero_points is not None:
             zeros = t(zero_points)
             dq_inputs.append(op21.Cast(zeros, to=narrow[1]) if bits == 4 else zeros)
-        attrs = {"axis": axis, "block_size": k // groups}
+        attrs = {"axis": axis, "block_size": group}
     w = op21.DequantizeLinear(*dq_inputs, **attrs)
     lead = [_static(qweight, i) for i in range(rank - 2)]
     w.shape = ir.Shape([k, n] if transpose else [*lead, n, k])
@@ -335,15 +416,17 @@ def _dequantize(qweight, scales, zero_points, bits: int, like, transpose: bool):
 
 def wq_linear(x, qweight, scales, zero_points=None, bits: int = 4, group_size: int = 128):
     """DequantizeLinear + MatMul (as `dequantize_matmul`): y = x @ W^T."""
-    return op21.MatMul(x, _dequantize(qweight, scales, zero_points, bits, x, transpose=True))
+    k = _static(x, len(x.shape) - 1)
+    return op21.MatMul(x, _dequantize(qweight, scales, zero_points, bits, x, transpose=True, k=k))
 
 
 def wq_moe(x, router_weight, gate_up_qweight, gate_up_scales, gate_up_zero_points, down_qweight, down_scales,
            down_zero_points, bits: int, top_k: int, norm_topk_prob: bool):
     """The experts dequantized ([E, 2I, H], [E, H, I], blocked along K) into backends/onnx_ops.py `moe`, the
     standard translation of the unquantized block (every expert on every token, dense top-k combination)."""
-    gate_up = _dequantize(gate_up_qweight, gate_up_scales, gate_up_zero_points, bits, x, transpose=False)
-    down = _dequantize(down_qweight, down_scales, down_zero_points, bits, x, transpose=False)
+    h, inter = _static(x, len(x.shape) - 1), _static(gate_up_qweight, 1) // 2
+    gate_up = _dequantize(gate_up_qweight, gate_up_scales, gate_up_zero_points, bits, x, transpose=False, k=h)
+    down = _dequantize(down_qweight, down_scales, down_zero_points, bits, x, transpose=False, k=inter)
     return moe(x, router_weight, gate_up, down, top_k, norm_topk_prob)
 
 
@@ -424,8 +507,8 @@ _NUMPY: dict[str, Callable[..., np.ndarray]] = {
     "Unsqueeze": lambda n, x, axes: _unsqueeze(x, axes),
     "Squeeze": lambda n, x, axes: np.squeeze(x, axis=tuple(int(a) for a in axes.tolist())),
     "Expand": lambda n, x, shape: np.broadcast_to(x, np.broadcast_shapes(x.shape, tuple(shape.tolist()))),
-    "Slice": _slice,
-    "Pad": _pad,
+    "Slice": lambda n, *xs: _slice(*xs),
+    "Pad": lambda n, *xs: _pad(*xs),
 }
 _CONSUMERS = {("com.microsoft", "MatMulNBits"): ("A", "B", "scales", "zero_points"),
               ("com.microsoft", "QMoE"): ("input", "router_probs", "fc1_weights", "fc1_scales", "fc1_bias",

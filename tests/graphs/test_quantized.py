@@ -24,12 +24,19 @@ CONFIGS = {"int4": QuantConfig("int4", 32), "int8": QuantConfig("int8")}  # tiny
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+# hidden 72 = 2 x 32 + 8 and experts' 40 = 32 + 8: q/k/v/gate/up and the experts have a partial last group under
+# int4 g32; under g128 every weight but o_proj / down (128 = 4 heads x 32, the intermediate size) is one partial group
+PARTIAL = {"tiny": dict(hidden_size=72), "tiny-moe": dict(hidden_size=72, moe_intermediate_size=40)}
+PARTIAL_CONFIGS = {"int4": QuantConfig("int4", 32), "int4-g128": QuantConfig("int4", 128), "int8": QuantConfig("int8")}
+
+
 @functools.cache
-def models(name: str, mode: str):
+def models(name: str, mode: str, partial: bool = False):
     """(quantized decoder, plain decoder loaded with the same dequantized weights)."""
-    spec, source, _ = resolve(name, seed=2)
-    qsource = QuantizedSource(source, spec, CONFIGS[mode])
-    return build_quantized(spec, qsource, CONFIGS[mode]), build_module(spec, qsource, torch.float32)
+    spec, source, _ = resolve(name, seed=2, **(PARTIAL[name] if partial else {}))
+    config = (PARTIAL_CONFIGS if partial else CONFIGS)[mode]
+    qsource = QuantizedSource(source, spec, config)
+    return build_quantized(spec, qsource, config), build_module(spec, qsource, torch.float32)
 
 
 def _generate(step, model, new_tokens=6):
@@ -37,10 +44,15 @@ def _generate(step, model, new_tokens=6):
     return greedy_generate(step, model.empty_cache(2), ids, mask, new_tokens, keep_logits=True)
 
 
-@pytest.mark.parametrize("mode", ["int4", "int8"])
+@pytest.mark.parametrize("mode,partial", [("int4", False), ("int8", False), ("int4", True), ("int4-g128", True),
+                                          ("int8", True)])
 @pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
-def test_quantized_decoder_is_the_dequantized_decoder(name, mode):
-    qmodel, ref = models(name, mode)
+def test_quantized_decoder_is_the_dequantized_decoder(name, mode, partial):
+    """Also with hidden sizes off the group (PARTIAL): the buffers hold whole groups, the ops read K from their
+    input, and the result is still the plain decoder on dequantize's weights."""
+    qmodel, ref = models(name, mode, partial)
+    if partial and mode != "int8":
+        assert any(qw.padded for qw in quantized_tensors(qmodel).values())
     got_tokens, got_prefill, got_steps = _generate(qmodel, qmodel)
     ref_tokens, ref_prefill, ref_steps = _generate(ref, ref)
     torch.testing.assert_close(got_prefill, ref_prefill, atol=1e-5, rtol=0)
@@ -67,6 +79,17 @@ def test_quantized_modules_replace_every_quantized_weight(name):
     assert isinstance(qmodel.lm_head, torch.nn.Linear)  # not quantized unless asked (and tiny ties it)
 
 
+def test_partial_group_buffers():
+    """A partial last group: qweight holds whole groups (72 -> 96 codes, 48 bytes a row), scales ceil(72/32) = 3
+    groups, and the module gives back the QuantizedWeight with K = 72."""
+    qmodel, _ = models("tiny-moe", "int4", True)
+    q_proj = qmodel.model.layers[0].self_attn.q_proj
+    assert q_proj.qweight.shape == (128, 48) and q_proj.scales.shape == (128, 3)
+    assert q_proj.quantized_weight().shape == (128, 72) and "shape=[128, 72]" in repr(q_proj)
+    experts = qmodel.model.layers[1].mlp.experts
+    assert experts.down_proj.quantized_weight().shape == (8, 72, 40) and experts.down_proj.qweight.shape == (8, 72, 32)
+
+
 def test_lm_head_is_quantized_when_asked():
     spec, source, _ = resolve("tiny", seed=2, tie_word_embeddings=False)
     config = QuantConfig("int8", quantize_lm_head=True)
@@ -78,11 +101,12 @@ def test_lm_head_is_quantized_when_asked():
         torch.testing.assert_close(qmodel(*inputs)[0], ref(*inputs)[0], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("partial", [False, True], ids=["whole-groups", "partial-groups"])
 @pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
-def test_captured_quantized_decoder_matches_eager(name):
+def test_captured_quantized_decoder_matches_eager(name, partial):
     """One program for prefill and decode (dynamic batch, sequence and cache); lowering still finds the
     q/k norm + RoPE behind quantized projections, and the MoE stays one wq_moe per layer."""
-    qmodel, _ = models(name, "int4")
+    qmodel, _ = models(name, "int4", partial)
     ep = capture(qmodel)
     ops = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
     spec = qmodel.spec

@@ -11,6 +11,8 @@ from qwen3export.kernels.config import KernelConfig
 from qwen3export.kernels.fused_moe_wq import fused_moe_wq, fused_moe_wq_reference
 from qwen3export.quant import quantize_weight
 
+from quant_cases import cross_compile, partial_weight
+
 # fp16 rounds each dequantized weight, gate/up, act and each slot's output; the reference stays fp32.
 DTYPES = [(torch.float32, 1e-4, 1e-4), (torch.float16, 1e-2, 1e-2)]
 SMALL = KernelConfig("fused_moe_wq", {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=2,
@@ -44,6 +46,54 @@ def test_fused_moe_wq_matches_reference(shape, mode, zero_points, dtype, atol, r
     args = _inputs(*shape, mode, dtype, zero_points, seed=shape[0])
     torch.testing.assert_close(fused_moe_wq(*args, config=SMALL), fused_moe_wq_reference(*args),
                                atol=atol, rtol=rtol)
+
+
+# (T, H, I, E, k, group): partial last groups in both weights (H 72 = 2 x 32 + 8, I 40 = 32 + 8), in gate_up only
+# (H 96 over 64, I 64), one partial group each (128 over H 72 and I 24), odd H and I (71, 33 over 16)
+PARTIAL_SHAPES = [(9, 72, 40, 4, 2, 32), (7, 96, 64, 4, 2, 64), (6, 72, 24, 4, 4, 128), (5, 71, 33, 4, 2, 16)]
+
+
+def _partial_inputs(t, h, i, e, k, group, mode, zero_points, dtype, seed):
+    gate_up = partial_weight((e,), 2 * i, h, mode, group, zero_points, seed, scale_dtype=torch.float16)
+    down = partial_weight((e,), h, i, mode, group, zero_points, seed + 1, scale_dtype=torch.float16)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, h, generator=g).to(dtype)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    weights = torch.softmax(torch.randn(t, k, generator=g), -1).to(dtype)
+    return (x, (gate_up.qweight, gate_up.scales.to(dtype), gate_up.zero_points),
+            (down.qweight, down.scales.to(dtype), down.zero_points), weights, ids, gate_up.bits)
+
+
+@pytest.mark.parametrize("shape", PARTIAL_SHAPES)
+@pytest.mark.parametrize("mode,zero_points", MODES + [("int8", True)])
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+def test_partial_last_groups(shape, mode, zero_points, dtype, atol, rtol):
+    """Groups that do not divide H or I: the expert rows hold whole groups, the last one padded; the group size
+    follows from the stored width over the scales' groups, K from x (H) and gate_up's rows (I). int8 in groups
+    is a GPTQ 8-bit layout."""
+    args = _partial_inputs(*shape, mode, zero_points, dtype, seed=shape[0])
+    assert args[1][0].shape[-1] * 8 // args[5] > shape[1]  # gate_up padded
+    torch.testing.assert_close(fused_moe_wq(*args, config=SMALL), fused_moe_wq_reference(*args), atol=atol, rtol=rtol)
+
+
+def test_partial_groups_default_config():
+    """DEFAULT_CONFIG's BLOCK_K 64 over H 72 in groups of 32: capped at the group, the tail masked."""
+    args = _partial_inputs(70, 72, 40, 4, 2, 32, "int4", True, torch.float16, seed=8)
+    torch.testing.assert_close(fused_moe_wq(*args), fused_moe_wq_reference(*args), atol=1e-2, rtol=1e-2)
+
+
+def test_partial_groups_cross_compile():
+    """The compile shape H 72 / I 40 in groups of 32: BLOCK_K capped at 32 in both kernels, no divisibility hint on
+    H, I or what they make, and both functions compile for sm_80 without spills."""
+    from qwen3export.kernels.fused_moe_wq import DEFAULT_CONFIG, compile_specs
+
+    shape = {"bits": 4, "hidden": 72, "inter": 40, "group": 32, "zero_points": 0}
+    specs = compile_specs(DEFAULT_CONFIG, "fp16", shape)
+    assert [s.constexprs["BLOCK_K"] for s in specs] == [32, 32]
+    # rows of 48 (3 groups) / 32 bytes, scales' expert strides 80 x 3 / 72 x 2: multiples of 16; H, I, act's are not
+    assert [set(s.aligned) for s in specs] == [{"group_size", "stride_qn", "stride_qe", "stride_se"}] * 2
+    for measured in cross_compile("fused_moe_wq", DEFAULT_CONFIG, "fp16", shape):
+        assert "error" not in measured and measured["spill_bytes"] == 0, measured
 
 
 @pytest.mark.parametrize("mode,zero_points", MODES)

@@ -10,6 +10,8 @@ from qwen3export.kernels.config import KernelConfig
 from qwen3export.kernels.wq_matmul import wq_matmul, wq_matmul_reference
 from qwen3export.quant import quantize_weight
 
+from quant_cases import PARTIAL, cross_compile, partial_weight
+
 # The kernel rounds each dequantized weight to x's dtype before tl.dot (fp16: 2^-11 relative), the reference
 # keeps it fp32; fp32 sums in a different order.
 DTYPES = [(torch.float32, 1e-4, 1e-4), (torch.float16, 2e-2, 1e-2)]
@@ -39,10 +41,26 @@ def test_wq_matmul_matches_reference(shape, mode, zero_points, dtype, atol, rtol
     torch.testing.assert_close(wq_matmul(*args, config=config), wq_matmul_reference(*args), atol=atol, rtol=rtol)
 
 
-def test_int8_per_channel_with_k_off_the_tile():
-    """int8's one group spans all of K, so K need not be a multiple of BLOCK_K (here 100)."""
-    args = _case(9, 48, 100, None, "int8", torch.float32, seed=3)
-    assert args[5] == 100
+@pytest.mark.parametrize("config", [SMALL, None], ids=["16x32x32", "default"])
+@pytest.mark.parametrize("k,group", PARTIAL)
+@pytest.mark.parametrize("mode,zero_points", [("int4", False), ("int4", True), ("int8", False), ("int8", True)])
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+def test_partial_last_group(k, group, mode, zero_points, dtype, atol, rtol, config):
+    """A group size that does not divide K: qweight rows hold whole groups, the last one padded; the kernel
+    masks k >= K (x's last dim), so it reads the partial group's scale and never the padding. int8 in groups
+    is a GPTQ 8-bit layout (RTN int8 is per channel)."""
+    qw = partial_weight((), 40, k, mode, group, zero_points, seed=k, scale_dtype=torch.float16)
+    assert qw.qweight.shape[-1] * 8 // qw.bits > k  # padded
+    x = torch.randn(9, k, generator=torch.Generator().manual_seed(1)).to(dtype)
+    args = (x, qw.qweight, qw.scales.to(dtype), qw.zero_points, qw.bits, group)
+    torch.testing.assert_close(wq_matmul(*args, config=config), wq_matmul_reference(*args), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("k", [71, 72, 100])
+def test_int8_per_channel_with_k_off_the_tile(k):
+    """int8's one group spans all of K, so K need not be a multiple of BLOCK_K (or even, or of 16)."""
+    args = _case(9, 48, k, None, "int8", torch.float32, seed=3)
+    assert args[5] == k
     torch.testing.assert_close(wq_matmul(*args, config=SMALL), wq_matmul_reference(*args), atol=1e-4, rtol=1e-4)
 
 
@@ -71,3 +89,23 @@ def test_bad_arguments():
         wq_matmul(x, qweight, scales, zeros, 3, group)
     with pytest.raises(WeightsError, match="scales"):
         wq_matmul(x, qweight, scales[:, :1], zeros, bits, group)
+    # K = 72 with groups of 32 is 3 groups, the last partial; 60 leaves the third one empty
+    qw = quantize_weight(torch.randn(8, 72), "int4", 32)
+    with pytest.raises(InputError, match="K in 65..96"):
+        wq_matmul(torch.randn(2, 60), qw.qweight, qw.scales.float(), None, 4, 32)
+
+
+def test_partial_group_cross_compiles():
+    """The compile shape of a partial last group (K = 72, groups of 32) gives BLOCK_K capped at the group
+    (3 groups), no divisibility hint on K, x's or the output's row stride, and compiles for sm_80 without
+    spills: the kernels backend's binary for such a model."""
+    from qwen3export.kernels.wq_matmul import DEFAULT_CONFIG, compile_specs
+
+    shape = {"bits": 4, "K": 72, "N": 200, "group": 32, "zero_points": 1}
+    spec, = compile_specs(DEFAULT_CONFIG, "fp16", shape)
+    assert spec.constexprs["BLOCK_K"] == 32
+    assert set(spec.aligned) == {"group_size", "stride_qn"}  # 3 x 32 codes = 48 bytes a row
+    measured, = cross_compile("wq_matmul", DEFAULT_CONFIG, "fp16", shape)
+    assert "error" not in measured and measured["spill_bytes"] == 0, measured
+    exact, = compile_specs(DEFAULT_CONFIG, "fp16", {"bits": 4, "K": 4096, "N": 4096, "group": 128, "zero_points": 0})
+    assert set(exact.aligned) == {"N", "K", "group_size", "stride_xm", "stride_qn", "stride_om"}
