@@ -17,18 +17,19 @@ from .generation import Step, greedy_generate, left_pad
 # An absolute bound fails trained checkpoints whose logits reach 15-35 (fp32 rounding of a logit of 30 is
 # 30 x 2^-24 per op), although every token matches; dividing by the row's own scale keeps near-zero logits
 # (the "small" weight statistics) gated as tightly as before (max(1, .) makes the bound absolute there).
-# fp32 1e-4: measured worst rows on the trained-statistics models of tests/test_realistic_build.py are
-# 1e-6..4e-5 (lowered and unlowered ONNX, aoti, --stream, --tp/--ep, quantized engines on their dequantized
-# weights: the README's error table), so 1e-4 is 2.5x above the worst and ~100x below a real bug (a wrong
-# rope, mask or routing gives 1e-2..1). fp16 / bf16 (eager fp16 / bf16 decoders against fp32, same table):
-# their 11- and 8-bit mantissas give per-op errors of 5e-4 / 4e-3 compounded over layers; measured worst
-# 6e-3 (fp16) and 5e-2 (bf16) on the realistic models, bounds 2x those, with top-1 agreement gated too.
+# fp32 1e-4: measured worst rows on the trained-statistics models (tests/test_realistic_build.py, the README's
+# error table) are 1e-6..4e-5 for every backend, so 1e-4 is 2.5x above the worst and ~100x below a real bug
+# (a wrong rope, mask or routing gives 1e-2..1). fp16 / bf16 (their 11- and 8-bit mantissas, 5e-4 / 4e-3 per
+# op, compounded over layers; benchmarks/precision.py): dense tiny measured 1.4e-3 (fp16 ONNX), 1.9e-3 (fp16
+# eager), 2.2e-2 (bf16 eager), bounds ~5x those. MoE models get a wider bound because a near-tie in the router's
+# top-k flips an expert at reduced precision and moves that row by a few % of its scale (tiny-moe: 4.0e-2 fp16,
+# 4.8e-2 bf16), which no precision fix removes; top-1 agreement is gated for both.
 METRIC = ("logits_scaled_err = max over logits rows of max|engine - eager| / max(1, max|eager|), over the "
           "prefill's real positions and every decode step fed the same tokens; NaN or Inf anywhere fails")
 THRESHOLDS: dict[str, dict[str, Any]] = {
     "fp32": {"logits_scaled": 1e-4, "greedy_match": True},
-    "fp16": {"logits_scaled": 2e-2, "greedy_match": False, "top1_agreement": 0.95},
-    "bf16": {"logits_scaled": 1e-1, "greedy_match": False, "top1_agreement": 0.9},
+    "fp16": {"logits_scaled": 1e-2, "logits_scaled_moe": 1e-1, "greedy_match": False, "top1_agreement": 0.95},
+    "bf16": {"logits_scaled": 1e-1, "logits_scaled_moe": 2e-1, "greedy_match": False, "top1_agreement": 0.9},
 }
 NEW_TOKENS = 32
 PROMPT_LENGTHS = (16, 9)
@@ -71,6 +72,8 @@ def check_parity(engine: Step, engine_cache: tuple, eager: Step, eager_cache: tu
     upto = max(1, min(n_same + 1, new_tokens))
     decode = logits_errors(torch.stack(got_steps[:upto]).float(), torch.stack(ref_steps[:upto]).float())
     th = THRESHOLDS[dtype]
+    spec = getattr(eager, "spec", None)
+    bound = th.get("logits_scaled_moe", th["logits_scaled"]) if spec is not None and spec.is_moe else th["logits_scaled"]
     worst_abs = _worst(prefill["max_abs"], decode["max_abs"])
     worst_rel = _worst(prefill["max_rel"], decode["max_rel"])
     worst_scaled = _worst(prefill["scaled"], decode["scaled"])
@@ -78,8 +81,8 @@ def check_parity(engine: Step, engine_cache: tuple, eager: Step, eager_cache: tu
     for side in ("engine", "reference"):
         if not (prefill["finite"][side] and decode["finite"][side]):
             failures.append(f"the {side}'s logits hold NaN or Inf")
-    if worst_scaled is not None and worst_scaled > th["logits_scaled"]:
-        failures.append(f"logits scaled error {worst_scaled:.3g} > {th['logits_scaled']:g} (max abs {worst_abs:.3g})")
+    if worst_scaled is not None and worst_scaled > bound:
+        failures.append(f"logits scaled error {worst_scaled:.3g} > {bound:g} (max abs {worst_abs:.3g})")
     if th.get("greedy_match") and n_same != new_tokens:
         failures.append(f"greedy tokens differ from step {n_same}")
     top1 = min(prefill["top1_agreement"], decode["top1_agreement"])
@@ -101,6 +104,7 @@ def check_parity(engine: Step, engine_cache: tuple, eager: Step, eager_cache: tu
         "greedy_match": n_same == new_tokens,
         "greedy_tokens_matching": n_same,
         "thresholds": th,
+        "bound": bound,
         "passed": not failures,
         "failures": failures,
     }
