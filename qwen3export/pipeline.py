@@ -552,7 +552,8 @@ def verify_quantized(artifact: art.Artifact, spec: ModelSpec, source, qcfg, thre
     engine = open_engine(artifact, threads)
     qsource = source if is_prequantized(source) else QuantizedSource(source, spec, qcfg)
     reference = dequantized_reference(spec, qsource, torch.float32)
-    report = check_engine_parity(engine, engine.empty_cache(2), reference, artifact.manifest["dtype"])
+    parity_dtype = "fp8" if qcfg.mode == "fp8" else artifact.manifest["dtype"]  # parity.THRESHOLDS["fp8"]
+    report = check_engine_parity(engine, engine.empty_cache(2), reference, parity_dtype)
     report["providers"] = engine.providers
     report["sampling"] = check_sampling_parity(*sampling_pair(artifact, threads, engine))
     del engine

@@ -242,9 +242,9 @@ def OrtStep(path, spec):  # noqa: N802  (the shared step; MatMulNBits at accurac
     return SharedOrtStep(path, spec, {"session.qdq_matmulnbits_accuracy_level": "0"})
 
 
-def _parity(model, path) -> dict:
+def _parity(model, path, dtype: str = "fp32") -> dict:
     return check_parity(OrtStep(path, model.spec), model.empty_cache(2), model, model.empty_cache(2),
-                        model.spec.vocab_size, "fp32", new_tokens=8)
+                        model.spec.vocab_size, dtype, new_tokens=8)
 
 
 def _consumers(program) -> list:
@@ -291,7 +291,7 @@ def test_fp8_decoder_in_onnx_runtime_matches_eager(flavour, tmp_path):
     assert len(dq) == 7 * model.spec.num_hidden_layers
     assert all(n.inputs[0].dtype == ir.DataType.FLOAT8E4M3FN for n in dq)
     program.save(str(tmp_path / "decoder.onnx"))
-    report = _parity(model, tmp_path / "decoder.onnx")
+    report = _parity(model, tmp_path / "decoder.onnx", "fp8")  # activation rounding flips: THRESHOLDS["fp8"]
     assert report["passed"], report["failures"]
 
 
