@@ -25,6 +25,27 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 from hf_reference import save_hf_checkpoint  # noqa: E402
 
 
+# Tiers (README "Tests"): unmarked tests are fast unit tests (kernels under the interpreter, graphs, passes,
+# loaders, planners: no engine is built); `integration` builds and verifies engine artifacts through the
+# pipeline (tens of seconds each); `heavy` runs AOTInductor compiles, Triton cross-compiles, gloo rank
+# processes or autotune worker processes (minutes). Marked here by module, in one table, so a new module
+# lands in a tier by its name. `pytest -m "not integration and not heavy"` is the quick loop.
+TIERS = {
+    "integration": ("test_cli.py", "test_realistic_build.py", "test_quant_build.py", "test_pipeline.py",
+                    "test_streaming.py", "test_run_sampling.py", "test_parity_gate.py", "test_lowering_build.py",
+                    "test_fp16_build.py", "test_rope.py", "test_tensorrt.py"),
+    "heavy": ("test_aoti.py", "test_cli_kernels.py", "test_compile.py", "test_tune.py", "test_parallel.py",
+              "test_parallel_artifact.py", "test_parallel_build.py", "test_kernel_backend_build.py"),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for tier, modules in TIERS.items():
+            if item.path.name in modules:
+                item.add_marker(getattr(pytest.mark, tier))
+
+
 @pytest.fixture(scope="session")
 def hf_checkpoints(tmp_path_factory):
     """Lazily written reference checkpoints, cached per spec for the session: name -> (folder, hf model).

@@ -16,8 +16,6 @@ from qwen3export.generation import left_pad, position_ids_from_mask
 from qwen3export.model import build_module, resolve
 from qwen3export.parity import THRESHOLDS, parity_prompts
 
-pytestmark = pytest.mark.integration
-
 
 def _residuals(model, ids, mask):
     """Each layer's output residual stream [B, S, H] (forward hooks)."""

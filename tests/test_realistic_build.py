@@ -24,7 +24,6 @@ from qwen3export.model import build_module, resolve
 from qwen3export.parity import parity_prompts
 from qwen3export.spec import preset
 
-pytestmark = pytest.mark.integration
 
 # 16,384 tokens, not Qwen3's 151,936: the sampling graph's parity check scales with the vocabulary and this
 # module builds 17 engines; the logits still reach 15+ (checked below). Stop ids at the top of the range.
