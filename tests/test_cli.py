@@ -18,6 +18,7 @@ import pytest
 import torch
 import transformers
 
+import qwen3export
 from qwen3export.cli import main
 from qwen3export.spec import preset
 from qwen3export.weights import RandomSource, save_hf_checkpoint
@@ -78,7 +79,7 @@ def test_default_build_layout_and_manifest(default_build):
     m = json.loads((default_build / "manifest.json").read_text())
     assert m["backend"] == "onnx" and m["target"]["name"] == "cpu" and m["dtype"] == "fp32"
     assert m["model"]["spec"]["name"] == "tiny-moe" and m["model"]["ref"] == {
-        "kind": "preset", "name": "tiny-moe", "seed": 0, "overrides": {}}
+        "kind": "preset", "name": "tiny-moe", "seed": 0, "overrides": {}, "weight_stats": "trained"}
     assert set(m["files"]) == {"decoder.onnx", "sampling.onnx"}
     assert m["parity"]["sampling"]["identical"] and m["sampling"]["defaults"]["thinking"]["temperature"] == 0.6
     assert m["parity"]["passed"] and m["parity"]["logits_scaled_err"] <= 1e-4 and m["parity"]["greedy_match"]
@@ -257,3 +258,22 @@ def test_custom_serving_limits_reach_manifest_profiles_and_run(tmp_path, capsys)
     assert len(json.loads(out)["tokens"]) == 10
     code, _, err = cli(capsys, "run", onnx_art, "--prompt-ids", prompt, "--max-new-tokens", "11")
     _one_line_error(code, err, "exceeds the engine's 40 tokens per sequence", "--max-seq 40")
+
+
+def test_weight_stats_small_by_name_is_recorded_and_verified(tmp_path, capsys):
+    """--weight-stats small keeps the first wave's N(0, 0.02) draw: recorded in the manifest, so verify redraws
+    the same weights; its logits are near zero, the trained default's are not."""
+    out = tmp_path / "small"
+    code, _, err = cli(capsys, "build", "--model", "tiny", "--weight-stats", "small", "--out", out)
+    assert code == 0, err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["model"]["ref"]["weight_stats"] == "small"
+    code, out_text, err = cli(capsys, "verify", out, "--json")
+    assert code == 0 and json.loads(out_text)["passed"], err
+    small = qwen3export.load_model("tiny", weight_stats="small")
+    trained = qwen3export.load_model("tiny")
+    ids = torch.tensor([[5, 9, 100]])
+    with torch.no_grad():
+        ls = small(ids, torch.arange(3)[None], torch.ones_like(ids), small.empty_cache(1))[0]
+        lt = trained(ids, torch.arange(3)[None], torch.ones_like(ids), trained.empty_cache(1))[0]
+    assert ls.abs().max() < 2 and lt.abs().max() > 15

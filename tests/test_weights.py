@@ -11,6 +11,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import qwen3export
+from qwen3export.parity import logits_errors
 from qwen3export.errors import ConfigError, WeightsError
 from qwen3export.generation import left_pad, position_ids_from_mask
 from qwen3export.spec import preset
@@ -58,7 +59,8 @@ def test_preset_weights_are_deterministic_and_named_like_transformers(tmp_path):
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
         got, _ = ours(ids, position_ids_from_mask(mask), mask, ours.empty_cache(2))
-    assert (got - ref)[mask.bool()].abs().max().item() <= 1e-5
+    # trained statistics: logits ~20, so fp32 op-order differences are gated relative to each row's scale
+    assert logits_errors(got[mask.bool()], ref[mask.bool()])["scaled"] <= 2e-6
 
 
 def test_tied_embeddings_share_storage_and_ignore_stored_lm_head(tmp_path):
