@@ -35,7 +35,8 @@ TIERS = {
                     "test_streaming.py", "test_run_sampling.py", "test_parity_gate.py", "test_lowering_build.py",
                     "test_fp16_build.py", "test_rope.py", "test_tensorrt.py"),
     "heavy": ("test_aoti.py", "test_cli_kernels.py", "test_compile.py", "test_tune.py", "test_parallel.py",
-              "test_parallel_artifact.py", "test_parallel_build.py", "test_kernel_backend_build.py"),
+              "test_parallel_artifact.py", "test_parallel_build.py", "test_kernel_backend_build.py",
+              "test_stream_memory.py"),
 }
 
 
