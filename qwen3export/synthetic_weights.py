@@ -97,7 +97,6 @@ def trained_tensor(spec: ModelSpec, channels: Channels, name: str, shape: tuple[
         rows = rows / h ** 0.5 if name == "lm_head.weight" else rows * embedding_scale(h)
         rows = rows * _lognormal((v, 1), g, 0.25)  # frequent tokens have larger rows -> a peaked softmax
         if name == "model.embed_tokens.weight":
-            rows[:, list(ch.massive)] = 0.0
             rows[:, ch.dc] = DC_VALUE
             marker = (torch.arange(v) % DELIMITER_PERIOD) == DELIMITER_PHASE
             rows[:, ch.marker] = torch.where(marker, MARKER_VALUE, 0.0)
@@ -105,9 +104,9 @@ def trained_tensor(spec: ModelSpec, channels: Channels, name: str, shape: tuple[
     if name == "model.norm.weight":
         h = spec.hidden_size
         scale = LOGIT_SCALE / (h ** 0.5 * embedding_scale(h) if spec.tie_word_embeddings else 1.0)
-        w = _lognormal(shape, g, 0.1, scale)
-        w[list(ch.massive)] = 0.01 * scale  # trained final norms damp the massive channels
-        return w
+        # the massive channels keep the final norm's scale: at a delimiter they dominate the normalized state, and
+        # their lm_head columns then give that position logits of the usual size (not a flat distribution)
+        return _lognormal(shape, g, 0.1, scale)
     m = _LAYER.fullmatch(name)
     if m is None:
         raise KeyError(f"no trained-statistics rule for tensor {name}")

@@ -18,14 +18,15 @@ from qwen3export.weights import SafetensorsSource
 from test_prequantized import awq_pack, gptq_pack_cols, gptq_pack_rows
 
 
-def rtn_asymmetric(w: torch.Tensor, group: int, bits: int = 4):
-    """W [N, K] -> codes [K, N], zero points [K/group, N] (ints), fp16 scales [K/group, N]: min/max per group."""
+def rtn_asymmetric(w: torch.Tensor, group: int, bits: int = 4, min_zero: int = 0):
+    """W [N, K] -> codes [K, N], zero points [K/group, N] (ints), fp16 scales [K/group, N]: min/max per group.
+    `min_zero` 1 for GPTQ's v1 format, which stores zero points minus one (so 0 cannot be stored)."""
     n, k = w.shape
     g = w.float().reshape(n, k // group, group)
     lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
     qmax = 2 ** bits - 1
     scales = ((hi - lo) / qmax).clamp(min=1e-8).half()
-    zeros = torch.round(-lo / scales.float()).clamp(0, qmax)
+    zeros = torch.round(-lo / scales.float()).clamp(min_zero, qmax)
     codes = torch.round(g / scales.float()[..., None] + zeros[..., None]).clamp(0, qmax)
     return (codes.reshape(n, k).t().numpy().astype(np.int64), zeros.t().numpy().astype(np.int64),
             scales.t().contiguous())
@@ -41,7 +42,7 @@ def write_quantized_from(src: Path, dst: Path, method: str, group: int = 32) -> 
         if not is_quantized(name):
             tensors[name] = w.contiguous()
             continue
-        codes, zeros, scales = rtn_asymmetric(w, group)
+        codes, zeros, scales = rtn_asymmetric(w, group, min_zero=0 if method == "awq" else 1)
         base = name.removesuffix(".weight")
         if method == "awq":
             tensors.update({base + ".qweight": awq_pack(codes), base + ".qzeros": awq_pack(zeros),

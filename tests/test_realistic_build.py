@@ -41,6 +41,15 @@ PQ = {"dense": DENSE.replace(hidden_size=128, intermediate_size=256),
       "moe": MOE.replace(hidden_size=64, intermediate_size=128, head_dim=32, moe_intermediate_size=32)}
 PROMPT = [16380, 872, 198, 3, 11, 4340, 35, 1000, 77, 16381]  # holds delimiter ids (3 mod 8): 3, 11, 35, 4340
 NEW = 12
+ERRORS: dict = {}  # test name -> the gated figures: printed at the end of the module (the README's table)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def error_table():
+    yield
+    print("\nrealistic-build parity (logits_scaled_err / max abs / dtype):")
+    for name, e in sorted(ERRORS.items()):
+        print(f"  {name}: {e['logits_scaled_err']:.2e} / {e['logits_max_abs']:.2e} / {e['dtype']}")
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +118,9 @@ def _gated(artifact):
     p = artifact.manifest["parity"]
     assert p["passed"], p.get("failures")
     inner = p.get("interpreter", p)  # a kernel pack gates its interpreter run
-    assert inner["logits_scaled_err"] <= 1e-4 and inner["greedy_match"]
-    assert "max(1, max|eager|)" in inner["metric"]
+    assert inner["logits_scaled_err"] <= inner["bound"] <= 1e-1 and "max(1, max|eager|)" in inner["metric"]
+    assert inner["greedy_match"] or not inner["thresholds"]["greedy_match"]  # fp8 gates top-1 instead
+    ERRORS[artifact.path.parent.name] = {k: inner[k] for k in ("logits_scaled_err", "logits_max_abs", "dtype")}
     return inner
 
 
