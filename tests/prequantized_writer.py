@@ -25,7 +25,8 @@ def rtn_asymmetric(w: torch.Tensor, group: int, bits: int = 4, min_zero: int = 0
     g = w.float().reshape(n, k // group, group)
     lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
     qmax = 2 ** bits - 1
-    scales = ((hi - lo) / qmax).clamp(min=1e-8).half()
+    span = (hi - lo) / qmax
+    scales = torch.where(span > 0, span, torch.ones_like(span)).half()  # an all-zero group (a zeroed row): scale 1
     zeros = torch.round(-lo / scales.float()).clamp(min_zero, qmax)
     codes = torch.round(g / scales.float()[..., None] + zeros[..., None]).clamp(0, qmax)
     return (codes.reshape(n, k).t().numpy().astype(np.int64), zeros.t().numpy().astype(np.int64),
