@@ -10,8 +10,8 @@ import triton.language as tl
 
 from qwen3export.errors import InputError
 from qwen3export.kernels.attention_prefill import (LOG2E, attention_prefill_reference, check_attention_inputs,
-                                                   last_dim_contiguous, mask_pointer)
-from qwen3export.kernels.config import ArchLimits, CompileSpec, KernelConfig
+                                                   head_block, last_dim_contiguous, mask_pointer)
+from qwen3export.kernels.config import ArchLimits, CompileSpec, KernelConfig, divisibility_hints
 from qwen3export.kernels.launch import launch
 
 MIN_DOT_ROWS = 16  # tl.dot needs M >= 16: a kv head's query group is padded to 16 rows
@@ -46,6 +46,7 @@ def _attention_decode_split_kernel(
     grouping of FlashDecoding++ / vLLM's triton_decode_attention.py); split s covers keys
     [s * chunk, (s + 1) * chunk) with chunk = cdiv(n_b, NUM_SPLITS) rounded up to BLOCK_N
     (Flash-Decoding, Dao et al. 2023, https://crfm.stanford.edu/2023/10/12/flashdecoding.html).
+    Any head_dim runs in BLOCK_D = head_block(D) lanes: loads past D are 0 (adding 0 to q.k), stores stop at D.
     """
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -153,7 +154,7 @@ def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     mask_arg, stride_mask = mask_pointer(key_mask, q3)
     lens_arg = kv_lens.to(torch.int32) if kv_lens is not None else q3
     scale = d ** -0.5 if scale is None else scale
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d = head_block(d)
     launch(_attention_decode_split_kernel, (b * hkv, splits),
            q3, k, v, partial_out, partial_lse, lens_arg, mask_arg,
            hkv, group, cache_len, d, scale * LOG2E,
@@ -201,7 +202,10 @@ def keep(config: KernelConfig, arch: ArchLimits) -> bool:
 
 
 def compile_specs(config: KernelConfig, dtype: str, shape: dict) -> list[CompileSpec]:
+    """Split and reduce kernels for one head_dim and GQA group: BLOCK_D and BLOCK_H as the launcher picks
+    them; every stride is a multiple of head_dim, so each gets the divisibility hint head_dim earns."""
     d = shape["head_dim"]
+    block_d = head_block(d)
     block_h = max(MIN_DOT_ROWS, triton.next_power_of_2(shape["group"]))
     strides = ("stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_kl", "stride_vb", "stride_vh",
                "stride_vl", "stride_pb", "stride_ph", "stride_ps")
@@ -209,13 +213,14 @@ def compile_specs(config: KernelConfig, dtype: str, shape: dict) -> list[Compile
         _attention_decode_split_kernel,
         pointers={"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "partial_out_ptr": "fp32",
                   "partial_lse_ptr": "fp32", "kv_lens_ptr": "i32", "key_mask_ptr": "i64"},
-        constexprs={"HAS_KV_LENS": True, "HAS_KEY_MASK": False, "BLOCK_H": block_h, "BLOCK_D": d} | config.constexprs,
-        aligned=("head_dim",) + strides, scalars={"scale_log2": "fp32"},
+        constexprs={"HAS_KV_LENS": True, "HAS_KEY_MASK": False, "BLOCK_H": block_h, "BLOCK_D": block_d}
+        | config.constexprs,
+        **divisibility_hints({"head_dim": d} | dict.fromkeys(strides, d)), scalars={"scale_log2": "fp32"},
         num_warps=config.num_warps, num_stages=config.num_stages, shape=f"head_dim={d},group={shape['group']},kv_lens")
     reduce = CompileSpec(
         _attention_decode_reduce_kernel,
         pointers={"partial_out_ptr": "fp32", "partial_lse_ptr": "fp32", "out_ptr": dtype},
-        constexprs={"BLOCK_D": d, "NUM_SPLITS": config["NUM_SPLITS"]},
-        aligned=("head_dim", "stride_pb", "stride_ph", "stride_ob", "stride_oh"),
+        constexprs={"BLOCK_D": block_d, "NUM_SPLITS": config["NUM_SPLITS"]},
+        **divisibility_hints(dict.fromkeys(("head_dim", "stride_pb", "stride_ph", "stride_ob", "stride_oh"), d)),
         num_warps=REDUCE_WARPS, num_stages=1, shape=f"head_dim={d}")
     return [split, reduce]

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from qwen3export.errors import InputError
-from qwen3export.kernels.config import ArchLimits, CompileSpec, KernelConfig
+from qwen3export.kernels.config import ArchLimits, CompileSpec, KernelConfig, divisibility_hints
 from qwen3export.kernels.launch import launch
 
 # VISIBILITY (shared with attention_decode.py): row b's cache holds n_b = kv_lens[b] valid positions (L
@@ -17,6 +17,13 @@ from qwen3export.kernels.launch import launch
 # key_mask[b, j] != 0. Without kv_lens this is the graph's rule; a query that sees no key gets zeros
 # where the graph's finfo.min mask averages arbitrary values (only padding queries are in that case).
 LOG2E = 1.4426950408889634  # scores are scaled by log2(e) so the kernel can use exp2
+MIN_DOT_K = 16  # tl.dot needs every operand dimension >= 16: head_dim 8 still runs a 16-wide tile
+
+
+def head_block(head_dim: int) -> int:
+    """BLOCK_D for a head_dim: the next power of two (tl.arange ranges must be), lanes >= head_dim masked off.
+    Qwen3's 128 (and 64) are their own block, so their masks are all-true; 24 runs in 32, 72 / 80 / 96 in 128."""
+    return max(MIN_DOT_K, triton.next_power_of_2(head_dim))
 
 
 @triton.jit
@@ -45,6 +52,8 @@ def _attention_prefill_kernel(
     Program (query block, b * Hq + h) reads kv head h // group_size and only the key blocks below its
     causal bound. Scores and the running max/sum are fp32; p is cast to v's dtype for the second
     product (as the graph casts its probabilities); a row that sees no key ends with sum 0 and writes 0.
+    Any head_dim runs in BLOCK_D = head_block(D) lanes: q, k, v load 0 past D, so the padded lanes add 0
+    to q.k and the padded output columns are never stored.
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -147,7 +156,7 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
            stride_mask,
            device=q.device, num_warps=config.num_warps, num_stages=config.num_stages,
            HAS_KV_LENS=kv_lens is not None, HAS_KEY_MASK=key_mask is not None,
-           BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"], BLOCK_D=max(16, triton.next_power_of_2(d)))
+           BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"], BLOCK_D=head_block(d))
     return out
 
 
@@ -186,6 +195,9 @@ CONFIG_SPACE = [KernelConfig("attention_prefill", {"BLOCK_M": bm, "BLOCK_N": bn}
 DEFAULT_CONFIG = KernelConfig("attention_prefill", {"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2)
 
 COMPILE_SHAPES = ({"head_dim": 64}, {"head_dim": 128})  # Qwen3 ships 128; 64 for smaller custom specs
+# every stride of q, k, v and out is a multiple of head_dim (contiguous [.., S or L, D] tensors)
+STRIDES = ("stride_qb", "stride_qh", "stride_qs", "stride_kb", "stride_kh", "stride_kl", "stride_vb", "stride_vh",
+           "stride_vl", "stride_ob", "stride_oh", "stride_os")
 
 
 def keep(config: KernelConfig, arch: ArchLimits) -> bool:
@@ -198,13 +210,15 @@ def keep(config: KernelConfig, arch: ArchLimits) -> bool:
 
 
 def compile_specs(config: KernelConfig, dtype: str, shape: dict) -> list[CompileSpec]:
+    """The kernel for one head_dim: BLOCK_D as the launcher picks it (head_block). head_dim and the strides get
+    the divisibility hint head_dim earns (config.divisibility_hints): a stride like S * 24 is a multiple of 8
+    for every S but of 16 only for even S, which a packed binary cannot know."""
     d = shape["head_dim"]
     return [CompileSpec(
         _attention_prefill_kernel,
         pointers={"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "out_ptr": dtype, "kv_lens_ptr": "i32",
                   "key_mask_ptr": "i64"},
-        constexprs={"HAS_KV_LENS": False, "HAS_KEY_MASK": True, "BLOCK_D": d} | config.constexprs,
-        aligned=("head_dim", "stride_qb", "stride_qh", "stride_qs", "stride_kb", "stride_kh", "stride_kl",
-                 "stride_vb", "stride_vh", "stride_vl", "stride_ob", "stride_oh", "stride_os"),
+        constexprs={"HAS_KV_LENS": False, "HAS_KEY_MASK": True, "BLOCK_D": head_block(d)} | config.constexprs,
+        **divisibility_hints({"head_dim": d} | dict.fromkeys(STRIDES, d)),
         scalars={"scale_log2": "fp32"}, num_warps=config.num_warps, num_stages=config.num_stages,
         shape=f"head_dim={d},key_mask")]

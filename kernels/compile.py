@@ -75,6 +75,8 @@ def ast_source(spec: CompileSpec):
             signature[name] = spec.scalars.get(name, "i32")
             if name in spec.aligned:
                 attrs[(index,)] = [["tt.divisibility", 16]]
+            elif name in spec.divisible:  # a multiple of 8, 4 or 2 at this shape (config.divisibility_hints)
+                attrs[(index,)] = [["tt.divisibility", spec.divisible[name]]]
     return ASTSource(fn, signature, constexprs=dict(spec.constexprs), attrs=attrs)
 
 
@@ -161,6 +163,7 @@ def _cache_key(job: dict[str, Any]) -> str:
     source = b"".join(Path(f).read_bytes() for f in files)
     key = {"source": hashlib.sha256(source).hexdigest(), "triton": triton.__version__, "cc": job["cc"],
            "function": as_jit(spec.fn).__name__, "pointers": spec.pointers, "aligned": sorted(spec.aligned),
+           "divisible": spec.divisible,
            "constexprs": {k: repr(v) for k, v in spec.constexprs.items()}, "scalars": spec.scalars,
            "num_warps": spec.num_warps, "num_stages": spec.num_stages}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]

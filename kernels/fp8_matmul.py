@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from qwen3export.errors import InputError, TargetError
-from qwen3export.kernels.config import ArchLimits, CompileSpec, KernelConfig
+from qwen3export.kernels.config import ArchLimits, CompileSpec, KernelConfig, aligned_args
 from qwen3export.kernels.launch import launch
 from qwen3export.kernels.tiles import grouped_tile
 from qwen3export.quant import FP8_MAX, quantize_activation_fp8
@@ -198,14 +198,18 @@ def keep(config: KernelConfig, arch: ArchLimits) -> bool:
 
 
 def compile_specs(config: KernelConfig, dtype: str, shape: dict) -> list[CompileSpec]:
-    label = f"K={shape['K']},N={shape['N']}"
+    """The row quantizer and the GEMM for one (K, N): the divisibility hint only on what is a multiple of 16."""
+    k, n = shape["K"], shape["N"]
+    label = f"K={k},N={n}"
     return [
         CompileSpec(_fp8_quantize_rows_kernel, pointers={"x_ptr": dtype, "codes_ptr": "fp8e4nv", "scales_ptr": "fp32"},
-                    constexprs={"BLOCK_K": QUANTIZE_BLOCK_K}, aligned=("K", "stride_xm", "stride_cm"),
+                    constexprs={"BLOCK_K": QUANTIZE_BLOCK_K},
+                    aligned=aligned_args(dict.fromkeys(("K", "stride_xm", "stride_cm"), k)),
                     num_warps=QUANTIZE_WARPS, num_stages=1, shape=label),
         CompileSpec(_fp8_matmul_kernel,
                     pointers={"a_ptr": "fp8e4nv", "b_ptr": "fp8e4nv", "a_scales_ptr": "fp32", "b_scales_ptr": "fp32",
                               "out_ptr": dtype},
-                    constexprs=config.constexprs, aligned=("N", "K", "stride_am", "stride_bn", "stride_om"),
+                    constexprs=config.constexprs,
+                    aligned=aligned_args({"N": n, "K": k, "stride_am": k, "stride_bn": k, "stride_om": n}),
                     num_warps=config.num_warps, num_stages=config.num_stages, shape=label),
     ]

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from qwen3export.errors import InputError
-from qwen3export.kernels.config import ArchLimits, CompileSpec, KernelConfig
+from qwen3export.kernels.config import ArchLimits, CompileSpec, KernelConfig, divisibility_hints
 from qwen3export.kernels.launch import launch
 from qwen3export.kernels.tiles import grouped_tile
 from qwen3export.kernels.moe_align import moe_align
@@ -33,12 +33,12 @@ def _fused_moe_gate_up_kernel(
     """act[p, n] = silu(x[t] . gate_up[e, n]) * (x[t] . gate_up[e, I + n]) for pair p = t * k + slot of expert e.
 
     x [T, H]; gate_up [E, 2I, H] (rows [0, I) gate, [I, 2I) up: transformers' Qwen3MoeExperts layout);
-    act [T * k, I]; sorted_ids / expert_ids / n_padded from moe_align. Program (tile of BLOCK_M sorted
-    slots, all of one expert) x (BLOCK_N columns of I) computes the gate and the up tile from the same
-    x tile, so SiLU·mul happens in registers and only act reaches memory (vLLM's fused_moe_kernel
-    writes the [T*k, 2I] product and runs silu_and_mul separately). Gate and up are rounded to x's
-    dtype before the SiLU, where the graph's F.linear output would be. Tiles are visited in groups of
-    GROUP_SIZE_M along M for L2 reuse of the weight columns (Triton tutorial 03-matrix-multiplication).
+    act [T * k, I] (rows act_row_stride(I) apart); sorted_ids / expert_ids / n_padded from moe_align.
+    Program (tile of BLOCK_M sorted slots, all of one expert) x (BLOCK_N columns of I) computes the gate
+    and the up tile from the same x tile, so SiLU·mul happens in registers and only act reaches memory
+    (vLLM's fused_moe_kernel writes the [T*k, 2I] product and runs silu_and_mul separately). Gate and up
+    are rounded to x's dtype before the SiLU, where the graph's F.linear output would be. Tiles are visited
+    in groups of GROUP_SIZE_M along M for L2 reuse of the weight columns (Triton tutorial 03).
     """
     pid = tl.program_id(0)
     n_tiles_n = tl.cdiv(inter, BLOCK_N)
@@ -151,7 +151,7 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_w
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     sorted_ids, expert_ids, n_padded = moe_align(topk_ids, n_experts, block_m, align_config)
     n_tiles_m = expert_ids.shape[0]  # an upper bound: tiles past n_padded return at once
-    act = torch.empty(n_pairs, inter, dtype=x.dtype, device=x.device)
+    act = torch.empty(n_pairs, act_row_stride(inter), dtype=x.dtype, device=x.device)[:, :inter]
     partial = torch.empty(n_pairs, hidden, dtype=x.dtype, device=x.device)
     run = {"device": x.device, "num_warps": config.num_warps, "num_stages": config.num_stages,
            "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_SIZE_M": config["GROUP_SIZE_M"]}
@@ -164,6 +164,14 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_w
            n_pairs, hidden, inter, n_tiles_m,
            act.stride(0), down.stride(0), down.stride(1), partial.stride(0), **run)
     return partial.view(n_tokens, top_k, hidden).sum(1, dtype=torch.float32).to(x.dtype)
+
+
+def act_row_stride(inter: int) -> int:
+    """act's row stride: I rounded up to 16 elements, so it earns the full divisibility hint whatever I is (act
+    is this launcher's own buffer; the pad, at most 15 elements a (token, slot) row, is never read). Default
+    config, sm_80 bf16, registers padded / unpadded: I 36 down kernel 120 / 156, hidden 100 / I 50 gate/up
+    187 / 255; with no hint at all on an I of 40 the down kernel spilled 16 B."""
+    return -(-inter // ACT_ROW_ALIGN) * ACT_ROW_ALIGN
 
 
 def fused_moe_reference(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_weights: torch.Tensor,
@@ -183,6 +191,7 @@ def fused_moe_reference(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tens
     return out.to(x.dtype)
 
 
+ACT_ROW_ALIGN = 16  # elements: what Triton's divisibility hint (tt.divisibility 16) asks of a stride
 CONFIG_SPACE = [KernelConfig("fused_moe", {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w,
                              num_stages=st, meta={"GROUP_SIZE_M": gm})
                 for bm in (16, 32, 64, 128) for bn in (32, 64, 128) for bk in (64, 128) for gm in (1, 8)
@@ -204,15 +213,22 @@ def keep(config: KernelConfig, arch: ArchLimits) -> bool:
 
 
 def compile_specs(config: KernelConfig, dtype: str, shape: dict) -> list[CompileSpec]:
+    """Both kernels for one (hidden, inter): each dimension and stride gets the divisibility hint its value
+    earns at this shape (config.divisibility_hints: an inter of 40 is a multiple of 8, not 16); act's row
+    stride always is a multiple of 16 (act_row_stride)."""
+    h, i = shape["hidden"], shape["inter"]
+    ap = act_row_stride(i)
     common = {"constexprs": config.constexprs, "num_warps": config.num_warps, "num_stages": config.num_stages,
               "shape": f"hidden={shape['hidden']},inter={shape['inter']}"}
     return [
         CompileSpec(_fused_moe_gate_up_kernel,
                     pointers={"x_ptr": dtype, "gate_up_ptr": dtype, "act_ptr": dtype, "sorted_ids_ptr": "i32",
                               "expert_ids_ptr": "i32", "n_padded_ptr": "i32"},
-                    aligned=("hidden", "inter", "stride_xt", "stride_ge", "stride_gn", "stride_ap"), **common),
+                    **divisibility_hints({"hidden": h, "inter": i, "stride_xt": h, "stride_ge": 2 * i * h,
+                                          "stride_gn": h, "stride_ap": ap}), **common),
         CompileSpec(_fused_moe_down_kernel,
                     pointers={"act_ptr": dtype, "down_ptr": dtype, "topk_weights_ptr": dtype, "partial_ptr": dtype,
                               "sorted_ids_ptr": "i32", "expert_ids_ptr": "i32", "n_padded_ptr": "i32"},
-                    aligned=("hidden", "inter", "stride_ap", "stride_de", "stride_dn", "stride_pp"), **common),
+                    **divisibility_hints({"hidden": h, "inter": i, "stride_ap": ap, "stride_de": h * i,
+                                          "stride_dn": i, "stride_pp": h}), **common),
     ]

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from qwen3export.errors import InputError
-from qwen3export.kernels.config import ArchLimits, CompileSpec, KernelConfig
+from qwen3export.kernels.config import ArchLimits, CompileSpec, KernelConfig, aligned_args
 from qwen3export.kernels.fused_moe import fused_moe_reference
 from qwen3export.kernels.launch import launch
 from qwen3export.kernels.tiles import grouped_tile
@@ -252,9 +252,7 @@ def keep(config: KernelConfig, arch: ArchLimits) -> bool:
 def compile_specs(config: KernelConfig, dtype: str, shape: dict) -> list[CompileSpec]:
     """Both kernels; group 0 in a shape means per channel (one group over each kernel's K). A group that does
     not divide K (a partial last group) pads the rows of qweight to whole groups; the divisibility hints go
-    to the dimensions and strides that are multiples of 16 for this shape only (wq_matmul.aligned_args)."""
-    from qwen3export.kernels.wq_matmul import aligned_args
-
+    to the dimensions and strides that are multiples of 16 for this shape only (config.aligned_args)."""
     hidden, inter, bits = shape["hidden"], shape["inter"], shape["bits"]
     specs = []
     for fn, k, rows, pointers in (

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from qwen3export.errors import InputError
-from qwen3export.kernels.config import ArchLimits, CompileSpec, KernelConfig
+from qwen3export.kernels.config import ArchLimits, CompileSpec, KernelConfig, divisibility_hints
 from qwen3export.kernels.launch import launch
 
 
@@ -137,6 +137,6 @@ def compile_specs(config: KernelConfig, dtype: str, shape: dict) -> list[Compile
         constexprs={"TOP_K": shape["top_k"], "NORMALIZE": bool(shape.get("normalize", True)),
                     "BLOCK_E": max(16, triton.next_power_of_2(shape["experts"])),
                     "BLOCK_K": triton.next_power_of_2(shape["top_k"])} | config.constexprs,
-        aligned=("hidden", "stride_xt", "stride_re"),
+        **divisibility_hints(dict.fromkeys(("hidden", "stride_xt", "stride_re"), shape["hidden"])),
         num_warps=config.num_warps, num_stages=config.num_stages,
         shape=f"hidden={shape['hidden']},experts={shape['experts']},top_k={shape['top_k']}")]

@@ -10,7 +10,7 @@ import triton.language as tl
 
 from qwen3export.errors import InputError
 from qwen3export.graphs.decoder import apply_rope, rms_norm_reference
-from qwen3export.kernels.config import ArchLimits, CompileSpec, KernelConfig
+from qwen3export.kernels.config import ArchLimits, CompileSpec, KernelConfig, divisibility_hints
 from qwen3export.kernels.launch import launch
 
 
@@ -39,6 +39,9 @@ def _qk_norm_rope_kernel(
     [0, cdiv(Hq, BLOCK_H)) are q's, the rest k's, so one launch serves both. The normalised value is
     rounded to the input dtype before the weight and the weighted value before the rotation, as the
     graph's two separate ops do (RMSNorm module output, then apply_rope).
+    Any even head_dim runs in BLOCK_HALF = next_pow2(D / 2) lanes per half: the halves are read at cols and
+    cols + D / 2 (the real half, not BLOCK_HALF), lanes >= D / 2 load 0 and are never stored, and the mean of
+    squares divides by the real D, so the padding enters neither the norm nor the rotation.
     """
     token = tl.program_id(0)
     head_block = tl.program_id(1)
@@ -149,12 +152,15 @@ def keep(config: KernelConfig, arch: ArchLimits) -> bool:
 
 
 def compile_specs(config: KernelConfig, dtype: str, shape: dict) -> list[CompileSpec]:
+    """The kernel for one head_dim. Every stride is a multiple of head_dim (the projections viewed as heads,
+    [B, S, D] rope tables, contiguous outputs), so each gets the divisibility hint head_dim earns."""
     ptrs = ("q_ptr", "k_ptr", "q_weight_ptr", "k_weight_ptr", "cos_ptr", "sin_ptr", "q_out_ptr", "k_out_ptr")
+    strides = ("stride_qb", "stride_qs", "stride_qh", "stride_kb", "stride_ks", "stride_kh", "stride_cb",
+               "stride_cs", "stride_qob", "stride_qoh", "stride_qos", "stride_kob", "stride_koh", "stride_kos")
+    d = shape["head_dim"]
     return [CompileSpec(
         _qk_norm_rope_kernel, pointers={p: dtype for p in ptrs},
-        constexprs={"BLOCK_HALF": triton.next_power_of_2(shape["head_dim"] // 2)} | config.constexprs,
-        aligned=("head_dim", "stride_qb", "stride_qs", "stride_qh", "stride_kb", "stride_ks", "stride_kh",
-                 "stride_cb", "stride_cs", "stride_qob", "stride_qoh", "stride_qos", "stride_kob", "stride_koh",
-                 "stride_kos"),
+        constexprs={"BLOCK_HALF": triton.next_power_of_2(d // 2)} | config.constexprs,
+        **divisibility_hints({"head_dim": d} | dict.fromkeys(strides, d)),
         scalars={"eps": "fp32"}, num_warps=config.num_warps, num_stages=config.num_stages,
         shape=f"head_dim={shape['head_dim']}")]

@@ -10,7 +10,7 @@ import triton.language as tl
 
 from qwen3export.errors import InputError
 from qwen3export.graphs.decoder import rms_norm_reference as _graph_rms_norm
-from qwen3export.kernels.config import ArchLimits, CompileSpec, KernelConfig
+from qwen3export.kernels.config import ArchLimits, CompileSpec, KernelConfig, divisibility_hints
 from qwen3export.kernels.launch import launch
 
 
@@ -30,7 +30,8 @@ def _rms_norm_kernel(
     """out = w * cast(s / sqrt(mean(s^2) + eps)), s = x (+ residual, rounded to x's dtype and stored).
 
     x, residual, sum [n_rows, n_cols]; weight [n_cols]; out [n_rows, n_cols] in promote(x, w) dtype.
-    Each program normalises BLOCK_ROWS rows held whole in registers (BLOCK_N = next_pow2(n_cols)).
+    Each program normalises BLOCK_ROWS rows held whole in registers (BLOCK_N = next_pow2(n_cols)); columns
+    >= n_cols load 0, so they add nothing to the sum of squares, which is divided by the real n_cols.
     The normalised value is cast to x's dtype before the weight multiply, as transformers'
     Qwen3RMSNorm does (modeling_qwen3.py: `self.weight * hidden_states.to(input_dtype)`); the sum of
     squares is fp32 because Qwen3 is trained in bf16 and fp16 squares overflow.
@@ -124,13 +125,16 @@ def keep(config: KernelConfig, arch: ArchLimits) -> bool:
 def compile_specs(config: KernelConfig, dtype: str, shape: dict) -> list[CompileSpec]:
     """The plain and the residual specialisation of the kernel for `shape`."""
     block_n = triton.next_power_of_2(shape["hidden"])
+    # the row strides are multiples of hidden: hinted 16 only when hidden is (72 and 136 are multiples of 8)
+    hints = divisibility_hints(dict.fromkeys(("n_cols", "stride_x_row", "stride_residual_row", "stride_out_row",
+                                              "stride_sum_row"), shape["hidden"]))
     specs = []
     for has_residual in (False, True):
         specs.append(CompileSpec(
             _rms_norm_kernel,
             pointers={"x_ptr": dtype, "residual_ptr": dtype, "weight_ptr": dtype, "out_ptr": dtype, "sum_ptr": dtype},
             constexprs={"HAS_RESIDUAL": has_residual, "BLOCK_N": block_n} | config.constexprs,
-            aligned=("n_cols", "stride_x_row", "stride_residual_row", "stride_out_row", "stride_sum_row"),
+            **hints,
             scalars={"eps": "fp32"},
             num_warps=config.num_warps, num_stages=config.num_stages,
             shape=f"hidden={shape['hidden']}" + (",residual" if has_residual else "")))

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from qwen3export.errors import InputError
-from qwen3export.kernels.config import ArchLimits, CompileSpec, KernelConfig
+from qwen3export.kernels.config import ArchLimits, CompileSpec, KernelConfig, aligned_args
 from qwen3export.kernels.launch import launch
 from qwen3export.kernels.tiles import grouped_tile
 from qwen3export.quant import QuantizedWeight, dequantize
@@ -176,12 +176,6 @@ def keep(config: KernelConfig, arch: ArchLimits) -> bool:
     bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     shared = config.num_stages * (2 * bm * bk + 2 * bk * bn)
     return bm * bn // config.threads <= 128 and shared <= arch.max_shared_per_block and bn * bk >= 8 * config.threads
-
-
-def aligned_args(values: dict[str, int]) -> tuple[str, ...]:
-    """The int arguments whose value in this compile shape is a multiple of 16: only those get Triton's
-    divisibility hint (a K of 72, a partial last group, must not be compiled as if K % 16 == 0)."""
-    return tuple(name for name, value in values.items() if value % 16 == 0)
 
 
 def compile_specs(config: KernelConfig, dtype: str, shape: dict) -> list[CompileSpec]:

@@ -187,7 +187,8 @@ def _launch_signature(spec) -> list[dict[str, Any]]:
             out.append({"name": name, "kind": "pointer", "dtype": spec.pointers[name]})
         else:
             out.append({"name": name, "kind": "scalar", "dtype": spec.scalars.get(name, "i32"),
-                        "divisible_by_16": name in spec.aligned})
+                        "divisible_by_16": name in spec.aligned,
+                        "divisible_by": 16 if name in spec.aligned else spec.divisible.get(name, 1)})
     return out
 
 

@@ -22,6 +22,8 @@ def _config(block_n, splits):
 CONFIGS = [_config(16, 4), None]  # None: DEFAULT_CONFIG
 # (B, Hq, Hkv, L, D): MHA, GQA groups of 2 / 4 / 16 (235B-A22B), a cache shorter than one block, head_dim 128
 SHAPES = [(2, 2, 2, 40, 64), (1, 4, 2, 77, 64), (3, 8, 2, 5, 64), (1, 16, 1, 33, 64), (2, 4, 1, 70, 128)]
+# head_dims that are not powers of two, run in BLOCK_D 32 / 128 / 128 / 128 with the lanes past D masked
+ODD_HEAD_DIMS = [(2, 4, 2, 37, 24), (1, 4, 2, 20, 72), (1, 2, 1, 33, 80), (2, 8, 2, 19, 96)]
 
 
 def _qkv(b, hq, hkv, length, d, dtype, seed=0):
@@ -37,6 +39,16 @@ def test_attention_decode_matches_reference(shape, dtype, atol, rtol, config):
     q, k, v = _qkv(*shape, dtype)
     torch.testing.assert_close(attention_decode(q, k, v, config=config), attention_decode_reference(q, k, v),
                                atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["n16s4", "default"])
+@pytest.mark.parametrize("shape", ODD_HEAD_DIMS, ids=lambda s: f"d{s[-1]}")
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+def test_attention_decode_head_dims_not_a_power_of_two(shape, dtype, atol, rtol, config):
+    q, k, v = _qkv(*shape, dtype, seed=shape[-1])
+    kv_lens = torch.tensor([shape[3], shape[3] // 2][: shape[0]])
+    torch.testing.assert_close(attention_decode(q, k, v, kv_lens=kv_lens, config=config),
+                               attention_decode_reference(q, k, v, kv_lens=kv_lens), atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("config", [_config(16, 1), _config(32, 32)], ids=["one split", "more splits than blocks"])

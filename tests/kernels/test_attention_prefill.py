@@ -18,6 +18,9 @@ CONFIGS = [SMALL, None]  # None: DEFAULT_CONFIG (128 x 64)
 # (B, Hq, Hkv, S, L, D): prefill, prefill with past, several blocks, a single query, head_dim 128
 SHAPES = [(1, 2, 1, 5, 5, 64), (2, 4, 2, 3, 20, 64), (1, 2, 2, 37, 37, 64), (2, 4, 1, 1, 17, 64),
           (1, 2, 1, 19, 40, 128)]
+# head_dims that are not powers of two (converted and small test models): BLOCK_D 32 / 128 / 128 / 128 with
+# the lanes past D masked; 24 is the failing Qwen3-MoE checkpoint's
+ODD_HEAD_DIMS = [(1, 4, 2, 9, 21, 24), (2, 2, 1, 5, 13, 72), (1, 2, 2, 3, 30, 80), (1, 4, 2, 17, 17, 96)]
 
 
 def _qkv(b, hq, hkv, s, length, d, dtype, seed=0):
@@ -35,6 +38,16 @@ def test_attention_prefill_matches_reference(shape, dtype, atol, rtol, config):
     q, k, v = _qkv(*shape, dtype)
     torch.testing.assert_close(attention_prefill(q, k, v, config=config), attention_prefill_reference(q, k, v),
                                atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["16x16", "default"])
+@pytest.mark.parametrize("shape", ODD_HEAD_DIMS, ids=lambda s: f"d{s[-1]}")
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+def test_attention_prefill_head_dims_not_a_power_of_two(shape, dtype, atol, rtol, config):
+    q, k, v = _qkv(*shape, dtype, seed=shape[-1])
+    kv_lens = torch.tensor([shape[4] - 2] * shape[0])  # the last cache slots hold no key (a static cache)
+    torch.testing.assert_close(attention_prefill(q, k, v, kv_lens=kv_lens, config=config),
+                               attention_prefill_reference(q, k, v, kv_lens=kv_lens), atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)

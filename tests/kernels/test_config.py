@@ -7,7 +7,7 @@ import pytest
 
 from qwen3export.errors import ConfigError, TargetError
 from qwen3export.kernels.compile import KERNELS, kernel_module, supports
-from qwen3export.kernels.config import ARCH_LIMITS, KernelConfig, arch_limits
+from qwen3export.kernels.config import ARCH_LIMITS, KernelConfig, arch_limits, divisibility_hints
 
 
 def test_kernel_config_sorts_round_trips_and_hashes():
@@ -49,3 +49,9 @@ def test_config_space_keeps_the_default_on_every_arch(name):
     assert len(set(module.CONFIG_SPACE)) == len(module.CONFIG_SPACE)
     for limits in ARCH_LIMITS.values():
         assert module.keep(module.DEFAULT_CONFIG, limits) == supports(name, limits)
+
+
+def test_divisibility_hints_promise_only_what_the_value_is():
+    """16 for multiples of 16 (and 0, a broadcast stride), else the largest power of two 2..8 dividing it."""
+    hints = divisibility_hints({"a": 4096, "b": 72, "c": 24, "d": 20, "e": 10, "f": 7, "g": 0, "h": 136})
+    assert hints == {"aligned": ("a", "g"), "divisible": {"b": 8, "c": 8, "d": 4, "e": 2, "h": 8}}

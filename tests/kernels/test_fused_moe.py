@@ -15,6 +15,9 @@ SMALL = KernelConfig("fused_moe", {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32},
 # (T, H, I, E, k): one decode token, sizes off the tiles, every expert holding every token (k = E), more
 # tokens than one 64-row tile
 SHAPES = [(1, 64, 32, 8, 2), (37, 96, 48, 16, 4), (20, 64, 32, 4, 4), (5, 48, 40, 8, 2), (70, 32, 32, 4, 2)]
+# hidden / moe_intermediate sizes off every tile: the failing checkpoint's 80 / 40 over 6 experts top-2, 136 / 40,
+# 72 / 136 (act's rows padded to 48 / 144 elements, act_row_stride)
+ODD_SIZES = [(11, 80, 40, 6, 2), (6, 136, 40, 6, 2), (9, 72, 136, 6, 2)]
 
 
 def _inputs(t, h, i, e, k, dtype, seed=0):
@@ -33,6 +36,13 @@ def _inputs(t, h, i, e, k, dtype, seed=0):
 def test_fused_moe_matches_reference(shape, dtype, atol, rtol, config):
     args = _inputs(*shape, dtype, seed=shape[0])
     torch.testing.assert_close(fused_moe(*args, config=config), fused_moe_reference(*args), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("config", [SMALL, None], ids=["16x32x32", "default"])
+@pytest.mark.parametrize("shape", ODD_SIZES, ids=lambda s: f"h{s[1]}i{s[2]}")
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+def test_fused_moe_sizes_not_a_power_of_two(shape, dtype, atol, rtol, config):
+    test_fused_moe_matches_reference(shape, dtype, atol, rtol, config)
 
 
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)

@@ -13,7 +13,9 @@ from qwen3export.kernels.moe_routing import moe_routing, moe_routing_reference
 # Triton 3.9 interpreter (DESIGN.md §5); test_compile.py compiles the bf16 specialisation.
 DTYPES = [(torch.float32, 1e-6, 1e-5), (torch.float16, 1e-3, 1e-3)]
 # (T, H, E, k): one token, Qwen3's 128 experts / top-8, 60 experts (not a power of two), k = E, top-1
-SHAPES = [(1, 64, 8, 2), (37, 96, 128, 8), (5, 32, 60, 4), (20, 48, 16, 16), (3, 16, 4, 1)]
+# hidden 80 / 136 / 72 with 6 experts (the hidden loop's last BLOCK_H step masked)
+SHAPES = [(1, 64, 8, 2), (37, 96, 128, 8), (5, 32, 60, 4), (20, 48, 16, 16), (3, 16, 4, 1), (9, 80, 6, 2),
+          (4, 136, 6, 2), (17, 72, 60, 4)]
 SMALL = KernelConfig("moe_routing", {"BLOCK_T": 16, "BLOCK_H": 32}, num_warps=4, num_stages=1)
 
 

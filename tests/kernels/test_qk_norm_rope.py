@@ -15,6 +15,9 @@ DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 4e-3, 4e-3), (torch.bfloa
 # (B, S, Hq, Hkv, D, first position)
 SHAPES = [(1, 1, 2, 1, 64, 37), (2, 5, 4, 2, 64, 0), (1, 7, 3, 1, 128, 5), (2, 3, 16, 8, 128, 1000),
           (1, 2, 5, 5, 96, 3)]
+# head_dims that are not powers of two: halves of 12 / 36 / 40 / 10 in BLOCK_HALF 16 / 64 / 64 / 16 lanes, so a
+# half read at BLOCK_HALF instead of D / 2, or a padded lane in the mean of squares, shows here
+ODD_HEAD_DIMS = [(2, 3, 4, 2, 24, 7), (1, 4, 3, 1, 72, 100), (2, 2, 4, 2, 80, 0), (1, 3, 2, 2, 20, 11)]
 
 
 def _inputs(b, s, hq, hkv, d, start, dtype, fused_qkv=False):
@@ -42,6 +45,12 @@ def test_qk_norm_rope_matches_reference(shape, dtype, atol, rtol):
     assert q_out.shape == (b, hq, s, d) and k_out.shape == (b, hkv, s, d)
     torch.testing.assert_close(q_out, q_ref, atol=atol, rtol=rtol)
     torch.testing.assert_close(k_out, k_ref, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("shape", ODD_HEAD_DIMS, ids=lambda s: f"d{s[4]}")
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+def test_qk_norm_rope_head_dims_not_a_power_of_two(shape, dtype, atol, rtol):
+    test_qk_norm_rope_matches_reference(shape, dtype, atol, rtol)
 
 
 @pytest.mark.parametrize("config", [KernelConfig("qk_norm_rope", {"BLOCK_H": 1}, num_warps=1, num_stages=1),

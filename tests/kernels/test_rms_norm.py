@@ -12,7 +12,9 @@ from qwen3export.kernels.rms_norm import add_rms_norm, add_rms_norm_reference, r
 # fp32->bf16 casts (triton/runtime/interpreter.py cast_impl passes no rounding mode) where GPUs round to
 # nearest even: bf16 results may sit 1 ulp (2^-8 relative) off, which the bf16 tolerance admits.
 DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-3, 2e-3), (torch.bfloat16, 1.6e-2, 1.6e-2)]
-SHAPES = [(2, 3, 64), (5, 123), (1, 1, 1), (3, 1000), (2, 2, 1024)]
+# hidden sizes off the power-of-two block: 123, 1000, and 80 / 136 / 72 (BLOCK_N 128 / 256 / 128, so a padded
+# column counted in the mean of squares would show)
+SHAPES = [(2, 3, 64), (5, 123), (1, 1, 1), (3, 1000), (2, 2, 1024), (3, 80), (2, 2, 136), (4, 72)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
