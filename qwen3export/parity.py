@@ -21,17 +21,21 @@ from .generation import Step, greedy_generate, left_pad
 # (tests/test_realistic_build.py, the README's error table) are 7.9e-7..2.4e-6 for every backend and quant mode
 # (abs errors 1.5e-5..4.1e-5, which the old absolute 1e-4 gate came within 2.5x of), so 1e-4 is 40x above the
 # worst and 30x below a 3e-4 systematic error (tests/test_parity_gate.py), let alone a real bug (a wrong rope,
-# mask or routing gives 1e-2..1). fp16 / bf16 (their 11- and 8-bit mantissas, 5e-4 / 4e-3 per
-# op, compounded over layers; benchmarks/precision.py): dense tiny measured 1.4e-3 (fp16 ONNX), 1.9e-3 (fp16
-# eager), 2.2e-2 (bf16 eager), bounds ~5x those. MoE models get a wider bound because a near-tie in the router's
-# top-k flips an expert at reduced precision and moves that row by a few % of its scale (tiny-moe: 4.0e-2 fp16,
-# 4.8e-2 bf16), which no precision fix removes; top-1 agreement is gated for both.
+# mask or routing gives 1e-2..1). fp16 / bf16 (their 11- and 8-bit mantissas, 5e-4 / 4e-3
+# per op, compounded over layers; benchmarks/precision.py, trained statistics): dense fp16 measured 1.1e-3..4.1e-3
+# (tiny, qwen3-0.6b x4; eager and the ONNX engine), bound 1e-2. MoE models get a wider bound because a near-tie
+# in the router's top-k flips an expert at reduced precision and moves that row by a few % of its scale
+# (tiny-moe 5.0e-2, qwen3-30b-a3b x2 6.3e-2 in fp16), which no precision fix removes; top-1 is gated too.
+# bf16: no bf16 engine is verified on this machine (ONNX Runtime's CPU provider has no bf16 kernels; TensorRT's
+# bf16 plans are built from the fp32-verified ONNX), so its entry is the tolerance a GPU-side verify would
+# apply: dense eager bf16 measured 1.5e-2..4.0e-2 with top-1 0.88..0.92. MoE models in bf16 (residual and router
+# in bf16, as transformers runs them) flip routing and diverge (top-1 0.5..0.88): build those fp16 or fp32.
 METRIC = ("logits_scaled_err = max over logits rows of max|engine - eager| / max(1, max|eager|), over the "
           "prefill's real positions and every decode step fed the same tokens; NaN or Inf anywhere fails")
 THRESHOLDS: dict[str, dict[str, Any]] = {
     "fp32": {"logits_scaled": 1e-4, "greedy_match": True},
     "fp16": {"logits_scaled": 1e-2, "logits_scaled_moe": 1e-1, "greedy_match": False, "top1_agreement": 0.95},
-    "bf16": {"logits_scaled": 1e-1, "logits_scaled_moe": 2e-1, "greedy_match": False, "top1_agreement": 0.9},
+    "bf16": {"logits_scaled": 1e-1, "logits_scaled_moe": 2e-1, "greedy_match": False, "top1_agreement": 0.85},
     # fp8 engines (--quant fp8) quantize activations per token: an fp32 difference of one ulp before the cast can
     # move an element to the next e4m3 value (1/8 apart), so the engine differs from the eager fp8 decoder by
     # such flips, not by rounding: measured 9.2e-3 on tiny and 4.5e-2 on tests/test_realistic_build.py's dense
