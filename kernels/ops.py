@@ -37,7 +37,7 @@ def rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 @rms_norm_op.register_fake
 def _(x, weight, eps):
-    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
+    return x.new_empty(x.shape, dtype=weight.dtype)
 
 
 @torch.library.custom_op("qwen3export::add_rms_norm", mutates_args=())
@@ -50,7 +50,7 @@ def add_rms_norm_op(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> 
 
 @add_rms_norm_op.register_fake
 def _(x, residual, weight, eps):
-    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)), torch.empty_like(x)
+    return x.new_empty(x.shape, dtype=weight.dtype), torch.empty_like(x)
 
 
 @torch.library.custom_op("qwen3export::qk_norm_rope", mutates_args=())

@@ -29,12 +29,13 @@ def _rms_norm_kernel(
 ):
     """out = w * cast(s / sqrt(mean(s^2) + eps)), s = x (+ residual, rounded to x's dtype and stored).
 
-    x, residual, sum [n_rows, n_cols]; weight [n_cols]; out [n_rows, n_cols] in promote(x, w) dtype.
+    x, residual, sum [n_rows, n_cols]; weight [n_cols]; out [n_rows, n_cols] in the weight's dtype.
     Each program normalises BLOCK_ROWS rows held whole in registers (BLOCK_N = next_pow2(n_cols)); columns
     >= n_cols load 0, so they add nothing to the sum of squares, which is divided by the real n_cols.
-    The normalised value is cast to x's dtype before the weight multiply, as transformers'
-    Qwen3RMSNorm does (modeling_qwen3.py: `self.weight * hidden_states.to(input_dtype)`); the sum of
-    squares is fp32 because Qwen3 is trained in bf16 and fp16 squares overflow.
+    The normalised value is cast to the weight's dtype before the weight multiply (graphs/decoder.py
+    rms_norm_reference: transformers' Qwen3RMSNorm casts to the input's dtype, which is the weight's
+    everywhere but in an fp16 decoder's fp32 residual stream); the sum of squares is fp32 because Qwen3
+    is trained in bf16 and fp16 squares overflow.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # [BLOCK_ROWS]
     cols = tl.arange(0, BLOCK_N)  # [BLOCK_N]
@@ -46,7 +47,7 @@ def _rms_norm_kernel(
         tl.store(sum_ptr + rows[:, None] * stride_sum_row + cols[None, :], x, mask=mask)
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / n_cols + eps)  # [BLOCK_ROWS]
-    normed = (xf * rstd[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
+    normed = (xf * rstd[:, None]).to(weight_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(weight_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
     out = (normed * w[None, :]).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows[:, None] * stride_out_row + cols[None, :], out, mask=mask)
@@ -69,7 +70,7 @@ def _launch(x, residual, weight, eps, config):
     config = config or DEFAULT_CONFIG
     x2 = _rows(x)
     r2 = _rows(residual) if residual is not None else x2
-    out = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    out = torch.empty(x2.shape, dtype=weight.dtype, device=x.device)
     total = torch.empty_like(x2) if residual is not None else out
     n_rows, n_cols = x2.shape
     block_rows = config["BLOCK_ROWS"]
@@ -84,7 +85,7 @@ def _launch(x, residual, weight, eps, config):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              config: KernelConfig | None = None) -> torch.Tensor:
-    """RMSNorm over the last dim: x [..., N], weight [N] -> [..., N] in promote(x.dtype, weight.dtype)."""
+    """RMSNorm over the last dim: x [..., N], weight [N] -> [..., N] in weight.dtype."""
     _check(x, weight, None)
     return _launch(x, None, weight, eps, config)[0]
 

@@ -84,10 +84,10 @@ def _static(value: ir.Value, dim: int) -> int:
 
 # ---------------------------------------------------------------------- RMSNorm
 def _rms(x, weight, eps: float):
-    """graphs/decoder.py rms_norm_reference: fp32 compute, cast back before the weight."""
+    """graphs/decoder.py rms_norm_reference: fp32 compute, cast to the weight's dtype before the weight."""
     xf = op.Cast(x, to=FLOAT)
     var = op.ReduceMean(op.Mul(xf, xf), _ints(-1), keepdims=1)
-    return op.Mul(weight, op.CastLike(op.Mul(xf, op.Reciprocal(op.Sqrt(op.Add(var, _float(eps))))), x))
+    return op.Mul(weight, op.CastLike(op.Mul(xf, op.Reciprocal(op.Sqrt(op.Add(var, _float(eps))))), weight))
 
 
 def rms_norm(x, weight, eps: float):
