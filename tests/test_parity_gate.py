@@ -80,7 +80,7 @@ def test_nan_and_inf_fail_with_their_own_message(eager):
 
 
 def test_thresholds_name_their_metric():
-    assert set(THRESHOLDS) == {"fp32", "fp16", "bf16"}
+    assert set(THRESHOLDS) == {"fp32", "fp16", "bf16", "fp8"}
     assert all("logits_scaled" in t for t in THRESHOLDS.values())
 
 
