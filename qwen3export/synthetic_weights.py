@@ -67,14 +67,18 @@ class Channels:
 
 
 def _linear(shape: tuple[int, ...], g: torch.Generator, gain: float = 1.0) -> torch.Tensor:
-    """N(0, gain^2 / fan_in) with a heavy tail: 0.1% of the entries x8 (trained weights' outliers)."""
-    w = torch.randn(shape, generator=g, dtype=torch.float32) * (gain / shape[-1] ** 0.5)
-    outlier = torch.rand(shape, generator=g) < OUTLIER_FRACTION
-    return torch.where(outlier, w * OUTLIER_GAIN, w)
+    """N(0, gain^2 / fan_in) with a heavy tail: 0.1% of the entries x8 (trained weights' outliers). Made in
+    place, with the outliers drawn as indices: no temporary the size of the tensor (a streamed build's memory
+    bound is 3x the largest parameter, tests/test_stream_memory.py)."""
+    w = torch.randn(shape, generator=g, dtype=torch.float32).mul_(gain / shape[-1] ** 0.5)
+    flat = w.view(-1)
+    outliers = torch.randint(flat.numel(), (int(flat.numel() * OUTLIER_FRACTION),), generator=g)
+    flat[outliers] *= OUTLIER_GAIN
+    return w
 
 
 def _lognormal(shape: tuple[int, ...], g: torch.Generator, sigma: float, median: float = 1.0) -> torch.Tensor:
-    return median * torch.exp(sigma * torch.randn(shape, generator=g, dtype=torch.float32))
+    return torch.randn(shape, generator=g, dtype=torch.float32).mul_(sigma).exp_().mul_(median)
 
 
 def embedding_scale(hidden: int) -> float:
@@ -93,9 +97,9 @@ def trained_tensor(spec: ModelSpec, channels: Channels, name: str, shape: tuple[
         # embedding entries of min(1, 8/sqrt(H)): of the order of the residual stream the layers write, yet small
         # enough that a tied lm_head does not make every token's own logit the largest (that gap grows as
         # sqrt(H) x entry size); an untied lm_head has unit-norm rows
-        rows = torch.randn(shape, generator=g, dtype=torch.float32)
-        rows = rows / h ** 0.5 if name == "lm_head.weight" else rows * embedding_scale(h)
-        rows = rows * _lognormal((v, 1), g, 0.25)  # frequent tokens have larger rows -> a peaked softmax
+        rows = torch.randn(shape, generator=g, dtype=torch.float32)  # in place below: one tensor of memory
+        rows.mul_(1 / h ** 0.5 if name == "lm_head.weight" else embedding_scale(h))
+        rows.mul_(_lognormal((v, 1), g, 0.25))  # frequent tokens have larger rows -> a peaked softmax
         if name == "model.embed_tokens.weight":
             rows[:, ch.dc] = DC_VALUE
             marker = (torch.arange(v) % DELIMITER_PERIOD) == DELIMITER_PHASE
