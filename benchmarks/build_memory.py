@@ -3,7 +3,8 @@
 For each shape (published Qwen3 MoE configs with random weights, truncated to N layers through the preset's
 `num_hidden_layers` override) and each N, one build runs in a fresh subprocess (this script with --child, which
 calls pipeline.build as `qwen3export build --stream --no-verify` does); its peak RSS is its own
-getrusage(RUSAGE_SELF).ru_maxrss, cross-checked by this process polling /proc/<pid>/status VmHWM. The
+/proc/self/status VmHWM read at its end (exec starts a new address space), cross-checked by this process
+polling /proc/<pid>/status VmHWM. The
 artifact is deleted after each run. Printed as JSON: per run the peak, the weight bytes written and the
 stated bound (streaming.emission_bound); per shape the least-squares slope of peak RSS against layers, next
 to the slope a build that held the model would have (the weight bytes per layer).
@@ -38,7 +39,10 @@ def child(shape: str, layers: int, out: str, target: str, dtype: str) -> None:
     result = build(BuildOptions(model=shape, target=target, dtype=dtype, out=Path(out), force=True, stream=True,
                                 verify=False, overrides={"num_hidden_layers": layers}), progress=lambda s: None)[0]
     streaming = result.manifest["streaming"]
-    print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    # VmHWM, not getrusage's ru_maxrss: Linux keeps ru_maxrss across execve, so a child forked from a large
+    # process (a pytest run that held a 30B model) reported its parent's peak (9.5 GB for a 2.4 GB build)
+    peak = _vm_hwm(os.getpid()) or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_rss_bytes": peak,
                       "weight_bytes": streaming["weight_bytes"], "bound_bytes": streaming["bound_bytes"],
                       "largest_parameter_bytes": streaming["largest_parameter_bytes"],
                       "parity": result.manifest["parity"], "seconds": round(time.perf_counter() - t0, 1)}))

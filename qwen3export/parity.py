@@ -38,9 +38,10 @@ THRESHOLDS: dict[str, dict[str, Any]] = {
     "bf16": {"logits_scaled": 1e-1, "logits_scaled_moe": 2e-1, "greedy_match": False, "top1_agreement": 0.85},
     # fp8 engines (--quant fp8) quantize activations per token: an fp32 difference of one ulp before the cast can
     # move an element to the next e4m3 value (1/8 apart), so the engine differs from the eager fp8 decoder by
-    # such flips, not by rounding: measured 9.2e-3 on tiny and 4.5e-2 on tests/test_realistic_build.py's dense
-    # folder (trained statistics, ORT CPU); a wrong scale or layout gives errors of order 1.
-    "fp8": {"logits_scaled": 1e-1, "greedy_match": False, "top1_agreement": 0.95},
+    # such flips, not by rounding: measured 9.2e-3 on tiny and 3.2e-2..4.5e-2 on tests/test_realistic_build.py's
+    # dense folder (trained statistics, ORT CPU; top-1 agreement 0.944..0.984 over its draws); a wrong scale or
+    # layout gives errors of order 1 and top-1 near chance.
+    "fp8": {"logits_scaled": 1e-1, "greedy_match": False, "top1_agreement": 0.9},
 }
 NEW_TOKENS = 32
 PROMPT_LENGTHS = (16, 9)
