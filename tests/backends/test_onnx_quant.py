@@ -149,12 +149,9 @@ MOE_CASES = [("int4", 32, 32, False), ("int4", 16, 16, True), ("int4", 64, 32, T
              ("int8", 64, 32, False), ("int8", 64, 32, True)]
 
 
-@pytest.mark.parametrize("mode,g_gate_up,g_down,zero_points", MOE_CASES)
-def test_qmoe_matches_the_dequantized_moe(mode, g_gate_up, g_down, zero_points):
-    t, h, inter, e, k = 7, 64, 32, 8, 2
-    per_channel = (g_gate_up, g_down) == (h, inter)
-    gate_up = _experts(e, 2 * inter, h, mode, g_gate_up, zero_points, seed=1)
-    down = _experts(e, h, inter, mode, g_down, zero_points, seed=2)
+def _assert_qmoe_matches_reference(gate_up, down, t: int, h: int, e: int, k: int) -> list:
+    """One com.microsoft QMoE node in ONNX Runtime against moe_routing + fused_moe_wq references on the same
+    quantized experts (T tokens, hidden H, E experts, top-k); returns the emitted nodes."""
     g = torch.Generator().manual_seed(3)
     x, router = torch.randn(t, h, generator=g), torch.randn(e, h, generator=g)
     nodes, inits = qmoe("x", "logits", "y", gate_up, down, k, True, "model.layers.1.mlp")
@@ -163,6 +160,16 @@ def test_qmoe_matches_the_dequantized_moe(mode, g_gate_up, g_down, zero_points):
     want = fused_moe_wq_reference(x, (gate_up.qweight, gate_up.scales, gate_up.zero_points),
                                   (down.qweight, down.scales, down.zero_points), weights, ids, gate_up.bits)
     np.testing.assert_allclose(got, want.numpy(), atol=1e-5, rtol=1e-5)
+    return nodes
+
+
+@pytest.mark.parametrize("mode,g_gate_up,g_down,zero_points", MOE_CASES)
+def test_qmoe_matches_the_dequantized_moe(mode, g_gate_up, g_down, zero_points):
+    t, h, inter, e, k = 7, 64, 32, 8, 2
+    per_channel = (g_gate_up, g_down) == (h, inter)
+    gate_up = _experts(e, 2 * inter, h, mode, g_gate_up, zero_points, seed=1)
+    down = _experts(e, h, inter, mode, g_down, zero_points, seed=2)
+    nodes = _assert_qmoe_matches_reference(gate_up, down, t, h, e, k)
     attrs = {a.name: helper.get_attribute_value(a) for a in nodes[0].attribute}
     assert attrs.get("block_size") == (None if mode == "int8" and per_channel else 32 if g_down == 32 else 16)
 
@@ -183,14 +190,7 @@ def test_qmoe_partial_groups_match_the_dequantized_moe(h, inter, mode, g_gate_up
     gate_up = _experts(e, 2 * inter, h, mode, g_gate_up or 128, zero_points, seed=1)
     down = _experts(e, h, inter, mode, g_down or 128, zero_points, seed=2)
     assert gate_up.padded or mode == "int8"
-    g = torch.Generator().manual_seed(3)
-    x, router = torch.randn(t, h, generator=g), torch.randn(e, h, generator=g)
-    nodes, inits = qmoe("x", "logits", "y", gate_up, down, k, True, "model.layers.1.mlp")
-    got = _run(nodes, inits, x.numpy(), h, {"logits": (x @ router.t()).numpy()})
-    weights, ids = moe_routing_reference(x, router, k, True)
-    want = fused_moe_wq_reference(x, (gate_up.qweight, gate_up.scales, gate_up.zero_points),
-                                  (down.qweight, down.scales, down.zero_points), weights, ids, gate_up.bits)
-    np.testing.assert_allclose(got, want.numpy(), atol=1e-5, rtol=1e-5)
+    _assert_qmoe_matches_reference(gate_up, down, t, h, e, k)
 
 
 def test_qmoe_refuses_odd_int4_in_features():
