@@ -65,6 +65,38 @@ def hf_checkpoints(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def built_artifact(tmp_path_factory):
+    """Session cache of artifacts built through the CLI: `built_artifact("--model", "tiny", "--seed", "1")`
+    builds once per session and returns the artifact folder. The folder is shared: a test that changes files
+    in it takes `copy_of(path, tmp_path)` instead. Each return checks the artifact's checksums, so a test
+    that damaged the shared copy fails the next user loudly instead of skewing its result."""
+    from qwen3export import artifact as art
+    from qwen3export.cli import main
+
+    cache: dict[tuple[str, ...], object] = {}
+
+    def get(*argv: str):
+        key = tuple(map(str, argv))
+        if key not in cache:
+            out = tmp_path_factory.mktemp("artifact") / "art"
+            assert main(["build", *key, "--out", str(out)]) == 0, f"cached build {key} failed"
+            cache[key] = out
+        art.load_artifact(cache[key])  # raises if a test edited the shared folder
+        return cache[key]
+
+    return get
+
+
+def copy_of(folder, tmp_path):
+    """A private copy of a cached artifact for a test that damages or rebuilds it."""
+    import shutil
+
+    dst = tmp_path / folder.name
+    shutil.copytree(folder, dst)
+    return dst
+
+
 @pytest.fixture
 def one_thread():
     """Tiny graphs on a shared 2-core machine: one torch thread is faster and leaves the other core alone.

@@ -60,10 +60,8 @@ def default_build(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_build(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny") / "art"
-    assert main(["build", "--model", "tiny", "--out", str(out), "--seed", "1"]) == 0
-    return out
+def tiny_build(built_artifact):
+    return built_artifact("--model", "tiny", "--seed", "1")
 
 
 @pytest.fixture(scope="module")

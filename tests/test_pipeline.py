@@ -14,6 +14,8 @@ import qwen3export.backends.onnx as onnx_backend
 from qwen3export import artifact as art
 from qwen3export.cli import main
 
+from conftest import copy_of
+
 
 def _perturb_q_norm(path, factor=1.01):
     """Scale layer 0's q_norm weight inside an emitted ONNX file (a subtly wrong engine)."""
@@ -56,9 +58,8 @@ def test_interrupted_build_leaves_nothing(monkeypatch, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_verify_reports_failure_of_a_resealed_wrong_engine(tmp_path, capsys):
-    out = tmp_path / "art"
-    assert main(["build", "--model", "tiny", "--out", str(out)]) == 0
+def test_verify_reports_failure_of_a_resealed_wrong_engine(built_artifact, tmp_path, capsys):
+    out = copy_of(built_artifact("--model", "tiny", "--seed", "1"), tmp_path)
     _perturb_q_norm(out / "decoder.onnx")
     a = art.load_artifact(out, verify_checksums=False)
     art.seal(out, a.manifest)  # checksums now match the wrong engine: only parity can catch it
@@ -70,9 +71,8 @@ def test_verify_reports_failure_of_a_resealed_wrong_engine(tmp_path, capsys):
     art.load_artifact(out)  # the updated manifest is still consistent
 
 
-def test_force_replaces_atomically(tmp_path, capsys):
-    out = tmp_path / "art"
-    assert main(["build", "--model", "tiny", "--out", str(out), "--seed", "1"]) == 0
+def test_force_replaces_atomically(built_artifact, tmp_path, capsys):
+    out = copy_of(built_artifact("--model", "tiny", "--seed", "1"), tmp_path)
     first = json.loads((out / "manifest.json").read_text())["files"]["decoder.onnx"]["sha256"]
     assert main(["build", "--model", "tiny", "--out", str(out), "--seed", "2", "--force"]) == 0
     second = art.load_artifact(out).manifest

@@ -21,10 +21,8 @@ PROMPT_OPEN_THINK = [IM_START, 872, 198, 9707, IM_END, 198, IM_START, 77091, 198
 
 
 @pytest.fixture(scope="module")
-def tiny_art(tmp_path_factory):
-    out = tmp_path_factory.mktemp("s") / "art"
-    assert main(["build", "--model", "tiny", "--out", str(out), "--seed", "4"]) == 0
-    return out
+def tiny_art(built_artifact):
+    return built_artifact("--model", "tiny", "--seed", "1")
 
 
 def run(capsys, art, *flags):
