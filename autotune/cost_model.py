@@ -28,6 +28,12 @@ measurement; tables built from it are tagged "modelled"):
 5. Each launch costs 2 us of fixed overhead (launch + tail drain).
 6. A config whose compile records are invalid (spills, over the per-block limits, compile error) or that
    fits zero blocks per SM is invalid: it has no time and must never be chosen.
+
+The free parameters of 2-4 (the tensor peak reached per arch, how far compute and memory overlap, the latency
+that bytes in flight must cover, the warps that keep the tensor cores busy, what a tile of under 64 rows loses
+on Hopper) are a Calibration. UNCALIBRATED is the model as written above; autotune/calibration.py fits a
+kernel's parameters to public measurements of its twin (autotune/public_tables.py) and the tune stage uses
+the fitted ones for that kernel (autotune/configs/calibration.json).
 """
 
 from __future__ import annotations
@@ -48,6 +54,53 @@ SMEM_BYTES_PER_CLOCK = 128
 SM_LOAD_BYTES_PER_CLOCK = 32  # what one SM can draw from DRAM (assumption 2)
 SHARED_RESERVED_PER_BLOCK = 1024  # CUDA Programming Guide, tech specs: 1 KB shared memory per block for the system
 TENSOR_WARPS_PER_SM = 4
+WGMMA_MIN_ROWS = 64  # Hopper's warpgroup MMA (wgmma) is m64nNk16: Triton issues it for tiles of >= 64 rows
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The cost model's free parameters; the defaults (UNCALIBRATED) are assumptions 2-4 as written.
+
+    compute_efficiency: arch -> fraction of the datasheet tensor peak Triton's tl.dot reaches; archs not
+    listed take default_efficiency. overlap: the fraction of the shorter of compute and memory time hidden
+    under the longer within a wave (1: the roofline of assumption 2; 0: they add up, as when the padded rows
+    of a small-M tile cost MMA time on top of the weight stream). memory_latency_s: the latency bytes in flight
+    must cover (assumption 4). tensor_warps_per_sm: resident warps for the full tensor rate (assumption 3a).
+    small_m_efficiency: the tensor rate of a tile with fewer than WGMMA_MIN_ROWS rows on sm_90 relative to a
+    warpgroup-MMA tile (Triton falls back to mma.sync there). `fit` records how it was fitted."""
+
+    compute_efficiency: tuple[tuple[str, float], ...] = ()
+    default_efficiency: float = 1.0
+    overlap: float = 1.0
+    memory_latency_s: float = MEMORY_LATENCY_S
+    tensor_warps_per_sm: float = TENSOR_WARPS_PER_SM
+    small_m_efficiency: float = 1.0
+    fit: tuple[tuple[str, Any], ...] = ()
+
+    def efficiency(self, arch: str | None) -> float:
+        return dict(self.compute_efficiency).get(arch or "", self.default_efficiency)
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        return {"compute_efficiency": dict(self.compute_efficiency), "default_efficiency": self.default_efficiency,
+                "overlap": self.overlap, "memory_latency_s": self.memory_latency_s,
+                "tensor_warps_per_sm": self.tensor_warps_per_sm, "small_m_efficiency": self.small_m_efficiency}
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.parameters | {"fit": dict(self.fit)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Calibration":
+        known = set(cls().to_dict())
+        if set(data) - known:
+            raise ValueError(f"calibration fields {sorted(set(data) - known)} unknown; known: {sorted(known)}")
+        return cls(compute_efficiency=tuple(sorted(data.get("compute_efficiency", {}).items())),
+                   fit=tuple(sorted(data.get("fit", {}).items())),
+                   **{k: float(data[k]) for k in ("default_efficiency", "overlap", "memory_latency_s",
+                                                  "tensor_warps_per_sm", "small_m_efficiency") if k in data})
+
+
+UNCALIBRATED = Calibration()
 
 
 @dataclass(frozen=True)
@@ -122,24 +175,36 @@ def mma_efficiency(target: Target, tile: tuple[int, int], num_warps: int, elemen
     return min(1.0, feed / (target.peak_flops[dtype] / target.sm_count))
 
 
-def _wave_seconds(target: Target, launch: Launch, n: int, dtype: str, mma_eff: float) -> float:
+def tensor_rate_factor(target: Target, launch: Launch, calibration: Calibration) -> float:
+    """The calibrated share of the tensor peak a launch's tile can reach (before the shared-memory feed)."""
+    factor = calibration.efficiency(target.arch)
+    if launch.mma_tile and target.compute_capability == 90 and launch.mma_tile[0] < WGMMA_MIN_ROWS:
+        factor *= calibration.small_m_efficiency
+    return factor
+
+
+def _wave_seconds(target: Target, launch: Launch, n: int, dtype: str, mma_eff: float,
+                  calibration: Calibration = UNCALIBRATED) -> float:
     busy = min(target.sm_count, n)
     resident = math.ceil(n / busy)  # programs on the busiest SM
     warps = resident * launch.num_warps
     if launch.tensor_core:
-        rate = target.peak_flops[dtype] * mma_eff * min(1.0, warps / TENSOR_WARPS_PER_SM)
+        rate = target.peak_flops[dtype] * mma_eff * min(1.0, warps / calibration.tensor_warps_per_sm) \
+            * tensor_rate_factor(target, launch, calibration)
     else:
         rate = target.peak_flops["fp32"]
     compute = resident * (launch.flops / launch.programs) / (rate / target.sm_count)  # SMs compute privately
     # DRAM is shared: the wave's bytes at the busy SMs' combined draw, and no SM faster than its own port
     sm_port = SM_LOAD_BYTES_PER_CLOCK * target.clock_hz
     bandwidth = min(target.memory_bandwidth, busy * sm_port)
-    latency_hidden = min(1.0, resident * launch.inflight_bytes / (bandwidth / busy * MEMORY_LATENCY_S))
+    latency_hidden = min(1.0, resident * launch.inflight_bytes / (bandwidth / busy * calibration.memory_latency_s))
     memory = max(n * launch.bytes / launch.programs / bandwidth, resident * launch.bytes_per_program / sm_port)
-    return max(compute, memory / max(latency_hidden, 1e-9))
+    memory /= max(latency_hidden, 1e-9)
+    return max(compute, memory) + (1.0 - calibration.overlap) * min(compute, memory)
 
 
-def launch_seconds(target: Target, launch: Launch, resources: Resources, dtype: str) -> tuple[float, dict[str, Any]]:
+def launch_seconds(target: Target, launch: Launch, resources: Resources, dtype: str,
+                   calibration: Calibration = UNCALIBRATED) -> tuple[float, dict[str, Any]]:
     per_sm, limiter = blocks_per_sm(target, resources, launch.num_warps)
     if per_sm < 1:
         raise ValueError(f"{launch.function}: 0 blocks fit an SM ({limiter})")
@@ -147,9 +212,9 @@ def launch_seconds(target: Target, launch: Launch, resources: Resources, dtype: 
     mma_eff = mma_efficiency(target, launch.mma_tile, launch.num_warps, e, dtype) if launch.mma_tile else 1.0
     slots = target.sm_count * per_sm
     full, tail = divmod(launch.programs, slots)
-    seconds = full * _wave_seconds(target, launch, slots, dtype, mma_eff) if full else 0.0
+    seconds = full * _wave_seconds(target, launch, slots, dtype, mma_eff, calibration) if full else 0.0
     if tail:
-        seconds += _wave_seconds(target, launch, tail, dtype, mma_eff)
+        seconds += _wave_seconds(target, launch, tail, dtype, mma_eff, calibration)
     seconds += LAUNCH_OVERHEAD_S
     waves = full + (1 if tail else 0)
     detail = {"function": launch.function, "programs": launch.programs, "blocks_per_sm": per_sm,
@@ -159,7 +224,7 @@ def launch_seconds(target: Target, launch: Launch, resources: Resources, dtype: 
 
 
 def estimate(target: Target, kernel: str, shape: dict, config: KernelConfig, dtype: str,
-             resources: dict[str, Resources]) -> Estimate:
+             resources: dict[str, Resources], calibration: Calibration = UNCALIBRATED) -> Estimate:
     """Modelled time of `config` for `shape`; invalid (seconds None) when any launched function is."""
     total, details = 0.0, []
     for launch in launches(kernel, shape, config, dtype):
@@ -169,7 +234,7 @@ def estimate(target: Target, kernel: str, shape: dict, config: KernelConfig, dty
         if not res.valid:
             return Estimate(None, f"{launch.function}: {res.reason}")
         try:
-            seconds, detail = launch_seconds(target, launch, res, dtype)
+            seconds, detail = launch_seconds(target, launch, res, dtype, calibration)
         except ValueError as exc:
             return Estimate(None, str(exc))
         total += seconds
@@ -177,17 +242,18 @@ def estimate(target: Target, kernel: str, shape: dict, config: KernelConfig, dty
     return Estimate(total, "ok", tuple(details))
 
 
-def lower_bound(target: Target, kernel: str, shape: dict, config: KernelConfig, dtype: str) -> Estimate:
+def lower_bound(target: Target, kernel: str, shape: dict, config: KernelConfig, dtype: str,
+                calibration: Calibration = UNCALIBRATED) -> Estimate:
     """What no compile of `config` can beat: each launch's total FLOPs at the whole GPU's peak (scaled by the
-    tile's shared-memory feed, which depends on the config alone) or its DRAM bytes at the full bandwidth,
-    plus the launch overhead. Every wave in estimate() is at least its share of this, so the search may skip
-    compiling a config whose bound is above the best time found."""
+    tile's shared-memory feed and the calibrated rate, which depend on the config alone) or its DRAM bytes at
+    the full bandwidth, plus the launch overhead. Every wave in estimate() is at least its share of this, so
+    the search may skip compiling a config whose bound is above the best time found."""
     total = 0.0
     e = ELEMENT_BYTES[dtype]
     for launch in launches(kernel, shape, config, dtype):
         if launch.tensor_core:
             eff = mma_efficiency(target, launch.mma_tile, launch.num_warps, e, dtype) if launch.mma_tile else 1.0
-            rate = target.peak_flops[dtype] * eff
+            rate = target.peak_flops[dtype] * eff * tensor_rate_factor(target, launch, calibration)
         else:
             rate = target.peak_flops["fp32"]
         total += max(launch.flops / rate, launch.bytes / target.memory_bandwidth) + LAUNCH_OVERHEAD_S
@@ -195,6 +261,7 @@ def lower_bound(target: Target, kernel: str, shape: dict, config: KernelConfig, 
 
 
 def modelled_seconds(target: Target, kernel: str, shape: dict, config: KernelConfig, dtype: str,
-                     cache_dir: str | Path | None = None) -> Estimate:
+                     cache_dir: str | Path | None = None, calibration: Calibration = UNCALIBRATED) -> Estimate:
     """estimate() with the config compiled for the target's arch (compile_report's disk cache)."""
-    return estimate(target, kernel, shape, config, dtype, compiled_resources(target, kernel, config, dtype, cache_dir))
+    return estimate(target, kernel, shape, config, dtype, compiled_resources(target, kernel, config, dtype, cache_dir),
+                    calibration)

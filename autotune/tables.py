@@ -4,9 +4,14 @@ read by build (select_configs) and the launchers' runtime lookup (config_for). A
 File `<dir>/<target>/<kernel>,<shape key>,dtype=<dtype>.json` (table_filename builds every name), e.g.
 `a100/fused_moe,E=128,H=2048,I=768,K=8,dtype=bf16.json`, holding
 {"schema": 1, "kernel", "target", "arch", "dtype", "shape": {...}, "bucket_keys": ["M"],
- "entries": {"M=16": {"BLOCK_M": 16, …, "num_warps": 4, "num_stages": 3, "source": "modelled"|"measured",
-                      "objective_us": 12.3, "trials": 32, "triton": "3.9.0", "qwen3export": "0.1.0"}, …}}
+ "entries": {"M=16": {"BLOCK_M": 16, …, "num_warps": 4, "num_stages": 3, "source": "modelled"|"measured"|
+                      "measured-public", "objective_us": 12.3, "trials": 32, "triton": "3.9.0",
+                      "qwen3export": "0.1.0", "evidence": {...}}, …}}
 Keys are sorted on write so tables diff stably (vLLM's fused_moe/configs/*.json, with provenance added).
+Sources, in the order a shipped table takes them per bucket (choose_entry): "measured" (timed by us on the
+target's GPU), "measured-public" (the twin kernel's best measured by others on that GPU at that shape:
+vLLM's tables, autotune/public_tables.py; objective_us is null, they hold no timings), "modelled" (the cost
+model, calibrated where autotune/configs/calibration.json has the kernel). The optional "evidence" says why.
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ from qwen3export.targets import Target, get_target
 from .workloads import kernels_for, workload
 
 SCHEMA = 1
-SOURCES = ("modelled", "measured")
+SOURCES = ("modelled", "measured", "measured-public")
+EVIDENCE_ORDER = ("measured", "measured-public", "modelled")  # best evidence first (choose_entry)
 SHIPPED_DIR = Path(__file__).parent / "tables"
 USER_DIR_ENV = "QWEN3EXPORT_TABLES"  # where `qwen3export tune` writes and build looks first
 PROVENANCE = ("source", "objective_us", "trials", "triton", "qwen3export")
+OPTIONAL_PROVENANCE = ("evidence",)  # why this source: the public table (repo, path, commit) or the calibration
 
 
 class MissingTableError(TargetError):
@@ -60,7 +67,7 @@ def config_from_params(kernel: str, params: dict[str, int]) -> KernelConfig:
     """Inverse of config_params, splitting block sizes from meta values as the kernel's DEFAULT_CONFIG does."""
     default = kernel_module(kernel).DEFAULT_CONFIG
     names = set(config_params(default))
-    given = {k: v for k, v in params.items() if k not in PROVENANCE}
+    given = {k: v for k, v in params.items() if k not in PROVENANCE + OPTIONAL_PROVENANCE}
     if set(given) != names:
         raise ConfigError(f"{kernel} config {sorted(given)} must have exactly the fields {sorted(names)}")
     meta_names = {k for k, _ in default.meta}
@@ -69,13 +76,32 @@ def config_from_params(kernel: str, params: dict[str, int]) -> KernelConfig:
                         num_warps=given["num_warps"], num_stages=given["num_stages"])
 
 
-def table_entry(config: KernelConfig, source: str, objective_us: float, trials: int) -> dict[str, Any]:
+def table_entry(config: KernelConfig, source: str, objective_us: float | None, trials: int,
+                evidence: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A table entry; objective_us is None only for "measured-public" (a public table holds no timings), and
+    `triton` is then the version the public measurement recorded (None if it recorded none)."""
     import triton
 
     if source not in SOURCES:
         raise ConfigError(f"table entry source {source!r} must be one of {SOURCES}")
-    return config_params(config) | {"source": source, "objective_us": round(float(objective_us), 3),
-                                    "trials": int(trials), "triton": triton.__version__, "qwen3export": __version__}
+    if (objective_us is None) != (source == "measured-public"):
+        raise ConfigError(f"a {source} entry {'needs' if objective_us is None else 'has no'} objective_us")
+    version = (evidence or {}).get("triton") if source == "measured-public" else triton.__version__
+    entry = config_params(config) | {"source": source, "trials": int(trials), "triton": version,
+                                     "qwen3export": __version__,
+                                     "objective_us": None if objective_us is None else round(float(objective_us), 3)}
+    return entry | ({"evidence": dict(evidence)} if evidence else {})
+
+
+def choose_entry(candidates: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
+    """The entry of the best evidence present (EVIDENCE_ORDER): source -> entry or None."""
+    for source in EVIDENCE_ORDER:
+        entry = candidates.get(source)
+        if entry is not None:
+            if entry["source"] != source:
+                raise ConfigError(f"candidate for {source} is tagged {entry['source']}")
+            return entry
+    raise ConfigError(f"no candidate entry among {sorted(candidates)}")
 
 
 def validate_table(data: Any, where: str) -> dict[str, Any]:
@@ -93,6 +119,12 @@ def validate_table(data: Any, where: str) -> dict[str, Any]:
              f"{data['bucket_keys']}")
         need(isinstance(entry, dict) and entry.get("source") in SOURCES, f"entry {bucket} has no valid source")
         need(all(k in entry for k in PROVENANCE), f"entry {bucket} lacks one of {PROVENANCE}")
+        need((entry["objective_us"] is None) == (entry["source"] == "measured-public"),
+             f"entry {bucket}: objective_us must be null exactly for measured-public entries")
+        if entry["source"] == "measured-public":
+            source = (entry.get("evidence") or {})
+            need(all(source.get(k) for k in ("repo", "path", "commit")),
+                 f"entry {bucket} is measured-public without its source (evidence: repo, path, commit)")
         try:
             config_from_params(data["kernel"], entry)
         except ConfigError as exc:
@@ -154,8 +186,8 @@ def config_for(target: str, kernel: str, dtype: str, shape: dict[str, int], dirs
 
 def select_configs(target: str | Target, spec: ModelSpec, dtype: str, dirs: list[Path] | None = None,
                    missing: str = "raise") -> list[dict[str, Any]]:
-    """Per kernel the model runs: its table and every bucket's config with its tag (measured/modelled), for the
-    artifact manifest. A kernel without a table: missing="raise" raises MissingTableError (with the tune
+    """Per kernel the model runs: its table and every bucket's config with its tag (measured / measured-public /
+    modelled) and evidence, for the artifact manifest. A kernel without a table: missing="raise" raises MissingTableError (with the tune
     command); missing="default" selects the kernel's DEFAULT_CONFIG for every shape (bucket "*"), tagged
     source "default" (neither tuned nor modelled), with the tune command that would replace it."""
     if missing not in ("raise", "default"):
@@ -176,7 +208,8 @@ def select_configs(target: str | Target, spec: ModelSpec, dtype: str, dirs: list
                         "sources": ["default"], "tune": tune_command(target.name, kernel, dtype, spec.name)})
             continue
         configs = {key: {"config": config_from_params(kernel, entry).to_dict(),
-                         **{k: entry[k] for k in PROVENANCE}} for key, entry in sorted(table["entries"].items())}
+                         **{k: entry[k] for k in PROVENANCE + OPTIONAL_PROVENANCE if k in entry}}
+                   for key, entry in sorted(table["entries"].items())}
         out.append({"kernel": kernel, "table": table_filename(target.name, kernel, dtype, shape),
                     "shipped": path.is_relative_to(SHIPPED_DIR), "shape": shape, "configs": configs,
                     "sources": sorted({c["source"] for c in configs.values()})})

@@ -1,8 +1,8 @@
 """`qwen3export tune`: run the studies for a target's kernels over a model's shapes, then write the tables.
 
 Stage "tune" of the pipeline: Target + ModelSpec shapes -> tables (autotune/tables.py). Modelled objective
-(autotune/cost_model.py) unless a CUDA device of the target's compute capability is present (measured,
-autotune/measure.py). Studies live in `storage` (default: SQLite file in out_dir), so a killed tune
+(autotune/cost_model.py, with the kernel's fitted Calibration where autotune/configs/calibration.json has one)
+unless a CUDA device of the target's compute capability is present (measured, autotune/measure.py). Studies live in `storage` (default: SQLite file in out_dir), so a killed tune
 resumes where it stopped and `workers` local processes (or machines sharing a PostgreSQL URL) split them.
 """
 
@@ -24,8 +24,9 @@ from qwen3export.model import resolve_spec
 from qwen3export.targets import Target, get_target
 
 from . import search
-from .cost_model import Resources, compiled_resources, estimate, lower_bound
-from .tables import config_params, shape_key, table_entry, table_filename, user_dir, write_table
+from .calibration import load_calibration
+from .cost_model import UNCALIBRATED, Calibration, Resources, compiled_resources, estimate, lower_bound
+from .tables import config_params, parse_shape_key, shape_key, table_entry, table_filename, user_dir, write_table
 from .workloads import kernels_for, workload
 
 DEFAULT_TRIALS = 32
@@ -46,16 +47,18 @@ class Task:
 
 
 def plan_tasks(kernel: str | None, models: list[str]) -> list[Task]:
-    """Tables the models need, one per distinct (kernel, model shape)."""
+    """Tables the models need, one per distinct (kernel, model shape). A kernel named that runs in none of the
+    models is an error; models it does not run in (fused_moe in a dense model) are skipped."""
     if kernel is not None:
         workload(kernel)  # InputError naming the tunable kernels
     found: dict[tuple[str, str], Task] = {}
-    for model in models:
-        spec = resolve_spec(model)
+    specs = [resolve_spec(model) for model in models]
+    if kernel is not None and not any(kernel in kernels_for(spec) for spec in specs):
+        raise InputError(f"kernel {kernel!r} does not run in model {', '.join(s.name for s in specs)}; its kernels: "
+                         f"{', '.join(kernels_for(specs[0]))}")
+    for spec in specs:
         kernels = kernels_for(spec)
-        if kernel is not None and kernel not in kernels:
-            raise InputError(f"kernel {kernel!r} does not run in model {spec.name}; its kernels: {', '.join(kernels)}")
-        for name in [kernel] if kernel else kernels:
+        for name in ([kernel] if kernel in kernels else []) if kernel else kernels:
             w = workload(name)
             shape = w.fixed(spec)
             key = (name, repr(sorted(shape.items())))
@@ -112,14 +115,37 @@ def _postgres_driver(url: str) -> str:
 
 
 def _modelled(target: Target, kernel: str, shape: dict, dtype: str, resources: ResourcesFn | None,
-              cache_dir: Path | None) -> search.Objective:
+              cache_dir: Path | None, calibration: Calibration = UNCALIBRATED) -> search.Objective:
     def evaluate(config: KernelConfig) -> tuple[float | None, str]:
         res = (resources or (lambda t, k, c, d: compiled_resources(t, k, c, d, cache_dir)))(target, kernel, config,
                                                                                              dtype)
-        est = estimate(target, kernel, shape, config, dtype, res)
+        est = estimate(target, kernel, shape, config, dtype, res, calibration)
         return est.microseconds, est.reason
 
     return evaluate
+
+
+def study_source(source: str, kernel: str) -> str:
+    """The source part of a study's name: a calibrated model's studies are kept apart from the uncalibrated
+    ones (and from those of another fit) in a resumed storage, by a digest of the parameters."""
+    calibration = load_calibration(kernel)
+    if source != "modelled" or calibration == UNCALIBRATED:
+        return source
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(calibration.parameters, sort_keys=True).encode()).hexdigest()[:8]
+    return f"modelled@{digest}"
+
+
+def modelled_evidence(kernel: str) -> dict[str, Any] | None:
+    """What a modelled entry of `kernel` was chosen by, when its model is calibrated (None: uncalibrated)."""
+    calibration = load_calibration(kernel)
+    if calibration == UNCALIBRATED:
+        return None
+    fit = dict(calibration.fit)
+    return {"why": f"cost model calibrated on public measurements of the twin kernel ({', '.join(fit.get('train_devices', []))}); "
+                   "no measurement of this shape on this GPU",
+            "calibration": "autotune/configs/calibration.json", "train_devices": fit.get("train_devices", [])}
 
 
 def _objective(target: Target, task: Task, bucket: dict, dtype: str, source: str, resources: ResourcesFn | None,
@@ -131,8 +157,9 @@ def _objective(target: Target, task: Task, bucket: dict, dtype: str, source: str
         from .measure import measured_objective
 
         return measured_objective(target, task.kernel, shape, dtype), None
-    bound = lambda config: lower_bound(target, task.kernel, shape, config, dtype).microseconds  # noqa: E731
-    return _modelled(target, task.kernel, shape, dtype, resources, cache_dir), bound
+    calibration = load_calibration(task.kernel)
+    bound = lambda config: lower_bound(target, task.kernel, shape, config, dtype, calibration).microseconds  # noqa: E731
+    return _modelled(target, task.kernel, shape, dtype, resources, cache_dir, calibration), bound
 
 
 def run_worker(index: int, target_name: str, tasks: list[Task], dtype: str, source: str,
@@ -147,7 +174,7 @@ def run_worker(index: int, target_name: str, tasks: list[Task], dtype: str, sour
     studies = [(task, bucket) for task in tasks for bucket in task.buckets]
     ran = 0
     for task, bucket in studies[index % max(1, len(studies)):] + studies[:index % max(1, len(studies))]:
-        key = search.StudyKey.make(target.name, task.kernel, dtype, task.shape, bucket, source)
+        key = search.StudyKey.make(target.name, task.kernel, dtype, task.shape, bucket, study_source(source, task.kernel))
         kernel_space = search.kept_space(task.kernel, target.arch)
         study = search.open_study(key, storage, seed=seed + index, space_size=len(kernel_space))
         evaluate, bound = _objective(target, task, bucket, dtype, source, resources, cache_dir)
@@ -174,7 +201,8 @@ def _write_tables(tgt: Target, dtype: str, source: str, studies: dict, out: Path
     results, grouped = [], {}
     for key, (task, bucket, study) in studies.items():
         config, value, finished = search.best_config(study, task.kernel)
-        entry = table_entry(config, source, value, finished)
+        entry = table_entry(config, source, value, finished,
+                            modelled_evidence(task.kernel) if source == "modelled" else None)
         grouped.setdefault((task.kernel, shape_key(task.shape)), (task, {}))[1][shape_key(bucket)] = entry
         results.append({"kernel": task.kernel, "table": table_filename(tgt.name, task.kernel, dtype, task.shape),
                         "bucket": shape_key(bucket), "config": config.label, "params": config_params(config),
@@ -237,7 +265,7 @@ def tune(target: str, kernel: str | None = None, model: str | None = None, trial
     budget = 0
     for task in tasks:
         for bucket in task.buckets:
-            key = search.StudyKey.make(tgt.name, task.kernel, dtype, task.shape, bucket, source)
+            key = search.StudyKey.make(tgt.name, task.kernel, dtype, task.shape, bucket, study_source(source, task.kernel))
             kernel_space = search.kept_space(task.kernel, tgt.arch)
             study = search.open_study(key, rdb, seed=seed, space_size=len(kernel_space))
             want = search.study_budget(trials, len(kernel_space), space_fraction)
@@ -285,10 +313,14 @@ SHIPPED_SPACE_FRACTION = 0.3  # benchmarks/autotune.py: 24 trials left fused_moe
 
 
 def regenerate_shipped(targets: list[str] | None = None, dtypes: tuple[str, ...] = ("bf16",),
-                       trials: int = SHIPPED_TRIALS, progress: bool = False) -> list[dict[str, Any]]:
-    """Rebuild the shipped tables autotune/tables/<target>/*dtype=<dtype>.json for the four Qwen3 shapes:
-    modelled, in-memory studies (nothing to resume), no plots.
-    Run as `python -m qwen3export.autotune.tune [--dtype=fp16] [target ...]`."""
+                       trials: int = SHIPPED_TRIALS, progress: bool = False, kernels: list[str] | None = None,
+                       public_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """Rebuild the shipped tables autotune/tables/<target>/*dtype=<dtype>.json for the four Qwen3 shapes (all
+    kernels, or `kernels`): modelled, in-memory studies (nothing to resume), no plots. Then per bucket the best
+    evidence (tables.choose_entry): an entry of ours measured on the GPU kept from the old table, else vLLM's
+    measured best for the twin kernel at this shape on this GPU (public_dir: vLLM's fused_moe configs folder),
+    else the model's. Run as
+    `python -m qwen3export.autotune.tune [--dtype=fp16] [--kernel=fused_moe] [--public=DIR] [target ...]`."""
     import shutil
     import tempfile
 
@@ -299,10 +331,16 @@ def regenerate_shipped(targets: list[str] | None = None, dtypes: tuple[str, ...]
     for dtype in dtypes:
         for name in targets or [t.name for t in gpu_targets()]:
             with tempfile.TemporaryDirectory() as fresh:  # the old tables stay until the new ones exist
-                summary = tune(name, trials=trials, storage=MEMORY, out_dir=fresh, progress=progress, dtype=dtype,
-                               source="modelled", plots=False, space_fraction=SHIPPED_SPACE_FRACTION)
-                for old in (SHIPPED_DIR / name).glob(f"*,dtype={dtype}.json"):
-                    old.unlink()
+                parts = [tune(name, kernel=k, trials=trials, storage=MEMORY, out_dir=fresh, progress=progress,
+                              dtype=dtype, source="modelled", plots=False, space_fraction=SHIPPED_SPACE_FRACTION)
+                         for k in (kernels or [None])]
+                summary = parts[0] | {"tables": sorted(t for p in parts for t in p["tables"]),
+                                      "studies": sum(p["studies"] for p in parts)}
+                summary["evidence"] = _best_evidence(get_target(name), dtype, Path(fresh) / name, SHIPPED_DIR / name,
+                                                     public_dir)
+                for kernel in kernels or [None]:
+                    for old in (SHIPPED_DIR / name).glob(f"{kernel + ',' if kernel else ''}*,dtype={dtype}.json"):
+                        old.unlink()
                 (SHIPPED_DIR / name).mkdir(parents=True, exist_ok=True)
                 for new in (Path(fresh) / name).glob("*.json"):
                     shutil.move(new, SHIPPED_DIR / name / new.name)
@@ -313,8 +351,43 @@ def regenerate_shipped(targets: list[str] | None = None, dtypes: tuple[str, ...]
     return summaries
 
 
+def _best_evidence(target: Target, dtype: str, fresh: Path, shipped: Path, public_dir: str | Path | None
+                   ) -> dict[str, dict[str, Any]]:
+    """Overlay the freshly modelled tables in `fresh` with better evidence, bucket by bucket: our measured
+    entries from the shipped table being replaced, then vLLM's public measurements (fused_moe). Returns per
+    table the source of each bucket and the public importer's notes."""
+    from .public_tables import KERNEL, public_entries, read_public_tables
+    from .tables import choose_entry, read_table
+
+    tables = read_public_tables(public_dir) if public_dir is not None else []
+
+    def usable(config: KernelConfig) -> str | None:
+        bad = [f"{f}: {r.reason}" for f, r in compiled_resources(target, KERNEL, config, dtype).items() if not r.valid]
+        return "; ".join(bad) or None
+
+    report = {}
+    for path in sorted(fresh.glob("*.json")):
+        table = read_table(path)
+        old = read_table(shipped / path.name)["entries"] if (shipped / path.name).is_file() else {}
+        public, notes = ({}, [])
+        if table["kernel"] == KERNEL and tables:
+            buckets = tuple(parse_shape_key(k) for k in sorted(table["entries"]))
+            public, notes = public_entries(tables, target, dtype, table["shape"], buckets, usable)
+        chosen = {key: choose_entry({"measured": old.get(key) if (old.get(key) or {}).get("source") == "measured"
+                                     else None, "measured-public": public.get(key), "modelled": entry})
+                  for key, entry in table["entries"].items()}
+        write_table(fresh.parent, target, table["kernel"], dtype, table["shape"], chosen)
+        report[path.name] = {"sources": {k: e["source"] for k, e in sorted(chosen.items())}} | (
+            {"public_notes": notes} if notes else {})
+    return report
+
+
 if __name__ == "__main__":
     import sys
 
-    chosen = tuple(a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--dtype=")) or ("bf16",)
-    regenerate_shipped([a for a in sys.argv[1:] if not a.startswith("--")] or None, dtypes=chosen)
+    def _options(name: str) -> list[str]:
+        return [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith(f"--{name}=")]
+
+    regenerate_shipped([a for a in sys.argv[1:] if not a.startswith("--")] or None,
+                       dtypes=tuple(_options("dtype")) or ("bf16",), kernels=_options("kernel") or None,
+                       public_dir=(_options("public") or [None])[0])

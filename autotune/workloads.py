@@ -17,7 +17,7 @@ from qwen3export.kernels.config import KernelConfig
 from qwen3export.kernels.moe_align import OFFSETS_BLOCK_B, padded_capacity
 from qwen3export.spec import ModelSpec
 
-ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}  # fp8: public fp8_w8a8 twins (calibration.py) only
 MOE_ALIGN_BLOCK_M = 64  # moe_align's tile in the workload (kernels/moe_align.py COMPILE_SHAPES block_m)
 
 
@@ -144,24 +144,26 @@ def expected_expert_tiles(pairs: int, n_experts: int, block_m: int) -> tuple[flo
 def fused_moe(shape: dict, config: KernelConfig, e: int) -> list[Launch]:
     """gate/up (two dots sharing the x tile) then down; uniform routing assumed (moe_align pads each
     expert's pairs to BLOCK_M). Weight tiles are re-read from DRAM once per GROUP_SIZE_M group of M tiles
-    of the same expert (the L2 reuse that grouping exists for)."""
+    of the same expert (the L2 reuse that grouping exists for). Padding rows cost MMA FLOPs (tl.dot runs on
+    the whole tile) but no loads (their x/act loads are masked off), so bytes count the real rows only."""
     m, h, inter, n_exp, k = shape["M"], shape["H"], shape["I"], shape["E"], shape["K"]
     bm, bn, bk, group = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"], config["GROUP_SIZE_M"]
     pairs = m * k
     hit, tiles_m = expected_expert_tiles(pairs, n_exp, bm)
+    rows = min(float(bm), pairs / tiles_m)  # real (token, expert) rows in an average tile
     rereads = max(1.0, math.ceil(tiles_m / hit / group))
     n_gate = _cdiv(inter, bn)
     n_down = _cdiv(h, bn)
     gate_up = Launch("_fused_moe_gate_up_kernel", tiles_m * n_gate,
                      flops=2.0 * tiles_m * bm * (2 * n_gate * bn) * _cdiv(h, bk) * bk,
                      bytes=hit * 2 * inter * h * e * rereads + pairs * (h + inter) * e,
-                     inflight_bytes=(bm + 2 * bn) * bk * e * config.num_stages, num_warps=config.num_warps,
-                     tensor_core=True, mma_tile=(bm, 2 * bn), program_bytes=(bm + 2 * bn) * h * e)
+                     inflight_bytes=(rows + 2 * bn) * bk * e * config.num_stages, num_warps=config.num_warps,
+                     tensor_core=True, mma_tile=(bm, 2 * bn), program_bytes=(rows + 2 * bn) * h * e)
     down = Launch("_fused_moe_down_kernel", tiles_m * n_down,
                   flops=2.0 * tiles_m * bm * n_down * bn * _cdiv(inter, bk) * bk,
                   bytes=hit * h * inter * e * rereads + pairs * (inter + h) * e,
-                  inflight_bytes=(bm + bn) * bk * e * config.num_stages, num_warps=config.num_warps,
-                  tensor_core=True, mma_tile=(bm, bn), program_bytes=(bm + bn) * inter * e)
+                  inflight_bytes=(rows + bn) * bk * e * config.num_stages, num_warps=config.num_warps,
+                  tensor_core=True, mma_tile=(bm, bn), program_bytes=(rows + bn) * inter * e)
     return [gate_up, down]
 
 

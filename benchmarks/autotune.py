@@ -1,12 +1,20 @@
 """Autotune benchmark: how many trials the seeded search needs to reach the exhaustive optimum of the modelled
-objective, per target and kernel, its wall time, and how fast this machine cross-compiles configs per arch.
+objective, per target and kernel, its wall time, how fast this machine cross-compiles configs per arch, and
+how the cost model ranks public measurements (vLLM's fused_moe tables) before and after calibration.
 
 Prints one JSON object. Every time from the cost model is labelled "modelled" (keys end in _modelled): no
 kernel runs here. The exhaustive optimum needs every config of the kernel's kept space compiled for the
 arch (cached on disk by kernels/compile.py, so a second run is fast).
 
+Calibration ("calibration"): per public table and token bucket, the percentile of vLLM's measured best (mapped
+onto our space) in our modelled ranking of the whole kept space (0 = our pick; ties count half) and whether our
+model's best has vLLM's BLOCK_M; uncalibrated ("before"), fitted on --train-devices and scored on the
+held-out devices ("after"), and the shipped calibration (autotune/configs/calibration.json, fitted on every
+device: in-sample). Then the shipped tables that import public measurements, bucket by bucket.
+
     python benchmarks/autotune.py [--targets a100,h100] [--kernels fused_moe,attention_decode] [--seeds 3]
                                   [--compile-sample 6] [--compile-arch sm_90]
+                                  [--public-tables ../shared/reference/vllm-fused-moe] [--sections calibration]
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import torch
 import triton
 
 from qwen3export import __version__
-from qwen3export.autotune import search
+from qwen3export.autotune import calibration, search
 from qwen3export.autotune.cost_model import estimate, lower_bound, resources_from_records
 from qwen3export.autotune.tune import DEFAULT_TRIALS
 from qwen3export.autotune.workloads import workload
@@ -123,6 +131,77 @@ def compile_throughput(arch: str, kernels: list[str], dtype: str, sample: int) -
     return rows
 
 
+PUBLIC_TABLES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "vllm-fused-moe")
+HOLDOUT_TRAIN = ("a100", "a100-pcie-40gb", "a100-pcie-80gb", "h100")  # the A100s and the H100 SXM; the rest held out
+
+
+def calibration_figures(folder: str, train_devices: tuple[str, ...], trials: int, seed: int) -> dict:
+    """Before / after (held-out fit) / shipped calibration figures per device and bucket, and the shipped tables'
+    agreement with the public tables they import."""
+    from qwen3export.autotune.public_tables import KERNEL, read_public_tables
+
+    tables = read_public_tables(folder)
+    samples, skipped = calibration.make_samples(tables)
+    train, held_out = calibration.split(samples, train_devices)
+    started = time.perf_counter()
+    ranking = calibration.Ranking(samples, calibration.compiled_space_resources())
+    prepare_s = time.perf_counter() - started
+    started = time.perf_counter()
+    fitted = calibration.fit(ranking, train, trials=trials, seed=seed)
+    fit_s = time.perf_counter() - started
+    shipped = calibration.load_calibration(KERNEL)
+    runs = {"before": calibration.UNCALIBRATED, "after": fitted, "shipped": shipped}
+    rows = {name: calibration.evaluate(ranking, cal) for name, cal in runs.items()}
+    keep = ("percentile", "block_m_model", "block_m_agrees", "model_best")
+    per_bucket = [{k: v for k, v in row.items() if k not in keep + ("block_m_vllm",)}
+                  | {"block_m_vllm": row["block_m_vllm"]}
+                  | {name: {k: rows[name][i][k] for k in keep} for name in runs}
+                  for i, row in enumerate(rows["before"])]
+    held = [i for i, s in enumerate(samples) if s.device not in train_devices]
+    trained = [i for i, s in enumerate(samples) if s.device in train_devices]
+    summary = {name: {"train": calibration.summarize([rows[name][i] for i in trained]),
+                      "held_out": calibration.summarize([rows[name][i] for i in held])} for name in ("before", "after")}
+    summary["shipped"] = {"all_in_sample": calibration.summarize(rows["shipped"])}
+    after = summary["after"]["held_out"]
+    return {"public_tables": os.path.abspath(folder), "tables_read": len(tables), "skipped": skipped,
+            "samples": len(samples), "train_devices": sorted({s.device for s in train}),
+            "held_out_devices": sorted({s.device for s in held_out}), "fit_trials": trials, "seed": seed,
+            "prepare_s": round(prepare_s, 1), "fit_s": round(fit_s, 1),
+            "targets": {"held_out_median_percentile_after": after["median_percentile"],
+                        "median_percentile_at_most_10": after["median_percentile"] <= 10,
+                        "held_out_block_m_agreement_after": after["block_m_agreement"],
+                        "block_m_agreement_at_least_0.7": after["block_m_agreement"] >= 0.7},
+            "summary": summary, "fitted": fitted.to_dict(), "shipped_calibration": shipped.to_dict(),
+            "shipped_tables": shipped_table_agreement(tables, rows["shipped"], samples), "per_bucket": per_bucket}
+
+
+def shipped_table_agreement(tables, shipped_rows: list[dict], samples) -> list[dict]:
+    """For every shipped fused_moe table a public table measured (same GPU, E, N = I, unquantized): per bucket
+    our BLOCK_M and source against vLLM's, and what the shipped calibrated model alone would pick."""
+    from qwen3export.autotune.public_tables import DEVICE_TARGETS, is_twin_shape
+    from qwen3export.autotune.tables import SHIPPED_DIR, read_table
+
+    out = []
+    for path in sorted(SHIPPED_DIR.glob("*/fused_moe,*.json")):
+        table = read_table(path)
+        twins = [t for t in tables if DEVICE_TARGETS.get(t.device_name) == table["target"]
+                 and is_twin_shape(t, table["shape"], table["dtype"])]
+        for twin in twins:
+            model_pick = {r["M"]: r["block_m_model"] for r, s in zip(shipped_rows, samples) if s.table is twin}
+            buckets = []
+            for key, entry in sorted(table["entries"].items(), key=lambda kv: int(kv[0].split("=")[1])):
+                m = int(key.split("=")[1])
+                vllm = twin.entries.get(m, {}).get("BLOCK_SIZE_M")
+                buckets.append({"bucket": key, "block_m": entry["BLOCK_M"], "source": entry["source"],
+                                "vllm_block_m": vllm, "matches": entry["BLOCK_M"] == min(vllm or 0, 128),
+                                "calibrated_model_block_m": model_pick.get(m)})
+            out.append({"table": f"{path.parent.name}/{path.name}", "public": twin.file, "commit": twin.commit,
+                        "matches": sum(b["matches"] for b in buckets), "buckets": len(buckets),
+                        "model_alone_matches": sum(b["calibrated_model_block_m"] == [min(b["vllm_block_m"] or 0, 128)]
+                                                   for b in buckets), "per_bucket": buckets})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", default="a100")
@@ -133,14 +212,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-arch", default="sm_90")
     parser.add_argument("--compile-kernels", default="rms_norm,fused_moe")
     parser.add_argument("--compile-sample", type=int, default=4)
+    parser.add_argument("--public-tables", default=PUBLIC_TABLES, help="vLLM's fused_moe config folder")
+    parser.add_argument("--train-devices", default=",".join(HOLDOUT_TRAIN))
+    parser.add_argument("--fit-trials", type=int, default=calibration.FIT_TRIALS)
+    parser.add_argument("--sections", default="search,compile,calibration")
     args = parser.parse_args(argv)
+    sections = set(args.sections.split(","))
     started = time.perf_counter()
     rows = [row for t in args.targets.split(",") for k in args.kernels.split(",")
-            for row in search_figures(t, k, args.dtype, args.seeds, args.workers)]
+            for row in search_figures(t, k, args.dtype, args.seeds, args.workers)] if "search" in sections else []
     out = {"machine": machine(), "objective": "modelled (autotune/cost_model.py); no kernel was run",
            "search": rows,
            "compile_throughput": compile_throughput(args.compile_arch, args.compile_kernels.split(","), args.dtype,
-                                                    args.compile_sample) if args.compile_sample else [],
+                                                    args.compile_sample)
+           if args.compile_sample and "compile" in sections else [],
+           "calibration": calibration_figures(args.public_tables, tuple(args.train_devices.split(",")),
+                                              args.fit_trials, seed=0)
+           if "calibration" in sections else None,
            "wall_s": round(time.perf_counter() - started, 1)}
     json.dump(out, sys.stdout, indent=1)
     print()
