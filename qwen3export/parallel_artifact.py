@@ -1,14 +1,17 @@
-"""Parallel artifacts: a tp x ep decoder as one part per rank (its weight shard as safetensors and its
-weight-free torch.export program holding the collectives) plus a manifest describing the ranks; and the
-runner, ParallelEngine: the N parts in N gloo processes, stepped from the caller's process as one decoder.
+"""Parallel artifacts: a tp x ep decoder as one part per rank (its weight shard as safetensors) plus a manifest
+describing the ranks; and the runner, ParallelEngine: the N parts in N gloo processes, stepped from the
+caller's process as one decoder.
 
-Layout: `<out>/manifest.json`, `<out>/rank<r>/weights.safetensors`, `<out>/rank<r>/decoder.pt2`. Each
-program is captured on the meta device (graphs/parallel.py meta_rank_decoder), so the build holds one
-rank's shard at a time and never a whole model; the runner binds the shard to the program when it loads.
+Layout: `<out>/manifest.json`, `<out>/rank<r>/weights.safetensors`, nothing else per rank. No program is
+stored: a pickled torch.export program (.pt2) runs code when loaded, so each rank process re-captures its
+program on the meta device from the manifest's spec and parallel layout (graphs/parallel.py
+meta_rank_decoder + capture_rank, seconds for a toy) and binds the shard, checked name by name against the
+program's state_dict. The build holds one rank's shard at a time and never a whole model.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,13 +22,15 @@ from qwen3export.graphs.parallel import (TP_GROUP, WORLD_GROUP, RankLayout, capt
                                          rank_tensors)
 
 from .artifact import Artifact, default_manifest, load_artifact, seal, staging
-from .errors import ArtifactError
+from .errors import ArtifactError, Qwen3ExportError
 from .spec import ModelSpec
 from .weights import dtype_name, parse_dtype
 
 BACKEND = "torch-export"
 WEIGHTS_FILE = "weights.safetensors"
-PROGRAM_FILE = "decoder.pt2"
+PROGRAM_RECORD = "re-captured from the manifest's spec at load (no code stored)"  # the manifest's engine.program
+LEGACY_PROGRAM_FILE = "decoder.pt2"  # parts written before issue 16: a pickled program, refused, never loaded
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 GLOO_STEP_TIMEOUT_S = 180  # one step's reply; above ranks.GLOO_TIMEOUT_S so a stuck collective errors first
 
 
@@ -44,30 +49,26 @@ def parallel_record(tp: int, ep: int) -> dict[str, Any]:
 
 def write_parts(folder: Path, spec: ModelSpec, source: Any, ranks: list[RankLayout], dtype: torch.dtype,
                 progress=lambda s: None) -> list[dict[str, Any]]:
-    """Each rank's part into `folder`: its weight shard (one full source tensor read at a time, sliced) and its
-    weight-free program. -> the manifest's `ranks` entries."""
+    """Each rank's weight shard into `folder` (one full source tensor read at a time, sliced); no program:
+    the runner re-captures it (load_rank_program). -> the manifest's `ranks` entries."""
     from safetensors.torch import save_file
 
     entries = []
     for layout in ranks:
         part = folder / part_folder(layout.rank)
         part.mkdir()
-        progress(f"  rank {layout.rank}: tp_rank {layout.tp_rank}, ep_rank {layout.ep_rank}: shard + capture")
+        progress(f"  rank {layout.rank}: tp_rank {layout.tp_rank}, ep_rank {layout.ep_rank}: shard")
         save_file({n: t.contiguous() for n, t in rank_tensors(spec, source, layout, dtype)},
                   str(part / WEIGHTS_FILE), metadata={"format": "pt"})
-        program = capture_rank(meta_rank_decoder(spec, layout, dtype))
-        program.example_inputs = None  # meta tensors: nothing to keep
-        torch.export.save(program, str(part / PROGRAM_FILE))
-        entries.append({**layout.to_dict(spec),
-                        "files": [f"{part_folder(layout.rank)}/{f}" for f in (WEIGHTS_FILE, PROGRAM_FILE)]})
+        entries.append({**layout.to_dict(spec), "files": [f"{part_folder(layout.rank)}/{WEIGHTS_FILE}"]})
     return entries
 
 
 def write_parallel_artifact(out: str | Path, spec: ModelSpec, source: Any, tp: int, ep: int, *,
                             dtype: torch.dtype = torch.float32, model_ref: dict[str, Any] | None = None,
                             force: bool = False) -> Artifact:
-    """Shard, capture and write every rank's part (no sampling graph, no parity: parallel_build.build_parallel
-    adds both); the degrees are checked before anything is written."""
+    """Shard and write every rank's part (no sampling graph, no parity: parallel_build.build_parallel adds
+    both); the degrees are checked before anything is written."""
     ranks = layouts(spec, tp, ep)  # one-line InputError for a bad degree, before any work
     with staging(Path(out), force) as tmp:
         entries = write_parts(tmp, spec, source, ranks, dtype)
@@ -78,36 +79,92 @@ def write_parallel_artifact(out: str | Path, spec: ModelSpec, source: Any, tp: i
     return load_artifact(out)
 
 
+def check_parts(artifact: Artifact) -> list[RankLayout]:
+    """The artifact's rank layouts, after checking, from the manifest and the disk alone (no process, no
+    tensor read), that each part folder (rank<N>/) holds exactly its weights.safetensors: a program file there
+    (an older build's pickled decoder.pt2, or anything else) is refused, never loaded."""
+    m, rebuild = artifact.manifest, "rebuild the artifact with this version of qwen3export (`qwen3export build --tp N`)"
+    try:
+        spec, p = ModelSpec.from_dict(m["model"]["spec"]), m["parallel"]
+        tp, ep = p["tp"], p["ep"]
+        if type(tp) is not int or type(ep) is not int or p.get("world") != tp * ep:
+            raise ArtifactError(f"parallel tp {tp!r} x ep {ep!r} != world {p.get('world')!r}")
+        ranks = layouts(spec, tp, ep)
+    except (KeyError, TypeError, AttributeError, Qwen3ExportError) as e:
+        raise ArtifactError(f"{artifact.path}: the manifest's model spec / parallel record is unusable "
+                            f"({type(e).__name__}: {e}); {rebuild}") from None
+    wanted = {f"{part_folder(r.rank)}/{WEIGHTS_FILE}" for r in ranks}
+    listed = set(m.get("files") or {})
+    on_disk = {f.relative_to(artifact.path).as_posix() for d in artifact.path.glob("rank*") if d.is_dir()
+               for f in d.rglob("*")}
+    in_parts = {r for r in listed | on_disk if re.fullmatch(r"rank\d+", r.split("/")[0])}
+    for rel in sorted(in_parts - wanted):
+        if rel.endswith(LEGACY_PROGRAM_FILE):
+            raise ArtifactError(f"{artifact.path}/{rel}: a stored torch.export program (pickle, which can run "
+                                f"code) from an older build; parts now hold only weights and the program is "
+                                f"re-captured from the spec, so it is never loaded: {rebuild}")
+        raise ArtifactError(f"{artifact.path}/{rel}: a part folder holds only {WEIGHTS_FILE}; remove the file "
+                            f"or {rebuild}")
+    missing = sorted(wanted - on_disk)  # listing and checksums are load_artifact's (a build checks before sealing)
+    if missing:
+        raise ArtifactError(f"{artifact.path}: part file {missing[0]} is missing; {rebuild}")
+    return ranks
+
+
+def _read_shard(path: Path, rel: str, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The shard's tensors, after its safetensors header (names, shapes, dtypes) matched `expected` (the
+    re-captured program's state_dict, meta tensors); data-only: safetensors runs no code."""
+    from safetensors import SafetensorError, safe_open
+
+    fix = "rebuild the artifact with this version of qwen3export"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = set(f.keys())
+            if names != set(expected):
+                diff = {"missing": sorted(set(expected) - names)[:3], "unexpected": sorted(names - set(expected))[:3]}
+                raise ArtifactError(f"{rel} does not hold the tensors of the rank program re-captured from the "
+                                    f"manifest's spec ({', '.join(f'{k} {v}' for k, v in diff.items() if v)}); {fix}")
+            for name in sorted(names):
+                s, want = f.get_slice(name), expected[name]
+                dtype = SAFETENSORS_DTYPES.get(want.dtype, str(want.dtype))
+                if list(s.get_shape()) != list(want.shape) or s.get_dtype() != dtype:
+                    raise ArtifactError(f"{rel} tensor {name} is {s.get_dtype()} {list(s.get_shape())}, the rank "
+                                        f"program re-captured from the manifest's spec wants {dtype} "
+                                        f"{list(want.shape)}; {fix}")
+            return {name: f.get_tensor(name) for name in names}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ArtifactError(f"{rel} is not a readable safetensors file ({e}); {fix}") from None
+
+
 def load_rank_program(artifact: Artifact, rank: int, device: str | torch.device = "cpu"):
     """The rank's program with its shard bound, on `device`: (callable with the decoder's signature,
-    empty_cache). The program was captured on meta: its weights, its RoPE constant and the device of the
-    tensors it creates are all bound here (torch.export.passes.move_to_device_pass)."""
-    from safetensors.torch import load_file
+    empty_cache). The program is re-captured here on meta from the manifest's spec and layout (nothing
+    executable is read from the artifact); its weights, its RoPE constant and the device of the tensors it
+    creates are all bound here (torch.export.passes.move_to_device_pass)."""
     from torch.export.passes import move_to_device_pass
 
     from qwen3export.graphs.rope import rope_parameters
 
+    layout = check_parts(artifact)[rank]
     m = artifact.manifest
     spec, dtype = ModelSpec.from_dict(m["model"]["spec"]), parse_dtype(m["dtype"])
-    part = artifact.path / part_folder(rank)
-    program = torch.export.load(str(part / PROGRAM_FILE))
-    tensors = load_file(str(part / WEIGHTS_FILE))
-    if spec.tie_word_embeddings and "lm_head.weight" in program.state_dict:
+    rel = f"{part_folder(rank)}/{WEIGHTS_FILE}"
+    program = capture_rank(meta_rank_decoder(spec, layout, dtype))
+    program.example_inputs = None  # meta tensors: nothing to move to `device`
+    tied = spec.tie_word_embeddings and "lm_head.weight" in program.state_dict  # stored once, as the embedding
+    tensors = _read_shard(artifact.path / rel, rel,
+                          {n: t for n, t in program.state_dict.items() if not (tied and n == "lm_head.weight")})
+    if tied:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]  # one tensor, both names: still tied
-    if set(tensors) != set(program.state_dict):
-        raise ArtifactError(f"{part_folder(rank)}/{WEIGHTS_FILE} and {PROGRAM_FILE} name different tensors "
-                            f"({sorted(set(tensors) ^ set(program.state_dict))[:3]}); rebuild the artifact")
     params: dict[int, torch.nn.Parameter] = {}
     for name in program.state_dict:
         t = tensors[name]
         program.state_dict[name] = params.setdefault(id(t), torch.nn.Parameter(t, requires_grad=False))
-    unknown = set(program.constants) - {"inv_freq"}
-    if unknown:
-        raise ArtifactError(f"{part_folder(rank)}/{PROGRAM_FILE} has constants {sorted(unknown)} this runner "
-                            "cannot bind; rebuild the artifact")
+    if set(program.constants) != {"inv_freq"}:  # our own capture: a change in graphs/parallel.py lands here
+        raise ArtifactError(f"the re-captured rank program has constants {sorted(program.constants)}; this "
+                            "runner binds only inv_freq (internal: graphs/parallel.py changed)")
     program.constants["inv_freq"] = rope_parameters(spec.head_dim, spec.rope_theta, spec.rope_scaling)[0]  # fp32
     module = move_to_device_pass(program, device).module()
-    layout = RankLayout(m["parallel"]["tp"], m["parallel"]["ep"], rank)
     k0, k1 = layout.kv_heads(spec)
 
     def empty_cache(batch: int) -> tuple:
@@ -186,6 +243,7 @@ class ParallelEngine:
         m = artifact.manifest
         if m.get("backend") != BACKEND or "parallel" not in m:
             raise ArtifactError(f"{artifact.path} is not a parallel {BACKEND} artifact (backend {m.get('backend')!r})")
+        check_parts(artifact)  # an old or altered part is refused here, before any process starts
         self.spec, self.world = ModelSpec.from_dict(m["model"]["spec"]), m["parallel"]["world"]
         self.providers = [f"torch {torch.__version__}: {self.world} processes, gloo collectives"]
         ctx = mp.get_context("spawn")

@@ -1,9 +1,10 @@
 """`build --tp N --ep M`: the parallel counterpart of pipeline.build, one part per rank.
 
 Stages: check (degrees, backend, target, memory: one-line errors before any work) -> write the rank parts
-(parallel_artifact.py: each rank's weight shard + its weight-free torch.export program with the collectives)
-and the sampling graph beside them -> verify (the N parts as N gloo processes against the unsharded eager
-model: greedy tokens identical, fp32 logits within parity.THRESHOLDS) -> seal.
+(parallel_artifact.py: each rank's weight shard as safetensors; no program is stored, each rank process
+re-captures its torch.export program with the collectives from the manifest's spec, so the artifact holds
+data only) and the sampling graph beside them -> verify (the N parts as N gloo processes against the
+unsharded eager model: greedy tokens identical, fp32 logits within parity.THRESHOLDS) -> seal.
 
 Why torch.export programs and not ONNX / AOTInductor parts: ONNX Runtime's CPU provider has no collective
 ops (com.microsoft AllReduce/AllGather exist only in its CUDA + NCCL builds), TensorRT would need
@@ -19,7 +20,7 @@ import torch
 
 from . import artifact as art
 from .errors import InputError, TargetError
-from .parallel_artifact import BACKEND, ParallelEngine, parallel_record, write_parts
+from .parallel_artifact import BACKEND, PROGRAM_RECORD, ParallelEngine, parallel_record, write_parts
 
 Progress = Callable[[str], None]
 
@@ -128,11 +129,11 @@ def build_parallel(opts, progress: Progress = lambda s: None) -> list:
             target=target.to_dict(), backend=BACKEND, dtype="fp32", lowering=record,
             parallel=parallel_record(opts.tp, opts.ep))
         manifest["serving"] = serving
-        # 1. emit: the rank parts, one shard in memory at a time, programs captured on meta
-        manifest["ranks"] = stages.run("emit", f"{len(ranks)} rank parts (weight shard + torch.export program with "
-                                               f"collectives) -> {out}",
+        # 1. emit: the rank parts, one shard in memory at a time; the programs are re-captured at load
+        manifest["ranks"] = stages.run("emit", f"{len(ranks)} rank parts (weight shards; programs re-captured "
+                                               f"from the spec at load) -> {out}",
                                        lambda: write_parts(tmp, spec, source, ranks, torch.float32, progress))
-        manifest["engine"] = {"status": "built", "parts": len(ranks), "program": "rank<r>/decoder.pt2",
+        manifest["engine"] = {"status": "built", "parts": len(ranks), "program": PROGRAM_RECORD,
                               "weights": "rank<r>/weights.safetensors", "runner": "qwen3export.parallel_artifact."
                               "ParallelEngine (N gloo processes; `qwen3export run` starts them)"}
         # 2. the sampling graph beside the parts, as for every engine

@@ -1,16 +1,21 @@
 """`qwen3export build --tp/--ep` end to end (qwen3export/parallel_build.py): the rank parts verified as gloo
 processes against the unsharded eager model, `run` on them equal to eager driven by the torch sampling graph,
-`inspect` showing the ranks; bad input refused in one line before any work, nothing written."""
+`inspect` showing the ranks; a resealed part carrying a pickled program refused by `run`, its code never run;
+bad input refused in one line before any work, nothing written."""
 
 from __future__ import annotations
 
 import json
+import os
+import pickle
+import shutil
+import zipfile
 
 import numpy as np
 import pytest
 import torch
 
-from qwen3export.artifact import load_artifact
+from qwen3export.artifact import load_artifact, seal
 from qwen3export.cli import main
 from qwen3export.generation import greedy_generate, sample_generate
 from qwen3export.model import build_module
@@ -39,6 +44,7 @@ def test_tp2_build_run_and_inspect(tmp_path, capsys):
     m = load_artifact(out).manifest
     assert m["parallel"]["world"] == 2 and [r["rank"] for r in m["ranks"]] == [0, 1]
     assert all(f in m["files"] for r in m["ranks"] for f in r["files"]) and "sampling.onnx" in m["files"]
+    assert "re-captured" in m["engine"]["program"] and not any(f.endswith(".pt2") for f in m["files"])  # data only
 
     # run: the sampling graph picks the tokens (Qwen3 thinking defaults, seeded uniforms), as for other engines
     spec = ModelSpec.from_dict(m["model"]["spec"])
@@ -61,6 +67,27 @@ def test_tp2_build_run_and_inspect(tmp_path, capsys):
 
     code, stdout, _ = cli(capsys, "inspect", out)
     assert code == 0 and "ranks    tp 2 x ep 1 = 2 parts" in stdout and "rank 1: tp_rank 1 ep_rank 0" in stdout
+
+    # issue 16: a pickled program dropped into a part and the manifest resealed (anyone can recompute its hash)
+    hostile, marker = tmp_path / "hostile", tmp_path / "payload-ran"
+    shutil.copytree(out, hostile)
+    manifest = load_artifact(hostile).manifest
+    with zipfile.ZipFile(hostile / "rank0" / "decoder.pt2", "w") as z:
+        z.writestr("decoder/data.pkl", pickle.dumps(_Payload(marker)))
+    seal(hostile, manifest)  # now lists rank0/decoder.pt2 with its true size and sha256
+    code, _, err = cli(capsys, "run", hostile, "--prompt-ids", "1,2", "--max-new-tokens", 1)
+    assert code == 2 and "rank0/decoder.pt2: a stored torch.export program" in err and "rebuild" in err, err
+    assert len(err.strip().splitlines()) == 1 and not marker.exists()
+
+
+class _Payload:
+    """Unpickling this makes the folder `marker`: the code a pickled .pt2 runs when torch.export.load reads it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
 
 
 @pytest.mark.parametrize("argv,needle", [
