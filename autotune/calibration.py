@@ -40,7 +40,7 @@ TENSOR_WARPS_RANGE = (4.0, 32.0)
 SMALL_M_RANGE = (0.2, 1.0)
 SOFTNESS = 0.05  # the smooth percentile's width: a 5 % time difference counts about half a rank
 BLOCK_M_WEIGHT = 1.0  # the BLOCK_M term's weight next to the smooth percentile (both in 0..1)
-FIT_TRIALS = 160
+FIT_TRIALS = 100
 # (target, kernel, config, dtype) -> function -> Resources, as tune.ResourcesFn
 ResourcesFn = Callable[[Target, str, KernelConfig, str], "dict[str, Resources]"]
 
