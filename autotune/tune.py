@@ -318,8 +318,8 @@ def regenerate_shipped(targets: list[str] | None = None, dtypes: tuple[str, ...]
     """Rebuild the shipped tables autotune/tables/<target>/*dtype=<dtype>.json for the four Qwen3 shapes (all
     kernels, or `kernels`): modelled, in-memory studies (nothing to resume), no plots. Then per bucket the best
     evidence (tables.choose_entry): an entry of ours measured on the GPU kept from the old table, else vLLM's
-    measured best for the twin kernel at this shape on this GPU (public_dir: vLLM's fused_moe configs folder),
-    else the model's. Run as
+    measured best for the twin kernel at this shape on this GPU (public_dir: vLLM's fused_moe configs folder;
+    without it the replaced table's measured-public entries are kept), else the model's. Run as
     `python -m qwen3export.autotune.tune [--dtype=fp16] [--kernel=fused_moe] [--public=DIR] [target ...]`."""
     import shutil
     import tempfile
@@ -373,8 +373,12 @@ def _best_evidence(target: Target, dtype: str, fresh: Path, shipped: Path, publi
         if table["kernel"] == KERNEL and tables:
             buckets = tuple(parse_shape_key(k) for k in sorted(table["entries"]))
             public, notes = public_entries(tables, target, dtype, table["shape"], buckets, usable)
-        chosen = {key: choose_entry({"measured": old.get(key) if (old.get(key) or {}).get("source") == "measured"
-                                     else None, "measured-public": public.get(key), "modelled": entry})
+        def kept(key: str, source: str) -> dict[str, Any] | None:
+            return old[key] if (old.get(key) or {}).get("source") == source else None
+
+        # without the public folder, the replaced table's measured-public entries stay (with their source)
+        chosen = {key: choose_entry({"measured": kept(key, "measured"), "modelled": entry,
+                                     "measured-public": public.get(key) if tables else kept(key, "measured-public")})
                   for key, entry in table["entries"].items()}
         write_table(fresh.parent, target, table["kernel"], dtype, table["shape"], chosen)
         report[path.name] = {"sources": {k: e["source"] for k, e in sorted(chosen.items())}} | (

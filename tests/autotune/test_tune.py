@@ -19,7 +19,7 @@ import pytest
 from autotune_fakes import slow_synthetic_resources, synthetic_resources, worker_after_barrier
 from qwen3export.autotune import search
 from qwen3export.autotune.tables import read_table
-from qwen3export.autotune.tune import Task, storage_for, tune
+from qwen3export.autotune.tune import Task, plan_tasks, storage_for, tune
 from qwen3export.errors import TargetError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -58,6 +58,9 @@ def test_tune_refuses_what_it_cannot_do(tmp_path):
         tune("h100", source="measured", out_dir=tmp_path)
     with pytest.raises(Exception, match="does not run in model"):
         tune("h100", kernel="fused_moe", model="qwen3-0.6b", out_dir=tmp_path)
+    # over several models a kernel skips those it does not run in (fused_moe: the MoE shapes only)
+    moe = plan_tasks("fused_moe", ["qwen3-0.6b", "qwen3-30b-a3b", "qwen3-235b-a22b"])
+    assert [(t.kernel, t.models) for t in moe] == [("fused_moe", ("qwen3-30b-a3b",)), ("fused_moe", ("qwen3-235b-a22b",))]
 
 
 def _workers_share_one_study(url: str, bucket: dict) -> None:
