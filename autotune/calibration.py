@@ -190,7 +190,11 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 "block_m_agreement": round(sum(r["block_m_agrees"] for r in part) / len(part), 3) if part else None}
 
     devices = sorted({r["device"] for r in rows})
-    return figures(rows) | {"devices": {d: figures([r for r in rows if r["device"] == d]) for d in devices}}
+    per_device = {d: figures([r for r in rows if r["device"] == d]) for d in devices}
+    medians = [f["median_percentile"] for f in per_device.values()]
+    # the pooled median weighs each device by its samples (vLLM measured the H200 at 14 shapes, the L4 at 1)
+    return figures(rows) | {"median_of_device_medians": round(statistics.median(medians), 1) if medians else None,
+                            "devices": per_device}
 
 
 def _soft_loss(sample: Sample, times: list[tuple[KernelConfig, float]]) -> float:
