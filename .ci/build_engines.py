@@ -60,8 +60,8 @@ def check_artifact(path: Path, backend: str, target: str) -> dict:
             fail(f"{path}: kernel pack not built: {engine}")
         for k in engine["kernels"]:
             for bucket, c in k["configs"].items():
-                if c["source"] not in ("measured", "modelled", "default"):
-                    fail(f"{path}: {k['kernel']} {bucket} config has no measured/modelled tag")
+                if c["source"] not in ("measured", "measured-public", "modelled", "default"):
+                    fail(f"{path}: {k['kernel']} {bucket} config has no measured/measured-public/modelled tag")
     parity = m.get("parity") or {}
     if not parity.get("passed"):
         fail(f"{path}: parity did not pass: {parity.get('failures')}")

@@ -36,7 +36,7 @@ def child(shape: str, layers: int, out: str, target: str, dtype: str) -> None:
     from qwen3export.pipeline import BuildOptions, build
 
     t0 = time.perf_counter()
-    result = build(BuildOptions(model=shape, target=target, dtype=dtype, out=Path(out), force=True, stream=True,
+    result = build(BuildOptions(model=shape, target=target, dtype=dtype, artifact=Path(out), force=True, stream=True,
                                 verify=False, overrides={"num_hidden_layers": layers}), progress=lambda s: None)[0]
     streaming = result.manifest["streaming"]
     # VmHWM, not getrusage's ru_maxrss: Linux keeps ru_maxrss across execve, so a child forked from a large

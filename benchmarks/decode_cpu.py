@@ -193,7 +193,7 @@ def built_artifact(name: str, overrides: dict, spec, work: Path, engine: str, fi
                 and same_quant:
             return a, None
     t0 = time.perf_counter()
-    build(BuildOptions(model=name, out=out, overrides=overrides, force=True, **fields),
+    build(BuildOptions(model=name, artifact=out, overrides=overrides, force=True, **fields),
           progress=lambda s: print(f"{engine}: {s}", file=sys.stderr, flush=True))
     seconds = time.perf_counter() - t0
     gc.collect()

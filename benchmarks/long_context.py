@@ -44,7 +44,7 @@ def main() -> None:
 
     out = Path(args.work) / f"{args.model}-yarn4-cpu-onnx"
     if not (out / "manifest.json").is_file():
-        build(BuildOptions(model=args.model, out=out, overrides={"rope_scaling": parse_rope_flag("yarn:4.0")}),
+        build(BuildOptions(model=args.model, artifact=out, overrides={"rope_scaling": parse_rope_flag("yarn:4.0")}),
               progress=lambda s: print(s, file=sys.stderr, flush=True))
     engine = open_engine(load_artifact(out), threads=args.threads)
     spec = engine.spec

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterator
 
 from .errors import ArtifactError, InputError
@@ -55,8 +56,38 @@ class Artifact:
     path: Path
     manifest: dict[str, Any]
 
+    def has_signature(self) -> bool:
+        return (self.path / SIGNATURE_FILE).is_file()
+
+    def has(self, name: str) -> bool:
+        return name in (self.manifest.get("files") or {})
+
     def file(self, name: str) -> Path:
+        """The path of a file the manifest lists (so checked: relative, inside the folder, checksummed). A name
+        the manifest does not list (an engine.file pointing elsewhere) is refused."""
+        if not self.has(name):
+            raise ArtifactError(f"the manifest of {self.path} names {name!r}, which is not one of its listed files; "
+                                "rebuild the artifact")
         return self.path / name
+
+    def onnx_file(self, name: str) -> Path:
+        """`file(name)` for an ONNX model, after checking that every external-data location it names is a listed
+        file of this artifact (an ONNX file can point its weights at any path on the machine)."""
+        import onnx
+
+        path = self.file(name)
+        model = onnx.load(str(path), load_external_data=False)
+        base = PurePosixPath(name).parent
+        for tensor in _onnx_tensors(model.graph):
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            _check_relative(self.path, location)
+            rel = (base / location).as_posix()
+            if not self.has(rel):
+                raise ArtifactError(f"{name} reads tensor {tensor.name} from {location!r}, which is not a listed "
+                                    "file of the artifact; rebuild the artifact")
+        return path
 
     @property
     def backend(self) -> str:
@@ -65,6 +96,14 @@ class Artifact:
     def save_manifest(self) -> None:
         """Rewrite manifest.json atomically (used by `verify` to update the parity report)."""
         write_manifest(self.path, self.manifest)
+
+
+def staged_artifact(folder: Path, manifest: dict[str, Any]) -> Artifact:
+    """An artifact still being built (its staging folder, before `seal`): the files written so far are listed
+    (without checksums) in a copy of the manifest, so `Artifact.file` can name them while the build verifies."""
+    listed = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size} for p in sorted(Path(folder).rglob("*"))
+              if p.is_file() and not p.is_symlink() and p.name not in (MANIFEST, MANIFEST + ".tmp", SIGNATURE_FILE)}
+    return Artifact(Path(folder), {**manifest, "files": listed})
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
@@ -81,7 +120,7 @@ def file_entries(folder: Path) -> dict[str, dict[str, Any]]:
     """size and sha256 of every file in the folder except the manifest, by relative path."""
     out = {}
     for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name not in (MANIFEST, MANIFEST + ".tmp"):
+        if p.is_file() and p.name not in (MANIFEST, MANIFEST + ".tmp", SIGNATURE_FILE):
             out[p.relative_to(folder).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
     return out
 
@@ -91,41 +130,214 @@ def default_manifest(**fields: Any) -> dict[str, Any]:
     return {"schema": SCHEMA, "created": now, "versions": tool_versions(), **fields}
 
 
-@contextlib.contextmanager
-def staging(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temp folder beside `out`; on success it is renamed to `out`, on any error removed.
+SIGNATURE_FILE = "manifest.sig"  # qwen3export.signing: a signature over manifest.json, outside the manifest
+_PARTIAL, _OLD, _LOCK = ".partial-", ".old-", ".lock"
 
-    An existing `out` is refused unless force; with force it is replaced only after the new one is
-    complete, so an interrupted build never leaves a folder that looks complete.
-    """
-    out = Path(out)
+
+def is_artifact_folder(folder: Path) -> bool:
+    """A folder whose manifest.json is a JSON object naming this tool's schema: the only kind of folder that
+    `--force` may replace. Its checksums are not checked (a damaged artifact may still be rebuilt over)."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and str(manifest.get("schema", "")).startswith("qwen3export.artifact/")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """`.NAME.partial-PID` / `.NAME.old-PID` folders beside `out` whose build process is gone (a killed build
+    leaves them): removed. Only names of exactly that form are touched."""
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for p in out.parent.iterdir():
+        for tag in (_PARTIAL, _OLD):
+            prefix = f".{out.name}{tag}"
+            if p.name.startswith(prefix) and p.name[len(prefix):].isdigit() and p.is_dir() and not p.is_symlink():
+                pid = int(p.name[len(prefix):])
+                if pid != os.getpid() and not _pid_alive(pid):
+                    shutil.rmtree(p, ignore_errors=True)
+                    removed.append(p)
+    return removed
+
+
+def check_replaceable(out: Path, force: bool, check_lock: bool = True) -> None:
+    """Before any work: an existing `out` needs --force, and --force replaces only a qwen3export artifact."""
+    if out.is_symlink():
+        raise InputError(f"output {out} is a symlink; give a real folder path (nothing was written)")
+    if check_lock and _locked(out):
+        raise InputError(f"another build is writing {out} now (lock {out.parent / f'.{out.name}{_LOCK}'}); wait "
+                         "for it to finish or choose another --out")
     if out.exists() and not force:
         raise InputError(f"output folder {out} already exists; pass --force to replace it or choose --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    ancestor = out.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"cannot create {out}: {ancestor} is a file, not a folder (errno {errno.ENOTDIR}, "
+                         f"{os.strerror(errno.ENOTDIR)}); choose another --out")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InputError(f"cannot create {out}: {ancestor} is not writable (errno {errno.EACCES}, "
+                         f"{os.strerror(errno.EACCES)}); choose another --out or fix its permissions")
+    if out.exists() and not (out.is_dir() and is_artifact_folder(out)):
+        raise InputError(f"{out} is not a qwen3export artifact (no manifest.json of schema "
+                         f"{SCHEMA.rsplit('/', 1)[0]}/*): --force replaces only artifacts; choose another --out "
+                         "or remove it yourself")
+
+
+def _locked(out: Path) -> bool:
+    """Whether a running build holds `out`'s lock (checked before any work; build_lock takes it for real)."""
+    import fcntl
+
+    path = out.parent / f".{out.name}{_LOCK}"
     try:
-        yield tmp
-        if not (tmp / MANIFEST).is_file():
-            raise ArtifactError(f"internal: build of {out} finished without a manifest")
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
     finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def build_lock(out: Path) -> Iterator[None]:
+    """An exclusive lock on `.NAME.lock` beside `out` for the whole build: a second build to the same folder
+    is refused at once instead of silently replacing the first one's result."""
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.parent / f".{out.name}{_LOCK}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"another build is writing {out} now (lock {path}); wait for it to finish or choose "
+                             "another --out") from None
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def staging(out: Path, force: bool = False, sign: Path | None = None) -> Iterator[Path]:
+    """Yield a temp folder beside `out`; on success it is renamed to `out`, on any error removed.
+
+    An existing `out` is refused unless force, and with force unless it is a qwen3export artifact; it is
+    replaced only after the new one is complete, so an interrupted build never leaves a folder that looks
+    complete. A lock beside `out` refuses a concurrent build to the same folder; stale temp folders of killed
+    builds are removed first. With `sign` (an Ed25519 private key file) the manifest is signed before the rename,
+    so a signed build never appears unsigned.
+    """
+    out = Path(out)
+    check_replaceable(out, force)
+    with build_lock(out):
+        remove_stale_partials(out)
+        tmp = out.parent / f".{out.name}{_PARTIAL}{os.getpid()}"
         if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            yield tmp
+            if not (tmp / MANIFEST).is_file():
+                raise ArtifactError(f"internal: build of {out} finished without a manifest")
+            if sign is not None:
+                from .signing import sign_artifact
+
+                sign_artifact(tmp, sign, verify_checksums=False)
+            check_replaceable(out, force, check_lock=False)  # it may have appeared while this build ran
+            if out.exists():
+                old = out.parent / f".{out.name}{_OLD}{os.getpid()}"
+                os.rename(out, old)
+                os.rename(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def seal(folder: Path, manifest: dict[str, Any]) -> None:
     """Record every file's size and checksum in the manifest and write it."""
     manifest["files"] = file_entries(folder)
     write_manifest(folder, manifest)
+
+
+def _onnx_tensors(graph) -> Iterator[Any]:
+    """Every TensorProto of an ONNX graph: initializers, Constant/attribute tensors, subgraphs (If branches)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _onnx_tensors(g)
+
+
+def _check_relative(folder: Path, rel: Any) -> None:
+    """A manifest path: a relative POSIX path with no `..`, resolving inside the folder."""
+    pure = PurePosixPath(rel) if isinstance(rel, str) else None
+    if (pure is None or not rel or pure.is_absolute() or "\\" in rel or ".." in pure.parts
+            or PureWindowsPath(rel).drive or rel != pure.as_posix()):
+        raise ArtifactError(f"the manifest of {folder} lists the path {rel!r}, which is not a plain relative path "
+                            "inside the artifact; refusing to read it (rebuild the artifact)")
+
+
+def _named_paths(manifest: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """The files a manifest names outside its `files` table (the engine and sampler a runner opens)."""
+    for section, keys in (("engine", ("file", "sampling_file")), ("sampling", ("file",))):
+        entry = manifest.get(section)
+        if isinstance(entry, dict):
+            for key in keys:
+                if key in entry:
+                    yield f"{section}.{key}", entry[key]
+
+
+def check_layout(folder: Path, files: dict[str, Any]) -> None:
+    """Every listed path relative and inside `folder`; no symlink anywhere in the folder; no file on disk that
+    the manifest does not list (manifest.json and manifest.sig aside). Run before any file is read."""
+    root = folder.resolve()
+    for rel in files:
+        _check_relative(folder, rel)
+    listed = set(files)
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        base = Path(dirpath)
+        for name in [*dirnames, *filenames]:
+            p = base / name
+            rel = p.relative_to(folder).as_posix()
+            if p.is_symlink():
+                target = os.path.realpath(p)
+                leaves = not Path(target).is_relative_to(root)
+                raise ArtifactError(f"artifact {folder} holds a symlink {rel} -> {os.readlink(p)}"
+                                    f"{' (outside the artifact)' if leaves else ''}; artifacts hold plain files "
+                                    "only: rebuild the artifact")
+        for name in filenames:
+            rel = (base / name).relative_to(folder).as_posix()
+            if rel not in listed and rel not in (MANIFEST, SIGNATURE_FILE):
+                raise ArtifactError(f"artifact {folder} holds {rel}, which the manifest does not list (added after "
+                                    "the build?); remove it or rebuild the artifact")
 
 
 def load_artifact(path: str | Path, verify_checksums: bool = True) -> Artifact:
@@ -149,8 +361,13 @@ def load_artifact(path: str | Path, verify_checksums: bool = True) -> Artifact:
         raise ArtifactError(f"{mpath} was modified after the build (its hash does not match); rebuild the "
                             "artifact")
     files = manifest.get("files") or {}
-    if not files:
+    if not isinstance(files, dict) or not files:
         raise ArtifactError(f"{mpath} lists no files; rebuild the artifact")
+    check_layout(folder, files)
+    for where, rel in _named_paths(manifest):
+        if rel not in files:
+            raise ArtifactError(f"the manifest of {folder} names {rel!r} as {where}, which is not one of its listed "
+                                "files; refusing it (rebuild the artifact)")
     if verify_checksums:
         for rel, entry in files.items():
             p = folder / rel

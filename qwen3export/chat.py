@@ -16,20 +16,17 @@ from .errors import ArtifactError, InputError
 def load_tokenizer(artifact: Artifact):
     from tokenizers import Tokenizer
 
-    path = artifact.file("tokenizer.json")
-    if not path.is_file():
+    if not artifact.has("tokenizer.json"):
         raise InputError(f"artifact {artifact.path.name} has no tokenizer.json (built from a preset?): use "
                          "--prompt-ids, or build from a checkpoint folder with a tokenizer")
-    return Tokenizer.from_file(str(path))
+    return Tokenizer.from_file(str(artifact.file("tokenizer.json")))
 
 
 def chat_template(artifact: Artifact) -> str:
-    jinja = artifact.file("chat_template.jinja")
-    if jinja.is_file():
-        return jinja.read_text()
-    cfg = artifact.file("tokenizer_config.json")
-    if cfg.is_file():
-        template = json.loads(cfg.read_text()).get("chat_template")
+    if artifact.has("chat_template.jinja"):
+        return artifact.file("chat_template.jinja").read_text()
+    if artifact.has("tokenizer_config.json"):
+        template = json.loads(artifact.file("tokenizer_config.json").read_text()).get("chat_template")
         if isinstance(template, str):
             return template
     raise InputError(f"artifact {artifact.path.name} has no chat template (tokenizer_config.json "

@@ -31,14 +31,68 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
         print(text)
 
 
+INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
+
+
 def _parse_ids(text: str) -> list[int]:
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not parts:
         raise InputError("--prompt-ids is empty: give comma-separated token ids, e.g. --prompt-ids 1,2,3")
     try:
-        return [int(p) for p in parts]
+        ids = [int(p) for p in parts]
     except ValueError:
         raise InputError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+    bad = next((i for i in ids if not -INT32_MAX <= i <= INT32_MAX), None)  # the rest: check_token_ids, per model
+    if bad is not None:
+        raise InputError(f"token id {bad} in --prompt-ids is out of range: ids are 0 .. vocab_size - 1")
+    return ids
+
+
+def int_in(lo: int, hi: int, what: str = ""):
+    """An argparse type: an integer in lo..hi, else argparse's one-line usage error naming the flag and range."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: must be in {lo}..{hi}{what}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a finite float (nan and inf refused; each flag's own range is checked by SamplingParams)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+finite_float.__name__ = "number"
+
+
+def _open_artifact(args: argparse.Namespace):
+    """load_artifact, after checking manifest.sig against --trust KEY when given (before any file is read or
+    loaded: an artifact signed by another key, unsigned, or changed after signing is refused in one line)."""
+    from .artifact import load_artifact
+
+    record = None
+    if getattr(args, "trust", None):
+        from .signing import check_signature
+
+        record = check_signature(args.artifact, args.trust)
+    artifact = load_artifact(args.artifact)
+    if record is not None and record["manifest_sha256"] != artifact.manifest["manifest_sha256"]:
+        raise InputError(f"{args.artifact}/manifest.json changed while it was being checked; run the command again")
+    return artifact
 
 
 # ------------------------------------------------------------------------- commands
@@ -50,18 +104,30 @@ def cmd_build(args: argparse.Namespace) -> int:
     # a tp x ep build's parts are torch.export programs (parallel_build.py): its default backend
     backend = args.backend or ("torch-export" if args.tp * args.ep > 1 else "onnx")
     backends = tuple(b.strip() for b in backend.split(",") if b.strip())
+    twice = sorted({b for b in backends if backends.count(b) > 1})
+    if twice:
+        raise InputError(f"--backend names {', '.join(twice)} more than once; give each backend once")
+    if args.sign:
+        from .signing import load_private_key
+
+        load_private_key(args.sign)  # a bad key is refused now, not after the build
+    if args.group_size is not None and args.quant != "int4":
+        raise InputError(f"--group-size applies to --quant int4 only (int8 and fp8 scale per output channel), not "
+                         f"--quant {args.quant}; drop --group-size")
     overrides = {"rope_scaling": parse_rope_flag(args.rope_scaling)} if args.rope_scaling else {}
     opts = BuildOptions(model=args.model, target=args.target, backends=backends, dtype=args.dtype,
                         out=Path(args.out) if args.out else None, force=args.force, seed=args.seed,
+                        artifact=Path(args.artifact) if args.artifact else None,
+                        sign=Path(args.sign) if args.sign else None,
                         weight_stats=args.weight_stats,
                         dump_ir=Path(args.dump_ir) if args.dump_ir else None, overrides=overrides,
                         max_batch=args.max_batch, max_seq=args.max_seq, lower=not args.no_lower,
-                        onnx_ops=args.onnx_ops, quant=args.quant, group_size=args.group_size,
+                        onnx_ops=args.onnx_ops, quant=args.quant, group_size=args.group_size or 128,
                         quantize_lm_head=args.quantize_lm_head, tp=args.tp, ep=args.ep, stream=args.stream,
                         verify=not args.no_verify)
     results = build(opts, progress=_eprint)
     from .describe import engine_status, quantization_lines
-    from .parity import summary_line
+    from .describe import summary_line
 
     payload = {"artifacts": [{"path": str(r.path), "backend": r.manifest["backend"], "status": engine_status(r.manifest),
                               "lowering": r.manifest["lowering"], "kernels": r.manifest.get("kernels"),
@@ -117,10 +183,10 @@ def onnx_op_counts(graph) -> Counter:
 
 def cmd_finish(args: argparse.Namespace) -> int:
     """Build the pending TensorRT plan of an artifact on the target machine."""
-    from .artifact import load_artifact, seal
+    from .artifact import seal
     from .backends import tensorrt as trt_backend
 
-    artifact = load_artifact(args.artifact)
+    artifact = _open_artifact(args)
     entry = artifact.manifest["engine"].get("tensorrt")
     if entry is None:
         raise InputError(f"artifact {artifact.path} has no TensorRT engine to finish (backend {artifact.backend})")
@@ -130,6 +196,7 @@ def cmd_finish(args: argparse.Namespace) -> int:
         return trt_backend.EXIT_PENDING
     artifact.manifest["engine"]["tensorrt"] = trt_backend.build_plan(artifact.path)
     seal(artifact.path, artifact.manifest)
+    _resign(artifact, args)
     _emit(args, artifact.manifest["engine"]["tensorrt"], f"tensorrt plan built in {artifact.path}")
     return 0
 
@@ -149,19 +216,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from qwen3export.graphs.sampling import SamplingParams, initial_state
 
-    from .artifact import load_artifact
     from .generation import check_token_ids, sample_generate
     from .pipeline import sampling_pair
     from .runner import open_engine
 
-    if args.max_new_tokens <= 0:
-        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if (args.prompt is None) == (args.prompt_ids is None):
         raise InputError("give exactly one of --prompt-ids 1,2,3 or --prompt \"text\"")
     thinking = args.thinking == "on"
     # sampling parameters: the manifest's per-mode defaults (Qwen3's, or the checkpoint's
     # generation_config.json), then the flags; all validated before anything runs
-    artifact = load_artifact(args.artifact)
+    artifact = _open_artifact(args)
     flags = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
                                             "presence_penalty") if getattr(args, k) is not None}
     if args.greedy:
@@ -204,14 +268,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .artifact import load_artifact
-    from .parity import summary_line
+    from .describe import summary_line
     from .pipeline import verify_artifact
 
-    artifact = load_artifact(args.artifact)
+    artifact = _open_artifact(args)
     report = verify_artifact(artifact, args.model, args.threads, _eprint)
-    artifact.manifest["parity"] = report
-    artifact.save_manifest()
+    if artifact.has_signature() and not args.sign:  # rewriting the manifest would void its signature
+        _eprint(f"note: {artifact.path} is signed: its manifest was not updated with this report (pass --sign KEY "
+                "to record it and re-sign)")
+    else:
+        artifact.manifest["parity"] = report
+        artifact.save_manifest()
+        _resign(artifact, args)
     from .describe import quality_line
 
     text = summary_line(report) + (f"\n{quality_line(report['quantization'])}" if "quantization" in report else "")
@@ -222,26 +290,27 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import onnx
 
-    from .artifact import load_artifact
     from .describe import engine_lines, engine_record, quantization_lines
-    from .parity import summary_line
+    from .describe import summary_line
 
-    artifact = load_artifact(args.artifact)
+    artifact = _open_artifact(args)
     m = artifact.manifest
     ops: dict[str, dict[str, int]] = {}
     for rel in m["files"]:
         if rel.endswith(".onnx"):
-            model = onnx.load(str(artifact.file(rel)), load_external_data=False)
+            model = onnx.load(str(artifact.onnx_file(rel)), load_external_data=False)
             ops[rel] = dict(sorted(onnx_op_counts(model.graph).items()))
     spec = m["model"]["spec"]
     payload = {"path": str(artifact.path), "schema": m["schema"], "created": m["created"], "model": m["model"],
                "target": m["target"]["name"], "backend": m["backend"], "dtype": m["dtype"],
                "lowering": m.get("lowering"), "files": m["files"], "op_counts": ops, "parity": m.get("parity"),
-               "engine_summary": engine_record(m), "versions": m["versions"], "quantization": m.get("quantization")}
+               "engine_summary": engine_record(m), "versions": m["versions"], "quantization": m.get("quantization"),
+               "signature": _signature_record(artifact, args)}
     lines = [f"artifact {artifact.path}  ({m['schema']}, built {m['created']})",
              f"  model    {spec['name']} ({spec['model_type']}, {m['model']['param_count']:,} params, "
              f"{spec['num_hidden_layers']} layers)",
              f"  target   {m['target']['name']}  backend {m['backend']}  dtype {m['dtype']}",
+             f"  signature {_signature_line(_signature_record(artifact, args))}",
              *quantization_lines(m),
              f"  {_lowering_line(m.get('lowering'))}"]
     lines += [f"    note: {note}" for note in (m.get("lowering") or {}).get("notes", [])]
@@ -255,6 +324,55 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if p:
         lines.append(f"  {summary_line(p)}")
     _emit(args, payload, "\n".join(lines))
+    return 0
+
+
+def _resign(artifact, args: argparse.Namespace) -> None:
+    """After a command rewrote a manifest: sign it again with --sign KEY; a stale signature is removed (it would
+    no longer match) and said so."""
+    from .artifact import SIGNATURE_FILE
+
+    if getattr(args, "sign", None):
+        from .signing import sign_artifact
+
+        sign_artifact(artifact.path, args.sign)
+    elif (artifact.path / SIGNATURE_FILE).is_file():
+        (artifact.path / SIGNATURE_FILE).unlink()
+        _eprint("note: the manifest changed, so its old signature was removed; sign it again with --sign KEY")
+
+
+def _signature_record(artifact, args: argparse.Namespace) -> dict[str, Any]:
+    """inspect's view of manifest.sig: absent, present (unchecked), or checked against --trust."""
+    import json as _json
+
+    from .artifact import SIGNATURE_FILE
+
+    if not artifact.has_signature():
+        return {"signed": False}
+    if getattr(args, "trust", None):
+        return {"signed": True, "checked": True, "trusted_key": args.trust}
+    try:
+        fp = _json.loads((artifact.path / SIGNATURE_FILE).read_text()).get("public_key_fingerprint")
+    except (OSError, ValueError, AttributeError):
+        fp = None
+    return {"signed": True, "checked": False, "fingerprint": fp if isinstance(fp, str) else None}
+
+
+def _signature_line(rec: dict[str, Any]) -> str:
+    if not rec["signed"]:
+        return "none (unsigned; `build --sign KEY` signs, `--trust KEY` requires a signature)"
+    if rec.get("checked"):
+        return f"ed25519, valid for the trusted key {rec['trusted_key']}"
+    return f"ed25519 by key {str(rec.get('fingerprint'))[:16]}... (not checked: pass --trust PUBLIC_KEY)"
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Make an Ed25519 key pair for build --sign (private) and run/verify/inspect --trust (public)."""
+    from .signing import generate_keypair
+
+    rec = generate_keypair(args.private, args.public)
+    _emit(args, rec, f"private key {rec['private']} (keep it secret; build --sign)\npublic key  {rec['public']} "
+                     f"(give to users; --trust)\nfingerprint {rec['fingerprint']}")
     return 0
 
 
@@ -315,10 +433,18 @@ def cmd_kernels_compile(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------- parser
-def make_parser() -> argparse.ArgumentParser:
-    from .pipeline import BACKENDS
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line (`qwen3export: error: argument --tp: ...`), exit 2;
+    `--help` shows the usage."""
 
-    p = argparse.ArgumentParser(prog="qwen3export", description=__doc__.splitlines()[0])
+    def error(self, message: str):
+        self.exit(EXIT_ERROR, f"qwen3export: error: {message} (see `{self.prog} --help`)\n")
+
+
+def make_parser(tune: bool = True) -> argparse.ArgumentParser:
+    from .backends import BACKENDS
+
+    p = _Parser(prog="qwen3export", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -337,16 +463,23 @@ def make_parser() -> argparse.ArgumentParser:
                         "cross-compiled for a GPU target's arch; default onnx, and torch-export (one torch.export "
                         "program per rank) with --tp/--ep)")
     b.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16 (default fp32)")
-    b.add_argument("--out", help="artifact folder (default dist/<model>-<target>-<backend>)")
-    b.add_argument("--force", action="store_true", help="replace an existing output folder")
-    b.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights (default 0)")
+    b.add_argument("--out", metavar="DIR",
+                   help="parent folder of the artifacts: each is DIR/<model>-<target>-<backend> (default dist)")
+    b.add_argument("--artifact", metavar="PATH", help="the artifact folder itself, for a one-backend build "
+                   "(instead of --out)")
+    b.add_argument("--sign", metavar="KEY", help="sign each artifact's manifest with this Ed25519 private key "
+                   "(PEM, from `qwen3export keys`); users check it with --trust")
+    b.add_argument("--force", action="store_true",
+                   help="replace an existing artifact folder (only a folder holding a qwen3export manifest)")
+    b.add_argument("--seed", type=int_in(0, INT64_MAX), default=0,
+                   help="seed of a preset's random weights (default 0)")
     b.add_argument("--weight-stats", choices=("trained", "small"), default="trained",
                    help="statistics of a preset's random weights: trained (default: logits std ~3 and max 15-35, "
                         "massive activations, norms not 1, uneven MoE routing) or small (N(0, 0.02), logits near 0)")
     b.add_argument("--dump-ir", metavar="DIR", help="write each phase's graph into DIR")
-    b.add_argument("--max-batch", type=int, default=8,
+    b.add_argument("--max-batch", type=int_in(1, 1 << 16), default=8,
                    help="serving limit: sequences per batch (TensorRT profile; KV cache planned for it; default 8)")
-    b.add_argument("--max-seq", type=int,
+    b.add_argument("--max-seq", type=int_in(1, INT32_MAX),
                    help="serving limit: tokens per sequence, prompt + generated (TensorRT profile; KV cache "
                         "planned for it; `run` refuses beyond; default min(model positions, 8192))")
     b.add_argument("--rope-scaling", metavar="TYPE:FACTOR[:ORIG]",
@@ -360,10 +493,12 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--quant", default="none", choices=("none", "int8", "int4", "fp8"),
                    help="weight quantization: int8/int4 weight-only (W8A16/W4A16), fp8 e4m3 weights and "
                         "activations (sm_89+); default none")
-    b.add_argument("--group-size", type=int, default=128, help="int4/int8 quantization group size (default 128)")
+    b.add_argument("--group-size", type=int_in(1, INT32_MAX),
+                   help="--quant int4 group size along the input dimension (default 128)")
     b.add_argument("--quantize-lm-head", action="store_true", help="quantize the lm_head as well (default: keep it)")
-    b.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: one engine part per rank (default 1)")
-    b.add_argument("--ep", type=int, default=1, help="expert-parallel degree (MoE models; default 1)")
+    b.add_argument("--tp", type=int_in(1, 1024), default=1,
+                   help="tensor-parallel degree: one engine part per rank (default 1)")
+    b.add_argument("--ep", type=int_in(1, 1024), default=1, help="expert-parallel degree (MoE models; default 1)")
     b.add_argument("--stream", action="store_true",
                    help="capture on the meta device and stream weights tensor by tensor into the ONNX external "
                         "data: peak memory bounded by the largest tensor, not the model (onnx backend)")
@@ -371,42 +506,60 @@ def make_parser() -> argparse.ArgumentParser:
                    help="--stream / --tp/--ep builds: skip the parity check; the manifest records it as NOT run "
                         "and names the `qwen3export verify` command that runs it")
 
+    trust_help = ("refuse the artifact unless its manifest.sig is a valid signature by this Ed25519 public key "
+                  "(PEM), checked before anything is loaded")
     r = add("run", "generate tokens with an artifact's engine", cmd_run)
     r.add_argument("artifact")
+    r.add_argument("--trust", metavar="PUBLIC_KEY", help=trust_help)
     r.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
     r.add_argument("--prompt", help="text, wrapped in the checkpoint's chat template (needs its tokenizer)")
-    r.add_argument("--max-new-tokens", type=int, default=32)
+    r.add_argument("--max-new-tokens", type=int_in(1, INT32_MAX), default=32)
     r.add_argument("--thinking", choices=("on", "off"), default="on",
                    help="Qwen3 thinking mode (off: <think> can never be produced); default on")
-    r.add_argument("--thinking-budget", type=int, default=-1,
+    r.add_argument("--thinking-budget", type=int_in(-1, INT32_MAX), default=-1,
                    help="max thinking tokens, then the early-stop sequence closes </think> (-1: unlimited)")
     r.add_argument("--greedy", action="store_true", help="argmax decoding (temperature 0)")
-    r.add_argument("--temperature", type=float)
-    r.add_argument("--top-k", type=int)
-    r.add_argument("--top-p", type=float)
-    r.add_argument("--min-p", type=float)
-    r.add_argument("--repetition-penalty", type=float)
-    r.add_argument("--presence-penalty", type=float)
-    r.add_argument("--seed", type=int, default=0, help="seed of the uniforms fed to the sampling graph")
+    r.add_argument("--temperature", type=finite_float)
+    r.add_argument("--top-k", type=int_in(0, INT32_MAX), help="0: no top-k cut")
+    r.add_argument("--top-p", type=finite_float)
+    r.add_argument("--min-p", type=finite_float)
+    r.add_argument("--repetition-penalty", type=finite_float)
+    r.add_argument("--presence-penalty", type=finite_float)
+    r.add_argument("--seed", type=int_in(0, INT64_MAX), default=0, help="seed of the uniforms fed to the sampling graph")
     r.add_argument("--no-stop", action="store_true", help="do not stop at the model's EOS tokens")
-    r.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    r.add_argument("--threads", type=int_in(1, 1024), help="ONNX Runtime intra-op threads")
 
     v = add("verify", "re-run the parity check of an artifact against eager PyTorch", cmd_verify)
     v.add_argument("artifact")
+    v.add_argument("--trust", metavar="PUBLIC_KEY", help=trust_help)
+    v.add_argument("--sign", metavar="KEY", help="record the report in the manifest of a signed artifact and sign "
+                   "it again with this private key")
     v.add_argument("--model", help="checkpoint folder or preset to rebuild eager from (default: as recorded)")
-    v.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    v.add_argument("--threads", type=int_in(1, 1024), help="ONNX Runtime intra-op threads")
 
     i = add("inspect", "show an artifact's manifest, files and ONNX op counts", cmd_inspect)
     i.add_argument("artifact")
+    i.add_argument("--trust", metavar="PUBLIC_KEY", help=trust_help)
 
     add("targets", "list the known targets", cmd_targets)
 
-    from qwen3export.autotune.cli import add_tune_parser
+    if tune:  # autotune imports torch and Triton: registered in full only when `tune` runs
+        from qwen3export.autotune.cli import add_tune_parser
 
-    add_tune_parser(add)
+        add_tune_parser(add)
+    else:
+        sub.add_parser("tune", help="tune the Triton kernels' configs for a GPU target with optuna; write tuned "
+                       "tables (`qwen3export tune --help`)", add_help=False)
 
     fi = add("finish", "build an artifact's pending TensorRT plan (on the target machine)", cmd_finish)
     fi.add_argument("artifact")
+    fi.add_argument("--trust", metavar="PUBLIC_KEY", help=trust_help)
+    fi.add_argument("--sign", metavar="KEY", help="sign the finished artifact's manifest with this private key "
+                    "(without it, an old signature is removed: the manifest changes)")
+    k = add("keys", "make an Ed25519 key pair: the private key signs builds (--sign), the public key is what "
+            "users --trust", cmd_keys)
+    k.add_argument("--private", required=True, metavar="PATH", help="private key file to write (mode 0600)")
+    k.add_argument("--public", required=True, metavar="PATH", help="public key file to write")
 
     ks = sub.add_parser("kernels", help="Triton kernel tools (cross-compilation per GPU arch)",
                         description="Triton kernel tools (cross-compilation per GPU arch)")
@@ -429,19 +582,23 @@ def make_parser() -> argparse.ArgumentParser:
     pl.add_argument("--target", default="cpu")
     pl.add_argument("--dtype", help="activation/weight dtype (default bf16 where the target has it)")
     pl.add_argument("--quant", default="none", help="none | int8 | int4 | fp8 (weights)")
-    pl.add_argument("--group-size", type=int, default=128, help="int4 quantization group size")
-    pl.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
-    pl.add_argument("--ep", type=int, default=1, help="expert-parallel degree")
-    pl.add_argument("--max-batch", type=int, default=1)
-    pl.add_argument("--max-seq", type=int, help="tokens per sequence (default: the model's max positions)")
+    pl.add_argument("--group-size", type=int_in(1, INT32_MAX), default=128, help="int4 quantization group size")
+    pl.add_argument("--tp", type=int_in(1, 1024), default=1, help="tensor-parallel degree")
+    pl.add_argument("--ep", type=int_in(1, 1024), default=1, help="expert-parallel degree")
+    pl.add_argument("--max-batch", type=int_in(1, 1 << 16), default=1)
+    pl.add_argument("--max-seq", type=int_in(1, INT32_MAX), help="tokens per sequence (default: the model's max positions)")
     pl.add_argument("--rope-scaling", metavar="TYPE:FACTOR[:ORIG]", help="e.g. yarn:4.0")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = make_parser()
-    args = parser.parse_args(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = make_parser(tune=command == "tune")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a usage error (one line, exit 2) or --help (exit 0): a code, also when called in-process
+        return e.code if isinstance(e.code, int) else EXIT_ERROR
     debug = args.debug or os.environ.get("QWEN3EXPORT_DEBUG") == "1"
     try:
         return args.fn(args)
@@ -453,6 +610,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `qwen3export inspect … | head`
         sys.stdout = open(os.devnull, "w")
         return 0
+    except OSError as e:  # a full disk, a read-only --out, a folder we may not read: exit 2, not "parity failed"
+        if debug:
+            traceback.print_exc()
+        where = f" {e.filename}" if e.filename else ""
+        what = e.strerror or str(e)
+        _eprint(f"qwen3export: error: cannot access{where}: {what} (errno {e.errno}); free space, fix the "
+                "permissions or choose another path (nothing half-written was left behind)")
+        return EXIT_ERROR
     except KeyboardInterrupt:
         _eprint("qwen3export: interrupted; nothing half-written was left behind")
         return 130

@@ -43,8 +43,8 @@ def engine_lines(manifest: dict[str, Any]) -> list[str]:
             lines.append(f"    finish:  {rec['finish']}")
     if "parallel" in rec:
         p = rec["parallel"]
-        lines.append(f"  ranks    tp {p['tp']} x ep {p['ep']} = {p['world']} parts (torch.export program + weight "
-                     "shard each; gloo processes on CPU)")
+        lines.append(f"  ranks    tp {p['tp']} x ep {p['ep']} = {p['world']} parts (a safetensors weight shard "
+                     "each; the rank program is re-captured from the spec at load; gloo processes on CPU)")
         lines += [f"    rank {r['rank']}: tp_rank {r['tp_rank']} ep_rank {r['ep_rank']}  heads {r['heads']} kv_heads "
                   f"{r['kv_heads']} experts {r['experts']} vocab {r['vocab']}" for r in rec["ranks"]]
     for k in rec.get("kernel_configs", []):
@@ -83,6 +83,41 @@ def quality_line(quality: dict[str, Any]) -> str:
     """parity["quantization"]: quant_parity.compare_to_unquantized's report, or why it was not run."""
     if "not_run" in quality:
         return f"quantized vs unquantized: not run ({quality['not_run']})"
-    from .quant_parity import summary_line
+    return quant_summary_line({"quantization": quality})
 
-    return summary_line({"quantization": quality})
+
+def _num(x: float | None) -> str:
+    return "NaN/Inf" if x is None else f"{x:.2e}"
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    if report.get("not_run"):  # a streamed / parallel build with no check (streaming.py parity_not_run)
+        later = f"; run it with `{report['command']}`" if report.get("command") else ""
+        return f"parity NOT RUN ({report['not_run']}){later}"
+    state = "PASS" if report["passed"] else "FAIL"
+    if "functions" in report:  # a kernel pack (backends/kernel_pack.py verify_kernel_pack)
+        inner = report.get("interpreter") or {}
+        err = inner.get("logits_scaled_err", inner.get("logits_max_abs"))
+        ran = (f"interpreter vs eager: logits scaled error {_num(err)}, greedy {inner['greedy_tokens_matching']}"
+               f"/{inner['new_tokens']}" if inner.get("passed") is not None
+               else f"interpreter check not run ({inner.get('not_run')})")
+        return (f"parity {state}: kernel pack, {report['functions']} functions (cubin resources re-read, loader "
+                f"rebuilt); {ran}; GPU launch not run here")
+    if "logits_scaled_err" not in report:  # a manifest written before the scale-aware metric
+        return (f"parity {state}: logits max abs {_num(report['logits_max_abs'])} (rel "
+                f"{_num(report['logits_max_rel'])}), top-1 {report['top1_agreement']:.3f}, greedy "
+                f"{report['greedy_tokens_matching']}/{report['new_tokens']} tokens match")
+    return (f"parity {state}: logits scaled error {_num(report['logits_scaled_err'])} (max |engine - eager| / "
+            f"max(1, max |eager|) per row; max abs {_num(report['logits_max_abs'])}), top-1 "
+            f"{report['top1_agreement']:.3f}, greedy {report['greedy_tokens_matching']}/{report['new_tokens']} "
+            f"tokens match")
+
+
+def quant_summary_line(report: dict[str, Any]) -> str:
+    q = report["quantization"]
+    routers = q["router_topk_agreement"]
+    router = (f", router top-k overlap {min(r['overlap'] for r in routers.values()):.3f}" if routers else "")
+    return (f"quantized vs unquantized (not gated): KL mean {q['logits_kl']['mean']:.2e} max "
+            f"{q['logits_kl']['max']:.2e}, top-1 {q['top1_agreement']:.3f}, greedy match "
+            f"{q['greedy_match_length']['min']}/{q['greedy_match_length']['of']}, last-layer error "
+            f"{q['hidden_state_rel_error'][-1]:.2e}{router}")

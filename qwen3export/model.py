@@ -14,7 +14,7 @@ from qwen3export.graphs.decoder import Qwen3Decoder
 from .errors import ConfigError
 from .synthetic_weights import DEFAULT_WEIGHT_STATS
 from .spec import PRESETS, ModelSpec, preset, read_config, spec_from_hf_config
-from .weights import RandomSource, SafetensorsSource, WeightSource, load_into, parse_dtype
+from .weights import RandomSource, SafetensorsSource, WeightSource, check_names, load_into, parse_dtype
 
 DEFAULT_SEED = 0
 
@@ -76,6 +76,7 @@ def resolve(model: str | Path, seed: int = DEFAULT_SEED, *, weight_stats: str = 
             source = SafetensorsSource(path)
         if overrides:  # --rope-scaling: what Qwen3's model card tells users to add to config.json
             spec = spec.replace(**overrides)
+        check_names(spec, source)  # names and shapes against the safetensors headers, before anything is allocated
         return spec, source, ModelRef("folder", str(path.resolve()), DEFAULT_SEED,
                                                        tuple(sorted(overrides.items())))
     if text in PRESETS:

@@ -94,14 +94,13 @@ def verify_parallel(artifact: art.Artifact, eager: torch.nn.Module, threads: int
 
 def build_parallel(opts, progress: Progress = lambda s: None) -> list:
     """Write, verify and seal a tp x ep artifact (see the module docstring) -> [BuildResult]."""
-    from pathlib import Path
 
     from qwen3export.graphs.parallel import layouts
     from qwen3export.graphs.sampling import capture_sampling
 
     from .model import build_module, resolve
     from .parity import summary_line
-    from .pipeline import BuildResult, _Stages, emit_sampling, gate, lowering_record, sampling_graph_for
+    from .pipeline import BuildResult, _Stages, emit_sampling, gate, lowering_record, output_folder, sampling_graph_for
     from .plan import serving_plan
     from .streaming import parity_not_run
 
@@ -113,14 +112,13 @@ def build_parallel(opts, progress: Progress = lambda s: None) -> list:
     serving = serving_plan(spec, target, "fp32", tp=opts.tp, ep=opts.ep, max_batch=opts.max_batch,
                            max_seq=opts.max_seq)
     name = f"{spec.name.lower()}-{target.name}-tp{opts.tp}-ep{opts.ep}"
-    out = opts.out if opts.out is not None else Path("dist") / name
-    if out.exists() and not opts.force:
-        raise InputError(f"output folder {out} already exists; pass --force to replace it or choose --out")
+    out = output_folder(opts, spec, target.name, "torch-export", name=name)
+    art.check_replaceable(out, opts.force)
     ranks = layouts(spec, opts.tp, opts.ep)
     not_run = parity_not_run(opts, spec, out)
     stages = _Stages(3 + (not_run is None), progress)
 
-    with art.staging(out, opts.force) as tmp:
+    with art.staging(out, opts.force, opts.sign) as tmp:
         record = lowering_record(None)
         record["notes"] = ["the rank parts are the captured (unlowered) programs: torch runs them with their "
                            "collectives; the qwen3export:: lowering targets ONNX/Triton engines"]
@@ -142,7 +140,7 @@ def build_parallel(opts, progress: Progress = lambda s: None) -> list:
         # 3. verify: N processes against the unsharded eager model
         if not_run is None:
             report = stages.run("verify", f"{len(ranks)} gloo rank processes against unsharded eager PyTorch",
-                                lambda: verify_parallel(art.Artifact(tmp, manifest),
+                                lambda: verify_parallel(art.staged_artifact(tmp, manifest),
                                                         build_module(spec, source, torch.float32), progress=progress))
             gate(report, "the rank parts")
         else:

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .describe import summary_line  # noqa: F401 (torch-free, for inspect; re-exported)
 from .generation import Step, greedy_generate, left_pad
 
 # The gated metric is scale-aware: for each logits row (a position of a prompt, or a decode step),
@@ -120,33 +121,6 @@ def check_parity(engine: Step, engine_cache: tuple, eager: Step, eager_cache: tu
         "passed": not failures,
         "failures": failures,
     }
-
-
-def _num(x: float | None) -> str:
-    return "NaN/Inf" if x is None else f"{x:.2e}"
-
-
-def summary_line(report: dict[str, Any]) -> str:
-    if report.get("not_run"):  # a streamed / parallel build with no check (streaming.py parity_not_run)
-        later = f"; run it with `{report['command']}`" if report.get("command") else ""
-        return f"parity NOT RUN ({report['not_run']}){later}"
-    state = "PASS" if report["passed"] else "FAIL"
-    if "functions" in report:  # a kernel pack (backends/kernel_pack.py verify_kernel_pack)
-        inner = report.get("interpreter") or {}
-        err = inner.get("logits_scaled_err", inner.get("logits_max_abs"))
-        ran = (f"interpreter vs eager: logits scaled error {_num(err)}, greedy {inner['greedy_tokens_matching']}"
-               f"/{inner['new_tokens']}" if inner.get("passed") is not None
-               else f"interpreter check not run ({inner.get('not_run')})")
-        return (f"parity {state}: kernel pack, {report['functions']} functions (cubin resources re-read, loader "
-                f"rebuilt); {ran}; GPU launch not run here")
-    if "logits_scaled_err" not in report:  # a manifest written before the scale-aware metric
-        return (f"parity {state}: logits max abs {_num(report['logits_max_abs'])} (rel "
-                f"{_num(report['logits_max_rel'])}), top-1 {report['top1_agreement']:.3f}, greedy "
-                f"{report['greedy_tokens_matching']}/{report['new_tokens']} tokens match")
-    return (f"parity {state}: logits scaled error {_num(report['logits_scaled_err'])} (max |engine - eager| / "
-            f"max(1, max |eager|) per row; max abs {_num(report['logits_max_abs'])}), top-1 "
-            f"{report['top1_agreement']:.3f}, greedy {report['greedy_tokens_matching']}/{report['new_tokens']} "
-            f"tokens match")
 
 
 # the sampling check's work is rows x vocab x steps: 128 rows over a tiny vocabulary, fewer (never under 24)

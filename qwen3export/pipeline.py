@@ -16,6 +16,7 @@ import torch
 from qwen3export.targets import get_target
 
 from . import artifact as art
+from .backends import BACKENDS
 from .backends import onnx as onnx_backend
 from .capture import capture
 from qwen3export.graphs.sampling import capture_sampling
@@ -28,7 +29,6 @@ from .runner import available_providers, open_engine
 from .spec import ModelSpec
 from .weights import parse_dtype
 
-BACKENDS = ("onnx", "aoti", "tensorrt", "kernels")
 Progress = Callable[[str], None]
 
 
@@ -38,7 +38,9 @@ class BuildOptions:
     target: str = "cpu"
     backends: tuple[str, ...] = ("onnx",)
     dtype: str = "fp32"
-    out: Path | None = None  # artifact folder (one backend) or parent folder (several); default ./dist
+    out: Path | None = None  # parent folder: each artifact is <out>/<model>-<target>-<backend>; default ./dist
+    artifact: Path | None = None  # the artifact folder itself (one backend only); instead of out
+    sign: Path | None = None  # an Ed25519 private key (PEM): each artifact's manifest is signed (signing.py)
     force: bool = False
     seed: int = DEFAULT_SEED
     weight_stats: str = DEFAULT_WEIGHT_STATS  # a preset's random-weight statistics: trained | small
@@ -67,11 +69,17 @@ def artifact_name(spec: ModelSpec, target: str, backend: str) -> str:
     return f"{spec.name.lower()}-{target}-{backend}"
 
 
-def output_folder(opts: BuildOptions, spec: ModelSpec, target: str, backend: str) -> Path:
-    """--out names the artifact folder for one backend, the parent folder for several; default ./dist/<name>."""
-    if opts.out is not None and len(opts.backends) == 1:
-        return opts.out
-    return (opts.out or Path("dist")) / artifact_name(spec, target, backend)
+def output_folder(opts: BuildOptions, spec: ModelSpec, target: str, backend: str, name: str | None = None) -> Path:
+    """`--out` is always the parent folder (default ./dist) and the artifact is `<out>/<name>`; `--artifact` names
+    the artifact folder itself, for a one-backend build."""
+    if opts.artifact is not None:
+        if len(opts.backends) != 1:
+            raise InputError(f"--artifact names one artifact folder, but --backend {','.join(opts.backends)} writes "
+                             f"{len(opts.backends)}; use --out DIR (each lands in DIR/<model>-<target>-<backend>)")
+        if opts.out is not None:
+            raise InputError("give --out DIR (parent folder) or --artifact PATH (the folder itself), not both")
+        return Path(opts.artifact)
+    return Path(opts.out or "dist") / (name or artifact_name(spec, target, backend))
 
 
 class _Stages:
@@ -213,6 +221,23 @@ def quant_config(opts: BuildOptions, spec: ModelSpec, source):
     return cfg
 
 
+LOAD_BYTES_PER_PARAM = {"none": 4.0, "int8": 1.0, "fp8": 1.0, "int4": 0.5}  # what the loaded decoder holds, at least
+
+
+def check_load_memory(spec: ModelSpec, quant: str, extra_fp16: bool = False, available: int | None = None) -> None:
+    """Before the load stage: refuse a model whose loaded decoder alone (a lower bound of the build's peak) is
+    larger than the memory this machine has available, instead of swapping or being killed minutes later."""
+    from .streaming import available_memory_bytes
+
+    need = spec.param_count() * (LOAD_BYTES_PER_PARAM[quant] + (2.0 if extra_fp16 else 0.0))
+    have = available_memory_bytes() if available is None else available
+    if need > have:
+        raise InputError(f"{spec.name} needs at least {need / 2**30:.1f} GiB to load in memory "
+                         f"({spec.param_count():,} parameters{'' if quant == 'none' else ', ' + quant}), but this "
+                         f"machine has {have / 2**30:.1f} GiB available; build with --stream (peak memory bounded by "
+                         "the largest tensor), or on a machine with more memory")
+
+
 def load_decoder(spec: ModelSpec, source, qcfg) -> torch.nn.Module:
     """Load stage: the fp32 decoder, or the quantized one (graphs/quantized.py) built tensor by tensor."""
     if qcfg is None:
@@ -261,12 +286,12 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
                            max_batch=opts.max_batch, max_seq=opts.max_seq)
     outs = {b: output_folder(opts, spec, target.name, b) for b in opts.backends}
     for out in outs.values():  # refuse before spending minutes on a build
-        if out.exists() and not opts.force:
-            raise InputError(f"output folder {out} already exists; pass --force to replace it or choose --out")
+        art.check_replaceable(out, opts.force)
     # aoti compiles the unlowered program; the kernel pack needs no graph
     lower = opts.lower and any(b not in ("aoti", "kernels") for b in opts.backends)
     stages = _Stages(2 + lower + 3 * len(opts.backends), progress)
 
+    check_load_memory(spec, qcfg.mode if qcfg else "none", extra_fp16=opts.dtype == "fp16")
     # 1. load: weights streamed tensor by tensor into the module (see weights.py)
     # engines are verified here in fp32; TensorRT lowers precision through its builder flags
     what = f"{source.description} as fp32" + (f", {qcfg.mode} weights ({qcfg.scheme})" if qcfg else "")
@@ -298,7 +323,7 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
         flavour = onnx_flavour(backend, target, opts.onnx_ops)
         program, record = (lowered, dict(lowering)) if flavour else (ep, unlowered_record(backend, opts.lower))
         record["onnx_ops"] = flavour
-        with art.staging(out, opts.force) as tmp:
+        with art.staging(out, opts.force, opts.sign) as tmp:
             manifest = art.default_manifest(
                 model={"ref": ref.to_dict(), "spec": spec.to_dict(), "param_count": spec.param_count()},
                 target=target.to_dict(), backend=backend, dtype="fp32" if backend == "kernels" else engine_dtype,
@@ -321,10 +346,10 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
             elif qcfg is not None:
                 report = stages.run("verify", "parity against eager PyTorch on the dequantized weights, and the "
                                     "quantized model against the unquantized one",
-                                    lambda: verify_quantized(art.Artifact(tmp, manifest), spec, source, qcfg))
+                                    lambda: verify_quantized(art.staged_artifact(tmp, manifest), spec, source, qcfg))
             else:
                 report = stages.run("verify", "parity against eager PyTorch",
-                                    lambda: verify_engine(art.Artifact(tmp, manifest), module))
+                                    lambda: verify_engine(art.staged_artifact(tmp, manifest), module))
             progress(summary_line(report))
             if "quantization" in report:
                 from .describe import quality_line
@@ -370,7 +395,7 @@ def verify_pack(folder: Path, manifest: dict[str, Any], progress: Progress = lam
     from .backends.kernel_pack import verify_kernel_pack
 
     report = verify_kernel_pack(folder, manifest, progress)
-    report["sampling"] = check_sampling_parity(*sampling_pair(art.Artifact(folder, manifest), threads))
+    report["sampling"] = check_sampling_parity(*sampling_pair(art.staged_artifact(folder, manifest), threads))
     if not report["sampling"]["identical"]:
         report["passed"] = False
         report["failures"].append(f"sampling graph differs from torch in {report['sampling']['mismatches']} "
@@ -522,7 +547,7 @@ def sampling_pair(artifact: art.Artifact, threads: int | None = None, engine=Non
     graph = SamplingGraph(SamplingVocab.from_spec(spec), entry["early_stop_ids"])
     if artifact.backend == "aoti":
         return graph, (engine or open_engine(artifact, threads)).sampler
-    session = SamplingSession(artifact.file(entry["file"]), available_providers(
+    session = SamplingSession(artifact.onnx_file(entry["file"]), available_providers(
         artifact.manifest["target"]["ort_providers"]), threads)
     return graph, session
 

@@ -181,11 +181,11 @@ class PrequantizedSource:
         if not self.is_quantized(name):
             raise WeightsError(f"tensor {name} is not quantized in {self.raw.description}")
         base, s = name.removesuffix(".weight"), self.scheme
-        qweight, qzeros, scales = (self.raw.get(base + p) for p in (".qweight", ".qzeros", ".scales"))
+        qweight, qzeros, scales = (self.raw.get(base + p, integer_ok=True) for p in (".qweight", ".qzeros", ".scales"))
         group = s.group_for(self._shapes[name][1])
         if s.method == "awq":
             return awq_to_weight(qweight, qzeros, scales, group, name)
-        return gptq_to_weight(qweight, qzeros, scales, self.raw.get(base + ".g_idx"), s.bits, group,
+        return gptq_to_weight(qweight, qzeros, scales, self.raw.get(base + ".g_idx", integer_ok=True), s.bits, group,
                               s.zero_offset, name)
 
     def get(self, name: str) -> torch.Tensor:

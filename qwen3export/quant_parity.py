@@ -162,11 +162,4 @@ def quant_parity(engine: Step, engine_cache: tuple, spec: ModelSpec, source: Wei
     return {"engine": engine_report, "quantization": quality}
 
 
-def summary_line(report: dict[str, Any]) -> str:
-    q = report["quantization"]
-    routers = q["router_topk_agreement"]
-    router = (f", router top-k overlap {min(r['overlap'] for r in routers.values()):.3f}" if routers else "")
-    return (f"quantized vs unquantized (not gated): KL mean {q['logits_kl']['mean']:.2e} max "
-            f"{q['logits_kl']['max']:.2e}, top-1 {q['top1_agreement']:.3f}, greedy match "
-            f"{q['greedy_match_length']['min']}/{q['greedy_match_length']['of']}, last-layer error "
-            f"{q['hidden_state_rel_error'][-1]:.2e}{router}")
+from .describe import quant_summary_line as summary_line  # noqa: E402,F401 (torch-free, re-exported)

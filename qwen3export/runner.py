@@ -53,7 +53,7 @@ class OnnxEngine:
         m = artifact.manifest
         self.spec = ModelSpec.from_dict(m["model"]["spec"])
         engine = m["engine"]
-        path = artifact.file(engine["file"])
+        path = artifact.onnx_file(engine["file"])
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:

@@ -15,10 +15,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .artifact import MANIFEST, load_artifact
+from .artifact import MANIFEST, SIGNATURE_FILE, load_artifact
 from .errors import ArtifactError, InputError
 
-SIGNATURE_FILE = "manifest.sig"
 SIGNATURE_SCHEMA = "qwen3export.signature/1"
 ALGORITHM = "ed25519"
 # Domain separation: the signed message is this prefix + the exact bytes of manifest.json, so a signature made

@@ -112,6 +112,10 @@ class ModelSpec:
             v = getattr(self, fld)
             need(isinstance(v, int) and not isinstance(v, bool) and v > 0, fld,
                  f"must be a positive integer, got {v!r}")
+            need(v <= LIMITS[fld], fld, f"is {v:,}, above {LIMITS[fld]:,} (no Qwen3 model has that)")
+        for v in (*self.eos_token_ids, self.bos_token_id, self.think_token_id, self.end_think_token_id):
+            need(v is None or (isinstance(v, int) and not isinstance(v, bool)), "eos_token_id",
+                 f"holds {v!r}, which is not a token id")
         need(self.num_attention_heads % self.num_key_value_heads == 0, "num_attention_heads",
              f"({self.num_attention_heads}) must be a multiple of num_key_value_heads "
              f"({self.num_key_value_heads}) for grouped-query attention")
@@ -220,8 +224,7 @@ def spec_from_hf_config(cfg: dict[str, Any], name: str = "model",
     `think_ids` are the ids of `<think>`/`</think>` read from the folder's tokenizer.json; without one,
     Qwen3's ids (151667/151668) are assumed when the vocabulary is large enough to hold them.
     """
-    if not isinstance(cfg, dict):
-        raise ConfigError("config.json must hold a JSON object")
+    check_config_types(cfg)
     model_type = cfg.get("model_type")
     if model_type not in MODEL_TYPES:
         raise ConfigError(f"config field 'model_type' is {model_type!r}; qwen3export handles "
@@ -302,9 +305,67 @@ def read_config(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path} not found: point --model at a Hugging Face Qwen3 folder or a preset name")
     try:
-        return json.loads(path.read_text())
+        cfg = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid JSON ({e}); restore the checkpoint's config.json") from None
+    check_config_types(cfg, path)
+    return cfg
+
+
+# JSON types of the config.json fields qwen3export reads (Qwen3Config / Qwen3MoeConfig), checked before any use:
+# a field of the wrong type is one line naming it, never a TypeError deep in the build
+_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "max_position_embeddings", "num_experts", "num_local_experts",
+               "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step", "bos_token_id")
+_NUMBER_FIELDS = ("rms_norm_eps", "rope_theta")
+_BOOL_FIELDS = ("tie_word_embeddings", "attention_bias", "norm_topk_prob", "use_sliding_window")
+_OBJECT_FIELDS = ("rope_scaling", "rope_parameters", "quantization_config")
+# sizes past these are no Qwen3 (the largest has vocab 151,936, hidden 8,192, 94 layers, 128 experts): refused
+# before anything is planned or allocated
+LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 18, "num_hidden_layers": 1024,
+          "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 1024,
+          "max_position_embeddings": 1 << 24, "num_experts": 4096, "num_local_experts": 4096,
+          "num_experts_per_tok": 4096, "moe_intermediate_size": 1 << 18}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_config_types(cfg: Any, path: Path | str = "config.json") -> None:
+    """config.json's top-level JSON types and sizes, before any field is used (ConfigError naming the field)."""
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path} must hold a JSON object, not a JSON {type(cfg).__name__}; restore the "
+                          "checkpoint's config.json")
+
+    def bad(key: str, want: str) -> ConfigError:
+        return ConfigError(f"config field '{key}' must be {want}, got {json.dumps(cfg[key])[:60]} ({path})")
+
+    for key in _INT_FIELDS:
+        if cfg.get(key) is not None and not _is_int(cfg[key]):
+            raise bad(key, "an integer")
+    for key in _NUMBER_FIELDS:
+        if cfg.get(key) is not None and (isinstance(cfg[key], bool) or not isinstance(cfg[key], (int, float))):
+            raise bad(key, "a number")
+    for key in _BOOL_FIELDS:
+        if cfg.get(key) is not None and not isinstance(cfg[key], bool):
+            raise bad(key, "true or false")
+    for key in _OBJECT_FIELDS:
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise bad(key, "a JSON object")
+    for key in ("model_type", "hidden_act"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], str):
+            raise bad(key, "a string")
+    eos = cfg.get("eos_token_id")
+    if eos is not None and not (_is_int(eos) or (isinstance(eos, list) and all(_is_int(v) for v in eos))):
+        raise bad("eos_token_id", "a token id or a list of token ids")
+    layers = cfg.get("mlp_only_layers")
+    if layers is not None and not (isinstance(layers, list) and all(_is_int(v) for v in layers)):
+        raise bad("mlp_only_layers", "a list of layer indices")
+    for key, limit in LIMITS.items():
+        if _is_int(cfg.get(key)) and not 0 < cfg[key] <= limit:
+            raise ConfigError(f"config field '{key}' is {cfg[key]:,}, outside 1..{limit:,} (no Qwen3 model has "
+                              f"that); restore the checkpoint's config.json ({path})")
 
 
 # ---------------------------------------------------------------------- presets

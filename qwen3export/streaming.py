@@ -251,8 +251,7 @@ def build_streamed(opts, progress: Callable[[str], None] = lambda s: None) -> li
     spec, source, ref = resolve(opts.model, opts.seed, weight_stats=opts.weight_stats, **opts.overrides)
     serving = serving_plan(spec, target, opts.dtype, max_batch=opts.max_batch, max_seq=opts.max_seq)
     out = output_folder(opts, spec, target.name, "onnx")
-    if out.exists() and not opts.force:
-        raise InputError(f"output folder {out} already exists; pass --force to replace it or choose --out")
+    art.check_replaceable(out, opts.force)
     flavour = onnx_flavour("onnx", target, opts.onnx_ops)
     not_run = parity_not_run(opts, spec, out)
     stages = _Stages(3 + opts.lower + (not_run is None), progress)
@@ -271,7 +270,7 @@ def build_streamed(opts, progress: Callable[[str], None] = lambda s: None) -> li
     record = dict(record, onnx_ops=flavour)
     kernels = kernel_configs(spec, target, opts.dtype)
     bound = emission_bound(spec, dtype)
-    with art.staging(out, opts.force) as tmp:
+    with art.staging(out, opts.force, opts.sign) as tmp:
         manifest = art.default_manifest(
             model={"ref": ref.to_dict(), "spec": spec.to_dict(), "param_count": spec.param_count()},
             target=target.to_dict(), backend="onnx", dtype=opts.dtype, lowering=record)
@@ -291,7 +290,7 @@ def build_streamed(opts, progress: Callable[[str], None] = lambda s: None) -> li
         # 4. verify, when it can run: the eager model is built only now, after emission
         if not_run is None:
             report = stages.run("verify", "parity against eager PyTorch (fp32 reference loaded after emission)",
-                                lambda: verify_engine(art.Artifact(tmp, manifest),
+                                lambda: verify_engine(art.staged_artifact(tmp, manifest),
                                                       build_module(spec, source, torch.float32)))
             gate(report)
         else:

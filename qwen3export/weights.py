@@ -78,6 +78,9 @@ class WeightSource(Protocol):
     def get(self, name: str) -> torch.Tensor: ...
 
 
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
 class SafetensorsSource:
     """A Hugging Face folder: model.safetensors, or model.safetensors.index.json + shards."""
 
@@ -111,11 +114,14 @@ class SafetensorsSource:
                                        f"from {self.folder}; download it again")
         self._handles: dict[Path, object] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, str] = {}  # safetensors header dtypes: F32, BF16, I32, ...
         self._file_of: dict[str, Path] = {}
         for f in self._files:
             h = self._open(f)
             for k in h.keys():
-                self._shapes[k] = tuple(h.get_slice(k).get_shape())
+                sl = h.get_slice(k)
+                self._shapes[k] = tuple(sl.get_shape())
+                self._dtypes[k] = str(sl.get_dtype())
                 self._file_of[k] = f
         if self._where is not None:
             for k, f in self._where.items():
@@ -139,8 +145,17 @@ class SafetensorsSource:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
 
-    def get(self, name: str) -> torch.Tensor:
+    def dtype(self, name: str) -> str:
+        return self._dtypes[name]
+
+    def get(self, name: str, integer_ok: bool = False) -> torch.Tensor:
+        """The tensor, read now. Integer tensors are refused unless `integer_ok` (a pre-quantized format's codes,
+        prequantized.py): a float weight stored as int32 would otherwise be silently converted."""
         f = self._file_of[name]
+        if not integer_ok and self._dtypes[name] not in _FLOAT_DTYPES:
+            raise WeightsError(f"tensor {name} in {f.name} is {self._dtypes[name]}, not a floating-point weight; "
+                               "integer tensors belong to a quantized format (AWQ/GPTQ with quantization_config); "
+                               "restore the checkpoint's float weights")
         try:
             t = self._open(f).get_tensor(name)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -198,8 +213,18 @@ class RandomSource:
 
 def check_names(spec: ModelSpec, source: WeightSource) -> None:
     """Every expected tensor present with the right shape and nothing unexpected; else name the first."""
-    expected = expected_tensors(spec)
     have = source.names()
+    # the cheap checks first, from the headers alone: a config claiming a million layers or a 10^12 vocabulary
+    # is refused here, before the expected-name table (or anything else) is built for it
+    in_ckpt = {int(n.split(".")[2]) for n in have if n.startswith("model.layers.") and n.split(".")[2].isdigit()}
+    if len(in_ckpt) != spec.num_hidden_layers:
+        raise WeightsError(f"config.json says num_hidden_layers {spec.num_hidden_layers} but {source.description} "
+                           f"holds weights for {len(in_ckpt)} layers; the checkpoint does not match its config.json")
+    if "model.embed_tokens.weight" in have and source.shape("model.embed_tokens.weight")[0] != spec.vocab_size:
+        raise WeightsError(f"config.json says vocab_size {spec.vocab_size} but model.embed_tokens.weight has "
+                           f"{source.shape('model.embed_tokens.weight')[0]} rows; the checkpoint does not match "
+                           "its config.json")
+    expected = expected_tensors(spec)
     if spec.tie_word_embeddings:
         have = have - {"lm_head.weight"}  # some tied checkpoints still store it; it is ignored
     missing = sorted(set(expected) - have)
@@ -212,7 +237,12 @@ def check_names(spec: ModelSpec, source: WeightSource) -> None:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise WeightsError(f"unexpected tensor {unexpected[0]}{more} in {source.description}; "
                            "the checkpoint does not match its config.json")
+    dtype_of = getattr(source, "dtype", None)  # a safetensors source: the header dtypes, before any read
     for name, shape in expected.items():
+        if callable(dtype_of) and dtype_of(name) not in _FLOAT_DTYPES:
+            raise WeightsError(f"tensor {name} in {source.description} is {dtype_of(name)}, not a floating-point "
+                               "weight; integer tensors belong to a quantized format (AWQ/GPTQ with "
+                               "quantization_config); restore the checkpoint's float weights")
         if tuple(source.shape(name)) != shape:
             raise WeightsError(f"tensor {name} has shape {list(source.shape(name))} but config.json "
                                f"implies {list(shape)}; the checkpoint does not match its config")

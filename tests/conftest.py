@@ -33,7 +33,7 @@ from hf_reference import save_hf_checkpoint  # noqa: E402
 TIERS = {
     "integration": ("test_cli.py", "test_realistic_build.py", "test_quant_build.py", "test_pipeline.py",
                     "test_streaming.py", "test_run_sampling.py", "test_parity_gate.py", "test_lowering_build.py",
-                    "test_fp16_build.py", "test_rope.py", "test_tensorrt.py"),
+                    "test_fp16_build.py", "test_rope.py", "test_tensorrt.py", "test_hostile_inputs.py"),
     "heavy": ("test_aoti.py", "test_cli_kernels.py", "test_compile.py", "test_tune.py", "test_parallel.py",
               "test_parallel_artifact.py", "test_parallel_build.py", "test_kernel_backend_build.py",
               "test_stream_memory.py"),
@@ -80,7 +80,7 @@ def built_artifact(tmp_path_factory):
         key = tuple(map(str, argv))
         if key not in cache:
             out = tmp_path_factory.mktemp("artifact") / "art"
-            assert main(["build", *key, "--out", str(out)]) == 0, f"cached build {key} failed"
+            assert main(["build", *key, "--artifact", str(out)]) == 0, f"cached build {key} failed"
             cache[key] = out
         art.load_artifact(cache[key])  # raises if a test edited the shared folder
         return cache[key]

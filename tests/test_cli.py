@@ -106,7 +106,7 @@ def test_tiny_build_runs_like_transformers(tiny_build, tmp_path, capsys):
 
 def test_build_from_transformers_moe_checkpoint(hf_moe_folder, tmp_path, capsys):
     out_dir = tmp_path / "moe-art"
-    code, out, err = cli(capsys, "build", "--model", hf_moe_folder, "--target", "cpu", "--out", out_dir, "--json")
+    code, out, err = cli(capsys, "build", "--model", hf_moe_folder, "--target", "cpu", "--artifact", out_dir, "--json")
     assert code == 0, err
     report = json.loads(out)["artifacts"][0]["parity"]
     assert report["passed"] and report["greedy_tokens_matching"] == 32
@@ -205,7 +205,7 @@ def test_serving_limits_and_kv_cache_in_manifest(tiny_build):
 
 def test_existing_output_needs_force(tiny_build, capsys):
     before = (tiny_build / "manifest.json").read_bytes()
-    code, _, err = cli(capsys, "build", "--model", "tiny", "--out", tiny_build)
+    code, _, err = cli(capsys, "build", "--model", "tiny", "--artifact", tiny_build)
     _one_line_error(code, err, "already exists", "--force")
     assert (tiny_build / "manifest.json").read_bytes() == before
 
@@ -262,7 +262,7 @@ def test_weight_stats_small_by_name_is_recorded_and_verified(tmp_path, capsys):
     """--weight-stats small keeps the first wave's N(0, 0.02) draw: recorded in the manifest, so verify redraws
     the same weights; its logits are near zero, the trained default's are not."""
     out = tmp_path / "small"
-    code, _, err = cli(capsys, "build", "--model", "tiny", "--weight-stats", "small", "--out", out)
+    code, _, err = cli(capsys, "build", "--model", "tiny", "--weight-stats", "small", "--artifact", out)
     assert code == 0, err
     m = json.loads((out / "manifest.json").read_text())
     assert m["model"]["ref"]["weight_stats"] == "small"

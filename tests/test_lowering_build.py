@@ -49,7 +49,8 @@ def built(tmp_path_factory):
             flags = [f.format(tmp=tmp) for f in VARIANTS[variant]]
             with pytest.MonkeyPatch.context() as mp:
                 mp.setattr(pipeline, "check_sampling_parity", lambda g, s: real(g, s, rows=8, steps=2))
-                argv = ["build", "--model", model, "--seed", str(SEED), "--out", str(tmp / "arts"), "--json", *flags]
+                where = "--out" if variant == "standard" else "--artifact"  # standard: onnx + tensorrt under one parent
+                argv = ["build", "--model", model, "--seed", str(SEED), where, str(tmp / "arts"), "--json", *flags]
                 assert main(argv) in (0, 3)  # 3: TensorRT plan pending (no TensorRT here), all else verified
             cache[model, variant] = tmp
         tmp = cache[model, variant]

@@ -34,7 +34,7 @@ def cli(capsys, *argv) -> tuple[int, str, str]:
 
 def test_tp2_build_run_and_inspect(tmp_path, capsys):
     out = tmp_path / "tp2"
-    code, stdout, err = cli(capsys, "build", "--model", "tiny-moe", "--tp", 2, "--out", out, "--json")
+    code, stdout, err = cli(capsys, "build", "--model", "tiny-moe", "--tp", 2, "--artifact", out, "--json")
     assert code == 0, err
     entry = json.loads(stdout)["artifacts"][0]
     assert entry["backend"] == "torch-export" and entry["status"] == "built"  # the default backend with --tp
@@ -103,6 +103,6 @@ class _Payload:
     (["--model", "qwen3-235b-a22b", "--tp", 4], "rank processes"),  # cannot fit this host: modelled, no weights read
 ])
 def test_parallel_refusals_are_one_line_before_any_work(tmp_path, capsys, argv, needle):
-    code, _, err = cli(capsys, "build", "--model", "tiny-moe", "--out", tmp_path / "art", *argv)
+    code, _, err = cli(capsys, "build", "--model", "tiny-moe", "--artifact", tmp_path / "art", *argv)
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
     assert not list(tmp_path.iterdir())

@@ -91,7 +91,7 @@ def test_nan_weight_is_refused_at_build_naming_the_tensor(tmp_path, capsys):
     tensors["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     out = tmp_path / "art"
-    code = main(["build", "--model", str(folder), "--out", str(out)])
+    code = main(["build", "--model", str(folder), "--artifact", str(out)])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qwen3export: error")]
     assert code == 2 and len(err) == 1, err  # one line (after the load stage's progress line)
     assert "tensor model.layers.1.mlp.down_proj.weight in model.safetensors holds nan" in err[0]
@@ -114,6 +114,6 @@ def test_a_nan_engine_is_stopped_by_the_gate(monkeypatch, tmp_path, capsys):
 
     monkeypatch.setattr(onnx_backend, "emit_decoder", nan_emit)
     out = tmp_path / "art"
-    code = main(["build", "--model", "tiny", "--out", str(out)])
+    code = main(["build", "--model", "tiny", "--artifact", str(out)])
     err = capsys.readouterr().err
     assert code != 0 and "the engine's logits hold NaN or Inf" in err and not out.exists()

@@ -39,7 +39,7 @@ def test_parity_gate_rejects_a_wrong_engine(monkeypatch, tmp_path, capsys):
 
     monkeypatch.setattr(onnx_backend, "emit_decoder", wrong_emit)
     out = tmp_path / "art"
-    code = main(["build", "--model", "tiny", "--out", str(out)])
+    code = main(["build", "--model", "tiny", "--artifact", str(out)])
     err = capsys.readouterr().err
     assert code != 0
     assert "parity FAIL" in err and "qwen3export: error: engine failed the parity gate" in err
@@ -54,7 +54,7 @@ def test_interrupted_build_leaves_nothing(monkeypatch, tmp_path, capsys):
 
     monkeypatch.setattr(onnx_backend, "emit_decoder", interrupted_emit)
     out = tmp_path / "art"
-    assert main(["build", "--model", "tiny", "--out", str(out)]) == 130
+    assert main(["build", "--model", "tiny", "--artifact", str(out)]) == 130
     assert list(tmp_path.iterdir()) == []
 
 
@@ -74,7 +74,7 @@ def test_verify_reports_failure_of_a_resealed_wrong_engine(built_artifact, tmp_p
 def test_force_replaces_atomically(built_artifact, tmp_path, capsys):
     out = copy_of(built_artifact("--model", "tiny", "--seed", "1"), tmp_path)
     first = json.loads((out / "manifest.json").read_text())["files"]["decoder.onnx"]["sha256"]
-    assert main(["build", "--model", "tiny", "--out", str(out), "--seed", "2", "--force"]) == 0
+    assert main(["build", "--model", "tiny", "--artifact", str(out), "--seed", "2", "--force"]) == 0
     second = art.load_artifact(out).manifest
     assert second["files"]["decoder.onnx"]["sha256"] != first and second["model"]["ref"]["seed"] == 2
     assert [p.name for p in tmp_path.iterdir()] == ["art"]
@@ -85,7 +85,7 @@ def test_large_weights_go_to_external_data_with_checksums(monkeypatch, tmp_path,
     that the tiny preset crosses it; the 0.6B benchmark crosses the real 2 GB one)."""
     monkeypatch.setattr(onnx_backend, "PROTOBUF_LIMIT", 65 << 20)  # threshold (limit - 64 MiB) = 1 MiB
     out = tmp_path / "art"
-    assert main(["build", "--model", "tiny", "--out", str(out)]) == 0
+    assert main(["build", "--model", "tiny", "--artifact", str(out)]) == 0
     manifest = art.load_artifact(out).manifest
     assert manifest["engine"]["external_data"] is True
     assert {"decoder.onnx", "decoder.onnx.data"} <= set(manifest["files"])

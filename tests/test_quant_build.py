@@ -43,7 +43,7 @@ def op_counts(artifact) -> Counter:
 def int4_tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("q") / "tiny-int4"
     assert main(["build", "--model", "tiny", "--quant", "int4", "--group-size", "32", "--quantize-lm-head",
-                 "--out", str(out)]) == 0
+                 "--artifact", str(out)]) == 0
     return load_artifact(out)
 
 
@@ -129,7 +129,7 @@ def test_int4_build_of_a_checkpoint_whose_hidden_size_is_off_the_group(tmp_path,
     spec, source, _ = resolve("tiny", hidden_size=72)
     folder = save_hf_checkpoint(spec, source, tmp_path / "tiny-h72")
     code, _, err = cli(capsys, "build", "--model", folder, "--quant", "int4", "--group-size", "32",
-                       "--quantize-lm-head", "--out", tmp_path / "a")
+                       "--quantize-lm-head", "--artifact", tmp_path / "a")
     assert code == 0, err
     a = load_artifact(tmp_path / "a")
     q, p = a.manifest["quantization"], a.manifest["parity"]
@@ -150,7 +150,7 @@ def test_int4_moe_build_with_partial_groups(onnx_ops, tmp_path):
 
     overrides = {"hidden_size": 72, "moe_intermediate_size": 40}
     result, = build(BuildOptions(model="tiny-moe", overrides=overrides, quant="int4", group_size=32,
-                                 onnx_ops=onnx_ops, out=tmp_path / "moe"))
+                                 onnx_ops=onnx_ops, artifact=tmp_path / "moe"))
     a = load_artifact(result.path)
     p = a.manifest["parity"]
     assert p["passed"] and p["greedy_match"] and p["logits_max_abs"] < 1e-4
@@ -169,7 +169,7 @@ def test_moe_int8_standard_flavour(tmp_path, capsys):
     into the dense MoE; the runner keeps ORT's DQ+MatMul -> MatMulNBits fusion at accuracy level 0, so the
     fp32 gate holds."""
     out = tmp_path / "moe"
-    code, _, err = cli(capsys, "build", "--quant", "int8", "--onnx-ops", "standard", "--out", out)
+    code, _, err = cli(capsys, "build", "--quant", "int8", "--onnx-ops", "standard", "--artifact", out)
     assert code == 0, err
     a = load_artifact(out)
     spec = preset("tiny-moe")
@@ -191,9 +191,9 @@ def test_awq_folder_builds_as_it_is(tmp_path, capsys):
     folder.mkdir()
     qc = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}
     _write_checkpoint(folder, spec, qc)
-    code, _, err = cli(capsys, "build", "--model", folder, "--quant", "int8", "--out", tmp_path / "no")
+    code, _, err = cli(capsys, "build", "--model", folder, "--quant", "int8", "--artifact", tmp_path / "no")
     assert code == 2 and "already quantized (awq int4)" in err and not (tmp_path / "no").exists()
-    code, out, err = cli(capsys, "build", "--model", folder, "--out", tmp_path / "a")
+    code, out, err = cli(capsys, "build", "--model", folder, "--artifact", tmp_path / "a")
     assert code == 0, err
     a = load_artifact(tmp_path / "a")
     q = a.manifest["quantization"]

@@ -100,7 +100,7 @@ def _with_weights(hf, module):
 
 def _build(capsys, tmp_path, model, *flags):
     out = tmp_path / "a"
-    code = main(["build", "--model", str(model), "--out", str(out), *map(str, flags)])
+    code = main(["build", "--model", str(model), "--artifact", str(out), *map(str, flags)])
     _, err = capsys.readouterr()
     assert code == 0, err
     return load_artifact(out)

@@ -77,7 +77,7 @@ def pinned_artifact(folder, pins: dict[int, float]):
     for token, value in pins.items():
         logits[token] = value
     save_source_checkpoint(spec, PinnedLogitsSource(RandomSource(spec, seed=0), spec, logits), folder / "hf")
-    assert main(["build", "--model", str(folder / "hf"), "--out", str(folder / "art")]) == 0
+    assert main(["build", "--model", str(folder / "hf"), "--artifact", str(folder / "art")]) == 0
     return folder / "art"
 
 
@@ -174,7 +174,7 @@ def text_checkpoint(tmp_path_factory):
 def test_text_prompt_with_chat_template_and_budget(text_checkpoint, tmp_path, capsys):
     folder, tok, ids = text_checkpoint
     art = tmp_path / "art"
-    assert main(["build", "--model", str(folder), "--out", str(art)]) == 0
+    assert main(["build", "--model", str(folder), "--artifact", str(art)]) == 0
     manifest = json.loads((art / "manifest.json").read_text())
     sampling = manifest["sampling"]
     assert set(sampling["tokenizer_files"]) == {"tokenizer.json", "tokenizer_config.json", "generation_config.json"}

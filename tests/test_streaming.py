@@ -92,7 +92,7 @@ def test_streamed_build_without_verify_records_not_run_and_verifies_later(tmp_pa
     folder = save_hf_checkpoint(spec, source, tmp_path / "ckpt", max_shard_bytes=16 << 20)
     assert len(list(folder.glob("*.safetensors"))) > 1
     out = tmp_path / "art"
-    result = build(BuildOptions(model=str(folder), out=out, stream=True, verify=False))[0]
+    result = build(BuildOptions(model=str(folder), artifact=out, stream=True, verify=False))[0]
     m = result.manifest
     assert m["parity"] == {"passed": None, "not_run": "--no-verify", "command": f"qwen3export verify {out}"}
     assert m["engine"]["external_data"] and m["engine"]["onnx_ops"] == "ort"
@@ -114,7 +114,7 @@ def test_streamed_bf16_build_writes_the_source_weights_and_fp32_rope(tmp_path):
 
     spec, source, _ = resolve("tiny-moe", 0, num_hidden_layers=1)
     out = tmp_path / "art"
-    m = build(BuildOptions(model="tiny-moe", target="h100", dtype="bf16", out=out, stream=True, verify=False,
+    m = build(BuildOptions(model="tiny-moe", target="h100", dtype="bf16", artifact=out, stream=True, verify=False,
                            overrides={"num_hidden_layers": 1}))[0].manifest
     assert m["dtype"] == "bf16" and m["parity"]["passed"] is None and m["parity"]["command"] is None
     assert "bf16" in m["parity"]["not_run"]
@@ -136,6 +136,6 @@ def test_streamed_bf16_build_writes_the_source_weights_and_fp32_rope(tmp_path):
     (["--no-verify"], "--no-verify applies to --stream and --tp/--ep builds only"),
 ])
 def test_stream_refusals_are_one_line_before_any_work(tmp_path, capsys, argv, needle):
-    code, _, err = _cli(capsys, "build", "--model", "tiny-moe", "--out", tmp_path / "art", *argv)
+    code, _, err = _cli(capsys, "build", "--model", "tiny-moe", "--artifact", tmp_path / "art", *argv)
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir())

@@ -416,12 +416,12 @@ def interpreter_parity(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]
 def _interpret_main(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from qwen3export.artifact import Artifact
+    from qwen3export.artifact import staged_artifact
     from qwen3export.kernels.active import kernel_configs
     from qwen3export.parity import check_parity
     from qwen3export.pipeline import eager_for
 
-    artifact = Artifact(folder, manifest | {"dtype": "fp32"})
+    artifact = staged_artifact(folder, manifest | {"dtype": "fp32"})
     if manifest.get("quantization"):
         kernels, eager = _quantized_pair(artifact)
     else:

@@ -55,7 +55,7 @@ def test_gpu_target_build_is_pending_with_exit_3(tmp_path, capsys):
         pytest.fail("no GPU target offers the tensorrt backend")
     out = tmp_path / "trt"
     code = main(["build", "--model", "tiny", "--target", gpu.name, "--backend", "tensorrt", "--dtype",
-                 "bf16" if "bf16" in gpu.dtypes else "fp16", "--out", str(out)])
+                 "bf16" if "bf16" in gpu.dtypes else "fp16", "--artifact", str(out)])
     captured = capsys.readouterr()
     assert code == trt_backend.EXIT_PENDING, captured.err
     assert "pending" in captured.err.splitlines()[-1]

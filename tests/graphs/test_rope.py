@@ -114,7 +114,7 @@ def test_onnx_engine_matches_transformers_past_native_window(yarn_pair, tmp_path
     from qwen3export.runner import open_engine
 
     folder, hf = yarn_pair
-    build(BuildOptions(model=str(folder), out=tmp_path / "art"))
+    build(BuildOptions(model=str(folder), artifact=tmp_path / "art"))
     artifact = load_artifact(tmp_path / "art")
     assert artifact.manifest["model"]["spec"]["rope_scaling"]["rope_type"] == "yarn"
     engine = open_engine(artifact)
@@ -133,7 +133,7 @@ def test_cli_rope_scaling_flag_builds_verifies_and_extends_the_window(tmp_path, 
     from qwen3export.cli import main
 
     out = tmp_path / "y"
-    assert main(["build", "--model", "tiny", "--rope-scaling", "yarn:4.0", "--out", str(out)]) == 0
+    assert main(["build", "--model", "tiny", "--rope-scaling", "yarn:4.0", "--artifact", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["spec"]["rope_scaling"] == YARN
     assert manifest["model"]["ref"]["overrides"] == {"rope_scaling": YARN}
