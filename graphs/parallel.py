@@ -395,12 +395,12 @@ def meta_rank_decoder(spec: ModelSpec, layout: RankLayout, dtype: torch.dtype) -
 
 
 def capture_rank(module: RankDecoder, *, strict: bool = False) -> torch.export.ExportedProgram:
-    """torch.export one rank, dynamic batch / sequence / cache length as qwen3export.capture does.
+    """torch.export one rank, dynamic batch / sequence / cache length as qwen3export.graph_capture.capture does.
 
     Needs no process group: the functional collectives have fake implementations and name their group
     by role, resolved only when the program runs.
     """
-    from qwen3export.capture import _widen_derived_ranges, dynamic_shapes
+    from qwen3export.graph_capture import _widen_derived_ranges, dynamic_shapes
 
     spec, batch, seq, past = module.spec, 2, 3, 2
     device = module.model.embed_tokens.weight.device  # "meta": a weight-free capture (meta_rank_decoder)

@@ -11,6 +11,7 @@ import contextlib
 import datetime as _dt
 import errno
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -76,9 +77,14 @@ class Artifact:
         import onnx
 
         path = self.file(name)
-        model = onnx.load(str(path), load_external_data=False)
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception as e:  # protobuf's DecodeError and onnx's own errors share no base class
+            raise ArtifactError(f"{name} is not a readable ONNX model ({type(e).__name__}); rebuild the artifact"
+                                ) from None
         base = PurePosixPath(name).parent
-        for tensor in _onnx_tensors(model.graph):
+        tensors = itertools.chain(_onnx_tensors(model.graph), *(_node_tensors(f.node) for f in model.functions))
+        for tensor in tensors:
             if tensor.data_location != onnx.TensorProto.EXTERNAL:
                 continue
             location = next((e.value for e in tensor.external_data if e.key == "location"), "")
@@ -134,14 +140,48 @@ SIGNATURE_FILE = "manifest.sig"  # qwen3export.signing: a signature over manifes
 _PARTIAL, _OLD, _LOCK = ".partial-", ".old-", ".lock"
 
 
-def is_artifact_folder(folder: Path) -> bool:
-    """A folder whose manifest.json is a JSON object naming this tool's schema: the only kind of folder that
-    `--force` may replace. Its checksums are not checked (a damaged artifact may still be rebuilt over)."""
+MAX_MANIFEST_BYTES = 64 << 20  # a 235B manifest is ~100 KB; anything near this is not one
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN / Infinity: strict JSON only
+
+
+def read_json(path: Path, what: str, fix: str, max_bytes: int = MAX_MANIFEST_BYTES) -> Any:
+    """A JSON file as a Python value, or a one-line ArtifactError: too large, not UTF-8, not JSON, nested too
+    deep, a number Python refuses to parse (`[[[...` x 200,000 or a 5,000-digit integer)."""
     try:
-        manifest = json.loads((Path(folder) / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and str(manifest.get("schema", "")).startswith("qwen3export.artifact/")
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise ArtifactError(f"{path} is {size:,} bytes, larger than any {what} ({max_bytes:,}); {fix}")
+        return json.loads(path.read_bytes(), parse_constant=_no_constant)
+    except (ValueError, RecursionError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ArtifactError(f"{path} is not a valid {what} ({type(e).__name__}: {str(e)[:80]}); {fix}") from None
+
+
+def replaceable_reason(folder: Path) -> str | None:
+    """None when `--force` may replace `folder`: an empty folder, or an artifact of this schema holding exactly
+    the files its manifest lists (its checksums are not checked: a damaged artifact may still be rebuilt over).
+    Otherwise why not: a folder with user files in it is never deleted."""
+    folder = Path(folder)
+    if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+        return None
+    try:
+        manifest = read_json(folder / MANIFEST, "manifest", "")
+    except (ArtifactError, OSError):
+        return f"{folder} is not a qwen3export artifact (no readable manifest.json)"
+    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
+        return f"{folder} is not a qwen3export artifact (its manifest.json does not name schema {SCHEMA})"
+    files = manifest.get("files")
+    try:
+        check_layout(folder, files if isinstance(files, dict) else {})
+    except ArtifactError as e:
+        return f"{folder} is an artifact with other files in it ({e})"
+    return None
+
+
+def is_artifact_folder(folder: Path) -> bool:
+    return replaceable_reason(folder) is None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -189,10 +229,13 @@ def check_replaceable(out: Path, force: bool, check_lock: bool = True) -> None:
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise InputError(f"cannot create {out}: {ancestor} is not writable (errno {errno.EACCES}, "
                          f"{os.strerror(errno.EACCES)}); choose another --out or fix its permissions")
-    if out.exists() and not (out.is_dir() and is_artifact_folder(out)):
-        raise InputError(f"{out} is not a qwen3export artifact (no manifest.json of schema "
-                         f"{SCHEMA.rsplit('/', 1)[0]}/*): --force replaces only artifacts; choose another --out "
-                         "or remove it yourself")
+    here = Path.cwd().resolve()
+    if out.resolve() == here or out.resolve() in here.parents:
+        raise InputError(f"{out} is the current folder or one of its parents; name a new folder for the artifact")
+    reason = replaceable_reason(out) if out.exists() else None
+    if reason:
+        raise InputError(f"{reason}: --force replaces only an artifact as it was built (or an empty folder); "
+                         "choose another --out or move those files out yourself")
 
 
 def _locked(out: Path) -> bool:
@@ -200,6 +243,8 @@ def _locked(out: Path) -> bool:
     import fcntl
 
     path = out.parent / f".{out.name}{_LOCK}"
+    if path in _HELD:  # this build's own lock
+        return False
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -214,14 +259,55 @@ def _locked(out: Path) -> bool:
         os.close(fd)
 
 
+_HELD: set[Path] = set()  # lock files this process holds
+_SCOPES: list[contextlib.ExitStack] = []
+
+
+@contextlib.contextmanager
+def lock_scope() -> Iterator[None]:
+    """The span of one build: locks taken with `hold_build_lock` inside it are released when it ends (and parent
+    folders they had to create are removed again if still empty)."""
+    with contextlib.ExitStack() as stack:
+        _SCOPES.append(stack)
+        try:
+            yield
+        finally:
+            _SCOPES.pop()
+
+
+def hold_build_lock(out: Path) -> None:
+    """Take `out`'s build lock now, right after the build's checks and before its work, and hold it to the end of
+    the enclosing lock_scope: two builds to one folder started together cannot both run."""
+    if not _SCOPES:
+        raise RuntimeError("hold_build_lock outside lock_scope")
+    created = []
+    for parent in reversed(Path(out).parents):
+        if not parent.exists():
+            created.append(parent)
+    _SCOPES[-1].enter_context(build_lock(out))
+    if created:
+        _SCOPES[-1].callback(_remove_if_empty, created)
+
+
+def _remove_if_empty(created: list[Path]) -> None:
+    for folder in reversed(created):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only an empty folder this build made
+
+
 @contextlib.contextmanager
 def build_lock(out: Path) -> Iterator[None]:
-    """An exclusive lock on `.NAME.lock` beside `out` for the whole build: a second build to the same folder
-    is refused at once instead of silently replacing the first one's result."""
+    """An exclusive lock on `.NAME.lock` beside `out`: a second build to the same folder is refused at once
+    instead of silently replacing the first one's result. Re-entrant within this process (staging inside a build
+    that already holds it). The lock file is removed on release; a build that opened it just before that holds
+    a lock on the removed file, which the rename-into-place check (check_replaceable) still covers."""
     import fcntl
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     path = out.parent / f".{out.name}{_LOCK}"
+    if path in _HELD:
+        yield
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -229,9 +315,11 @@ def build_lock(out: Path) -> Iterator[None]:
         except BlockingIOError:
             raise InputError(f"another build is writing {out} now (lock {path}); wait for it to finish or choose "
                              "another --out") from None
+        _HELD.add(path)
         try:
             yield
         finally:
+            _HELD.discard(path)
             with contextlib.suppress(OSError):
                 os.unlink(path)
             fcntl.flock(fd, fcntl.LOCK_UN)
@@ -285,13 +373,22 @@ def seal(folder: Path, manifest: dict[str, Any]) -> None:
 
 
 def _onnx_tensors(graph) -> Iterator[Any]:
-    """Every TensorProto of an ONNX graph: initializers, Constant/attribute tensors, subgraphs (If branches)."""
+    """Every TensorProto of an ONNX graph: initializers (dense and sparse), Constant/attribute tensors (dense and
+    sparse), subgraphs (If branches)."""
     yield from graph.initializer
-    for node in graph.node:
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    yield from _node_tensors(graph.node)
+
+
+def _node_tensors(nodes) -> Iterator[Any]:
+    for node in nodes:
         for a in node.attribute:
             if a.HasField("t"):
                 yield a.t
             yield from a.tensors
+            for sparse in ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors):
+                yield from (sparse.values, sparse.indices)
             for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
                 yield from _onnx_tensors(g)
 
@@ -315,6 +412,9 @@ def _named_paths(manifest: dict[str, Any]) -> Iterator[tuple[str, Any]]:
                     yield f"{section}.{key}", entry[key]
 
 
+_OWN_FILES = (MANIFEST, SIGNATURE_FILE, MANIFEST + ".tmp", SIGNATURE_FILE + ".tmp")  # never listed, never run
+
+
 def check_layout(folder: Path, files: dict[str, Any]) -> None:
     """Every listed path relative and inside `folder`; no symlink anywhere in the folder; no file on disk that
     the manifest does not list (manifest.json and manifest.sig aside). Run before any file is read."""
@@ -335,9 +435,40 @@ def check_layout(folder: Path, files: dict[str, Any]) -> None:
                                     "only: rebuild the artifact")
         for name in filenames:
             rel = (base / name).relative_to(folder).as_posix()
-            if rel not in listed and rel not in (MANIFEST, SIGNATURE_FILE):
+            if rel not in listed and rel not in _OWN_FILES:
                 raise ArtifactError(f"artifact {folder} holds {rel}, which the manifest does not list (added after "
                                     "the build?); remove it or rebuild the artifact")
+
+
+_HEX = frozenset("0123456789abcdef")
+# the manifest fields every reader relies on, with their JSON types (deeper fields are read with .get or are
+# checked where used); a resealed manifest of the wrong shape is refused here in one line, not as a KeyError
+_MANIFEST_TYPES = {"backend": str, "dtype": str, "engine": dict, "model": dict, "target": dict}
+
+
+def check_manifest_types(mpath: Path, manifest: dict[str, Any]) -> None:
+    def bad(what: str) -> ArtifactError:
+        return ArtifactError(f"{mpath} is malformed ({what}); rebuild the artifact")
+
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise bad("it lists no files")
+    for rel, entry in files.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and entry["size"] >= 0
+                and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64
+                and set(entry["sha256"]) <= _HEX):
+            raise bad(f"the entry of {str(rel)[:80]!r} is not {{size, sha256}}")
+    for key, kind in _MANIFEST_TYPES.items():
+        if not isinstance(manifest.get(key), kind):
+            raise bad(f"'{key}' is not a JSON {'object' if kind is dict else 'string'}")
+    if not isinstance(manifest["model"].get("spec"), dict):
+        raise bad("'model.spec' is not a JSON object")
+    for key in ("sampling", "parity", "serving", "quantization", "kernels", "parallel", "lowering"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], dict):
+            raise bad(f"'{key}' is not a JSON object")
+    for where, rel in _named_paths(manifest):
+        if not isinstance(rel, str):
+            raise bad(f"'{where}' is not a path")
 
 
 def load_artifact(path: str | Path, verify_checksums: bool = True) -> Artifact:
@@ -348,11 +479,9 @@ def load_artifact(path: str | Path, verify_checksums: bool = True) -> Artifact:
         raise ArtifactError(f"artifact folder {folder} does not exist; build one with `qwen3export build`")
     if not mpath.is_file():
         raise ArtifactError(f"{folder} has no {MANIFEST}: not a complete artifact; rebuild it")
-    try:
-        manifest = json.loads(mpath.read_text())
-        assert isinstance(manifest, dict)
-    except (json.JSONDecodeError, UnicodeDecodeError, AssertionError):
-        raise ArtifactError(f"{mpath} is corrupt (not a JSON object); rebuild the artifact") from None
+    manifest = read_json(mpath, "manifest", "rebuild the artifact")
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{mpath} is corrupt (not a JSON object); rebuild the artifact")
     if manifest.get("schema") != SCHEMA:
         raise ArtifactError(f"{mpath} has schema {manifest.get('schema')!r}, expected {SCHEMA!r}; rebuild "
                             "the artifact with this version of qwen3export")
@@ -360,9 +489,8 @@ def load_artifact(path: str | Path, verify_checksums: bool = True) -> Artifact:
     if hashlib.sha256(_canonical(body)).hexdigest() != manifest.get("manifest_sha256"):
         raise ArtifactError(f"{mpath} was modified after the build (its hash does not match); rebuild the "
                             "artifact")
-    files = manifest.get("files") or {}
-    if not isinstance(files, dict) or not files:
-        raise ArtifactError(f"{mpath} lists no files; rebuild the artifact")
+    check_manifest_types(mpath, manifest)
+    files = manifest["files"]
     check_layout(folder, files)
     for where, rel in _named_paths(manifest):
         if rel not in files:

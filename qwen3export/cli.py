@@ -186,6 +186,7 @@ def cmd_finish(args: argparse.Namespace) -> int:
     from .artifact import seal
     from .backends import tensorrt as trt_backend
 
+    _check_resign(args)
     artifact = _open_artifact(args)
     entry = artifact.manifest["engine"].get("tensorrt")
     if entry is None:
@@ -271,11 +272,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .describe import summary_line
     from .pipeline import verify_artifact
 
+    _check_resign(args)
     artifact = _open_artifact(args)
     report = verify_artifact(artifact, args.model, args.threads, _eprint)
-    if artifact.has_signature() and not args.sign:  # rewriting the manifest would void its signature
-        _eprint(f"note: {artifact.path} is signed: its manifest was not updated with this report (pass --sign KEY "
-                "to record it and re-sign)")
+    if artifact.has_signature() and not (args.sign and report["passed"]):  # a rewrite would void the signature
+        why = "parity failed, so it is not re-signed" if args.sign else "pass --trust KEY.pub --sign KEY to " \
+              "record it and re-sign"
+        _eprint(f"note: {artifact.path} is signed: its manifest was not updated with this report ({why})")
     else:
         artifact.manifest["parity"] = report
         artifact.save_manifest()
@@ -327,9 +330,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_resign(args: argparse.Namespace) -> None:
+    """verify/finish --sign vouch for an artifact again: only for one whose signature was just checked (--trust),
+    so a signature can never launder an artifact nobody checked."""
+    if getattr(args, "sign", None):
+        if not getattr(args, "trust", None):
+            raise InputError(f"--sign re-signs the artifact, so it needs --trust PUBLIC_KEY too (the signature it "
+                             f"replaces is checked first): `qwen3export {args.command} ARTIFACT --trust KEY.pub "
+                             "--sign KEY`")
+        from .signing import load_private_key
+
+        load_private_key(args.sign)
+
+
 def _resign(artifact, args: argparse.Namespace) -> None:
-    """After a command rewrote a manifest: sign it again with --sign KEY; a stale signature is removed (it would
-    no longer match) and said so."""
+    """After a command rewrote a manifest: sign it again with --sign KEY (checked by _check_resign first); a stale
+    signature is removed (it would no longer match) and said so."""
     from .artifact import SIGNATURE_FILE
 
     if getattr(args, "sign", None):
@@ -610,6 +626,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `qwen3export inspect … | head`
         sys.stdout = open(os.devnull, "w")
         return 0
+    except MemoryError:
+        _eprint("qwen3export: error: out of memory; use a smaller model, --stream, or a machine with more memory")
+        return EXIT_ERROR
     except OSError as e:  # a full disk, a read-only --out, a folder we may not read: exit 2, not "parity failed"
         if debug:
             traceback.print_exc()
@@ -621,6 +640,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _eprint("qwen3export: interrupted; nothing half-written was left behind")
         return 130
+    except Exception as e:  # a bug, not bad input: still one line and exit 2 (1 means "parity failed")
+        if debug:
+            traceback.print_exc()
+        _eprint(f"qwen3export: error: internal error {type(e).__name__}: {str(e)[:200]} (a bug in qwen3export; "
+                "rerun with --debug for the traceback and report it)")
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -114,6 +114,7 @@ def build_parallel(opts, progress: Progress = lambda s: None) -> list:
     name = f"{spec.name.lower()}-{target.name}-tp{opts.tp}-ep{opts.ep}"
     out = output_folder(opts, spec, target.name, "torch-export", name=name)
     art.check_replaceable(out, opts.force)
+    art.hold_build_lock(out)
     ranks = layouts(spec, opts.tp, opts.ep)
     not_run = parity_not_run(opts, spec, out)
     stages = _Stages(3 + (not_run is None), progress)

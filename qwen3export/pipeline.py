@@ -18,7 +18,7 @@ from qwen3export.targets import get_target
 from . import artifact as art
 from .backends import BACKENDS
 from .backends import onnx as onnx_backend
-from .capture import capture
+from .graph_capture import capture
 from qwen3export.graphs.sampling import capture_sampling
 from .errors import InputError, ParityError, TargetError
 from .synthetic_weights import DEFAULT_WEIGHT_STATS
@@ -266,6 +266,13 @@ def quantization_record(module, spec: ModelSpec) -> dict[str, Any]:
 
 
 def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[BuildResult]:
+    """Build, verify and write the artifacts `opts` asks for. Each output folder's lock is held from the end of
+    the checks to the end of the build (artifact.lock_scope)."""
+    with art.lock_scope():
+        return _build(opts, progress)
+
+
+def _build(opts: BuildOptions, progress: Progress) -> list[BuildResult]:
     if opts.stream:  # no full model in memory: weights flow tensor by tensor into the engine (streaming.py)
         from .streaming import build_streamed
 
@@ -292,6 +299,8 @@ def build(opts: BuildOptions, progress: Progress = lambda s: None) -> list[Build
     stages = _Stages(2 + lower + 3 * len(opts.backends), progress)
 
     check_load_memory(spec, qcfg.mode if qcfg else "none", extra_fp16=opts.dtype == "fp16")
+    for out in outs.values():  # every refusal is behind us: hold the folders for the rest of the build
+        art.hold_build_lock(out)
     # 1. load: weights streamed tensor by tensor into the module (see weights.py)
     # engines are verified here in fp32; TensorRT lowers precision through its builder flags
     what = f"{source.description} as fp32" + (f", {qcfg.mode} weights ({qcfg.scheme})" if qcfg else "")

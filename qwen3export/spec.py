@@ -165,14 +165,19 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+        if not isinstance(d, dict):
+            raise ConfigError("model spec is not a JSON object; rebuild the artifact")
         d = dict(d)
-        d["mlp_only_layers"] = tuple(d.get("mlp_only_layers", ()))
-        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ConfigError(f"model spec has unknown fields {sorted(unknown)}; rebuild the artifact")
-        return cls(**d)
+        try:
+            d["mlp_only_layers"] = tuple(d.get("mlp_only_layers", ()))
+            d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+            names = {f.name for f in dataclasses.fields(cls)}
+            unknown = set(d) - names
+            if unknown:
+                raise ConfigError(f"model spec has unknown fields {sorted(unknown)}; rebuild the artifact")
+            return cls(**d)
+        except (TypeError, ValueError) as e:  # a field of the wrong JSON type or a missing one
+            raise ConfigError(f"model spec is malformed ({str(e)[:80]}); rebuild the artifact") from None
 
     def replace(self, **changes: Any) -> "ModelSpec":
         return dataclasses.replace(self, **changes)
@@ -305,9 +310,12 @@ def read_config(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path} not found: point --model at a Hugging Face Qwen3 folder or a preset name")
     try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); restore the checkpoint's config.json") from None
+        if path.stat().st_size > 16 << 20:
+            raise ConfigError(f"{path} is {path.stat().st_size:,} bytes, not a model config; restore the checkpoint's "
+                              "config.json")
+        cfg = json.loads(path.read_bytes())
+    except (ValueError, RecursionError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ConfigError(f"{path} is not valid JSON ({str(e)[:80]}); restore the checkpoint's config.json") from None
     check_config_types(cfg, path)
     return cfg
 

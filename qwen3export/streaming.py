@@ -39,7 +39,7 @@ def meta_decoder(spec: ModelSpec, dtype: torch.dtype) -> Qwen3Decoder:
 def capture_meta(module: Qwen3Decoder) -> torch.export.ExportedProgram:
     """qwen3export/capture.py's torch.export of a meta decoder: the same example inputs and dynamic shapes,
     on the meta device, so the program holds no weight."""
-    from .capture import _widen_derived_ranges, dynamic_shapes, example_inputs
+    from .graph_capture import _widen_derived_ranges, dynamic_shapes, example_inputs
 
     ids, pos, mask, cache = example_inputs(module)
     inputs = (ids.to(META), pos.to(META), mask.to(META), tuple((k.to(META), v.to(META)) for k, v in cache))
@@ -252,6 +252,7 @@ def build_streamed(opts, progress: Callable[[str], None] = lambda s: None) -> li
     serving = serving_plan(spec, target, opts.dtype, max_batch=opts.max_batch, max_seq=opts.max_seq)
     out = output_folder(opts, spec, target.name, "onnx")
     art.check_replaceable(out, opts.force)
+    art.hold_build_lock(out)
     flavour = onnx_flavour("onnx", target, opts.onnx_ops)
     not_run = parity_not_run(opts, spec, out)
     stages = _Stages(3 + opts.lower + (not_run is None), progress)

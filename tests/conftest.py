@@ -69,7 +69,7 @@ def hf_checkpoints(tmp_path_factory):
 def built_artifact(tmp_path_factory):
     """Session cache of artifacts built through the CLI: `built_artifact("--model", "tiny", "--seed", "1")`
     builds once per session and returns the artifact folder. The folder is shared: a test that changes files
-    in it takes `copy_of(path, tmp_path)` instead. Each return checks the artifact's checksums, so a test
+    in it takes `artifact_copy.copy_of(path, tmp_path)` instead. Each return checks the artifact's checksums, so a test
     that damaged the shared copy fails the next user loudly instead of skewing its result."""
     from qwen3export import artifact as art
     from qwen3export.cli import main
@@ -86,15 +86,6 @@ def built_artifact(tmp_path_factory):
         return cache[key]
 
     return get
-
-
-def copy_of(folder, tmp_path):
-    """A private copy of a cached artifact for a test that damages or rebuilds it."""
-    import shutil
-
-    dst = tmp_path / folder.name
-    shutil.copytree(folder, dst)
-    return dst
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import qwen3export
-from qwen3export.capture import capture
+from qwen3export.graph_capture import capture
 
 DATA_DEPENDENT = {"nonzero", "_local_scalar_dense", "item", "masked_select", "unique", "where.default_1"}
 

@@ -24,7 +24,7 @@ from qwen3export.cli import main
 from qwen3export.spec import preset
 from qwen3export.weights import RandomSource, save_hf_checkpoint
 
-from conftest import copy_of
+from artifact_copy import copy_of
 
 
 def cli(capsys, *argv) -> tuple[int, str, str]:
@@ -92,7 +92,7 @@ def test_out_is_always_the_parent_and_force_replaces_only_the_artifact(built_art
     assert sorted(p.name for p in dist.iterdir()) == ["notes.txt", "other-artifact", "tiny-cpu-onnx"]
 
 
-@pytest.mark.parametrize("make", ["user_folder", "file", "empty_folder", "foreign_manifest"])
+@pytest.mark.parametrize("make", ["user_folder", "file", "foreign_manifest"])  # an empty folder may be replaced
 def test_force_refuses_what_is_not_an_artifact(make, tmp_path, capsys):
     target = tmp_path / "victim"
     if make == "file":
@@ -106,7 +106,7 @@ def test_force_refuses_what_is_not_an_artifact(make, tmp_path, capsys):
     snapshot = sorted(p.name for p in tmp_path.rglob("*"))
     t0 = time.monotonic()
     code, _, err = cli(capsys, "build", "--model", "tiny", "--artifact", target, "--force")
-    one_line(code, err, "is not a qwen3export artifact", "--force replaces only artifacts")
+    one_line(code, err, "is not a qwen3export artifact", "--force replaces only an artifact")
     assert time.monotonic() - t0 < 20  # refused before the build, not after it
     assert sorted(p.name for p in tmp_path.rglob("*")) == snapshot
 
@@ -286,9 +286,19 @@ def test_stale_partials_of_killed_builds_are_removed(tmp_path):
 
 def test_a_second_build_to_the_same_folder_is_refused_while_the_first_runs(tmp_path, capsys):
     out = tmp_path / "art"
-    with art.build_lock(out):  # what a running build holds
+    holder = subprocess.Popen(  # another process holding the lock, as a running build does
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from qwen3export import artifact as a\n"
+         "with a.build_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(120)", str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.monotonic()
         code, _, err = cli(capsys, "build", "--model", "tiny", "--artifact", out)
         one_line(code, err, "another build is writing", "wait for it")
+        assert time.monotonic() - t0 < 20  # refused before any work
+    finally:
+        holder.kill()
+        holder.wait()
     assert not out.exists()
 
 
@@ -354,3 +364,100 @@ def test_trust_refuses_unsigned_artifacts_and_bad_keys(built_artifact, keys, tmp
                        tmp_path / "junk.pem")
     one_line(code, err, "junk.pem")
     assert not (tmp_path / "x").exists()
+
+
+def test_resigning_needs_the_old_signature_checked(signed, keys, tmp_path, capsys):
+    """verify/finish --sign vouch again: without --trust they would launder an artifact nobody checked."""
+    a = copy_of(signed, tmp_path)
+    code, _, err = cli(capsys, "verify", a, "--sign", keys / "stranger.pem")
+    one_line(code, err, "--sign re-signs the artifact, so it needs --trust")
+    code, _, err = cli(capsys, "verify", a, "--trust", keys / "stranger.pub", "--sign", keys / "stranger.pem")
+    one_line(code, err, "is signed by key", "not by the trusted key")
+
+
+# ---------------------------------------------------------------- resealed manifests of the wrong shape
+@pytest.mark.parametrize("case,needle", [
+    ("file_entry_string", "is not {size, sha256}"),
+    ("file_entry_no_size", "is not {size, sha256}"),
+    ("engine_file_list", "'engine.file' is not a path"),
+    ("no_backend", "'backend' is not a JSON string"),
+    ("spec_list", "'model.spec' is not a JSON object"),
+    ("target_string", "'target' is not a JSON object"),
+    ("deep_json", "not a valid manifest"),
+    ("nan", "not a valid manifest"),
+    ("corrupt_onnx", "decoder.onnx is not a readable ONNX model"),
+])
+def test_malformed_manifests_are_one_line(case, needle, built_artifact, tmp_path, capsys):
+    a = copy_of(built_artifact("--model", "tiny", "--seed", "1"), tmp_path)
+    edits = {"file_entry_string": lambda m: m["files"].update({"decoder.onnx": "x"}),
+             "file_entry_no_size": lambda m: m["files"]["decoder.onnx"].pop("size"),
+             "engine_file_list": lambda m: m["engine"].update({"file": ["decoder.onnx"]}),
+             "no_backend": lambda m: m.pop("backend"),
+             "spec_list": lambda m: m["model"].update({"spec": [1]}),
+             "target_string": lambda m: m.update({"target": "cpu"})}
+    if case in edits:
+        _reseal_with(a, edits[case])
+    elif case == "deep_json":
+        (a / "manifest.json").write_text("[" * 200_000)
+    elif case == "nan":
+        (a / "manifest.json").write_text((a / "manifest.json").read_text().replace('"fp32"', "NaN", 1))
+    else:
+        (a / "decoder.onnx").write_bytes(b"\x08\x07garbage, not protobuf" * 10)
+        _reseal_with(a, lambda m: m["files"].update({"decoder.onnx": {
+            "size": (a / "decoder.onnx").stat().st_size, "sha256": art.sha256_file(a / "decoder.onnx")}}))
+    for command in (["run", a, "--prompt-ids", "1", "--max-new-tokens", "1"], ["inspect", a]):
+        code, _, err = cli(capsys, *command)
+        one_line(code, err, needle)
+
+
+def test_force_keeps_an_artifact_holding_user_files(built_artifact, tmp_path, capsys):
+    a = copy_of(built_artifact("--model", "tiny", "--seed", "1"), tmp_path)
+    (a / "notes.txt").write_text("mine")
+    code, _, err = cli(capsys, "build", "--model", "tiny", "--artifact", a, "--force")
+    one_line(code, err, "an artifact with other files in it", "notes.txt")
+    assert (a / "notes.txt").read_text() == "mine"
+    code, _, err = cli(capsys, "build", "--model", "tiny", "--artifact", ".", "--force")
+    one_line(code, err, "is the current folder or one of its parents")
+
+
+def test_tensorrt_settings_and_kernel_pack_index_stay_inside(tmp_path):
+    """`finish` writes the plan and timing cache where tensorrt/build.json says, and the kernel pack loads the
+    cubins its index names: both are refused when they point outside the artifact."""
+    from qwen3export.backends.kernel_pack import PACK_INDEX, checked_index
+    from qwen3export.backends.tensorrt import SETTINGS_FILE, settings_paths_checked
+    from qwen3export.errors import ArtifactError
+
+    (tmp_path / "tensorrt").mkdir()
+    (tmp_path / "decoder.onnx").write_bytes(b"x")
+    art.seal(tmp_path, art.default_manifest(backend="tensorrt"))
+    good = {"onnx": "decoder.onnx", "plan": "tensorrt/decoder.plan", "timing_cache": "tensorrt/timing.cache"}
+    for change, needle in [({}, None), ({"plan": "../../.bashrc"}, "not a plain relative path"),
+                           ({"timing_cache": "/etc/passwd"}, "not a plain relative path"),
+                           ({"plan": "decoder.onnx"}, "outside tensorrt/"),
+                           ({"onnx": "tensorrt/other.onnx"}, "not a listed file")]:
+        (tmp_path / SETTINGS_FILE).write_text(json.dumps({**good, **change}))
+        if needle is None:
+            assert settings_paths_checked(tmp_path)["plan"] == "tensorrt/decoder.plan"
+        else:
+            with pytest.raises(ArtifactError, match=needle):
+                settings_paths_checked(tmp_path)
+    (tmp_path / PACK_INDEX).parent.mkdir(exist_ok=True)
+    fn = {"files": ["kernels/k.cubin", "kernels/k.json"], "name": "k"}
+    for files, needle in [(fn["files"], None), (["../../k.cubin", "kernels/k.json"], "not a plain relative path"),
+                          (["kernels/other.cubin"], "names no cubin")]:
+        (tmp_path / PACK_INDEX).write_text(json.dumps({"functions": [{**fn, "files": files}]}))
+        if needle is None:
+            checked_index(tmp_path)
+        else:
+            with pytest.raises(ArtifactError, match=needle):
+                checked_index(tmp_path)
+
+
+def test_public_api_names_stay_what_they_are():
+    """The lazy package attributes: `capture` stays the function after the driver imports its module."""
+    code = ("import qwen3export; f = qwen3export.capture; import qwen3export.pipeline; "
+            "from qwen3export import capture, preset, load_model, ModelSpec; "
+            "assert capture is f and callable(capture) and not hasattr(capture, '__file__'); "
+            "assert preset('tiny').name == 'tiny' and 'capture' in dir(qwen3export)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]

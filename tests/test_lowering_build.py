@@ -12,7 +12,7 @@ import pytest
 
 import qwen3export
 import qwen3export.pipeline as pipeline
-from qwen3export.capture import capture
+from qwen3export.graph_capture import capture
 from qwen3export.cli import main, onnx_op_counts
 from qwen3export.graphs.passes import run_passes
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import qwen3export
-from qwen3export.capture import capture
+from qwen3export.graph_capture import capture
 from qwen3export.generation import greedy_generate, left_pad, position_ids_from_mask
 from qwen3export.spec import preset
 

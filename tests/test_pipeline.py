@@ -14,7 +14,7 @@ import qwen3export.backends.onnx as onnx_backend
 from qwen3export import artifact as art
 from qwen3export.cli import main
 
-from conftest import copy_of
+from artifact_copy import copy_of
 
 
 def _perturb_q_norm(path, factor=1.01):

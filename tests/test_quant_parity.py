@@ -9,7 +9,7 @@ import functools
 import pytest
 import torch
 
-from qwen3export.capture import capture
+from qwen3export.graph_capture import capture
 from qwen3export.graphs.quantized import QuantizedLinear, build_quantized
 from qwen3export.model import build_module, resolve
 from qwen3export.quant import QuantConfig, QuantizedSource

@@ -30,7 +30,7 @@ def keys(tmp_path_factory):
 def make_artifact(folder):
     folder.mkdir()
     (folder / "engine.bin").write_bytes(bytes(range(256)))
-    seal(folder, default_manifest(backend="onnx", model={"ref": "test"}))
+    seal(folder, default_manifest(backend="onnx", dtype="fp32", engine={}, target={}, model={"ref": "test", "spec": {}}))
     return folder
 
 

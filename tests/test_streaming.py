@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qwen3export.backends.onnx import io_names
-from qwen3export.capture import dynamic_shapes, example_inputs
+from qwen3export.graph_capture import dynamic_shapes, example_inputs
 from qwen3export.model import build_module, resolve
 from qwen3export.streaming import META, bind_lazy_initializers, emission_bound, meta_decoder, parameter_loaders
 

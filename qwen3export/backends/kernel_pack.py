@@ -333,6 +333,28 @@ class KernelPack:
         self.function(kernel, label, variant)[grid](*args)
 
 
+def checked_index(folder: Path) -> dict[str, Any]:
+    """The pack index, its file names kept inside the artifact: every function's files are plain relative paths
+    (the artifact loader checks they are listed and checksummed), and its cubin is one of them."""
+    from qwen3export.artifact import _check_relative, read_json
+
+    fix = "rebuild the artifact"
+    index = read_json(folder / PACK_INDEX, "kernel pack index", fix)
+    functions = index.get("functions") if isinstance(index, dict) else None
+    if not isinstance(functions, list):
+        raise ArtifactError(f"{PACK_INDEX} is malformed (no list of functions); {fix}")
+    for f in functions:
+        if not (isinstance(f, dict) and isinstance(f.get("files"), list) and f["files"]
+                and isinstance(f.get("name"), str)):
+            raise ArtifactError(f"{PACK_INDEX} is malformed (a function without files or name); {fix}")
+        for rel in f["files"]:
+            _check_relative(folder, rel)
+        cubin = f"{Path(f['files'][0]).parent.as_posix()}/{f['name']}.cubin"
+        if cubin not in f["files"]:
+            raise ArtifactError(f"{PACK_INDEX}: function {f['name'][:60]!r} names no cubin among its files; {fix}")
+    return index
+
+
 def load_kernel_pack(folder: str | Path) -> KernelPack:
     """Rebuild every packed function as a Triton CompiledKernel (no GPU needed until a launch)."""
     from triton.compiler import CompiledKernel
@@ -343,7 +365,7 @@ def load_kernel_pack(folder: str | Path) -> KernelPack:
     path = folder / PACK_INDEX
     if not path.is_file():
         raise ArtifactError(f"{folder} has no {PACK_INDEX}; it is not a kernel-pack artifact")
-    index = json.loads(path.read_text())
+    index = checked_index(folder)
     pack = KernelPack(folder, index)
     for f in index["functions"]:
         group = {Path(p).name: str(folder / p) for p in f["files"]}
@@ -363,14 +385,17 @@ def verify_kernel_pack(folder: Path, manifest: dict[str, Any], progress: Callabl
     """What can be proven without a GPU; `passed` is False if any check fails (the build then stops)."""
     from qwen3export.kernels.compile import _cuobjdump, parse_resource_usage
 
-    index = json.loads((folder / PACK_INDEX).read_text())
+    index = checked_index(folder)
     failures: list[str] = []
     pack = load_kernel_pack(folder)
     for f in index["functions"]:
         compiled = pack.compiled[(f["kernel"], f["config"], f["variant"])]
         cubin = folder / f"{Path(f['files'][0]).parent}/{f['name']}.cubin"
-        text = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
-                              check=True).stdout
+        run = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(cubin)], capture_output=True, text=True)
+        if run.returncode != 0:
+            failures.append(f"{f['kernel']} {f['name']}: cuobjdump cannot read its cubin ({run.stderr.strip()[:120]})")
+            continue
+        text = run.stdout
         usage = parse_resource_usage(text).get(f["name"])
         if usage is None or usage["registers"] != f["registers"] or usage["stack"] != f["spill_bytes"]:
             failures.append(f"{f['kernel']} {f['name']}: cubin resources differ from the recorded report")

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from qwen3export.errors import TargetError
+from qwen3export.errors import ArtifactError, TargetError
 
 SETTINGS_FILE = "tensorrt/build.json"
 PLAN_FILE = "tensorrt/decoder.plan"
@@ -84,6 +84,27 @@ def write_settings(folder: Path, s: dict[str, Any]) -> None:
     path.write_text(json.dumps(s, indent=2, sort_keys=True) + "\n")
 
 
+def settings_paths_checked(folder: Path) -> dict[str, Any]:
+    """tensorrt/build.json, with the files it names kept inside the artifact: the ONNX it parses must be a listed
+    file, and the plan and timing cache it writes are plain relative paths under tensorrt/ (a resealed manifest
+    could otherwise point `finish` at any file on the machine)."""
+    from qwen3export.artifact import MANIFEST, _check_relative, read_json
+
+    fix = "rebuild the artifact"
+    s = read_json(folder / SETTINGS_FILE, "TensorRT build settings", fix)
+    files = (read_json(folder / MANIFEST, "manifest", fix) or {}).get("files") or {}
+    if not isinstance(s, dict) or not all(isinstance(s.get(k), str) for k in ("onnx", "plan", "timing_cache")):
+        raise ArtifactError(f"{SETTINGS_FILE} is malformed (onnx, plan, timing_cache must be paths); {fix}")
+    for key in ("onnx", "plan", "timing_cache"):
+        _check_relative(folder, s[key])
+    if s["onnx"] not in files:
+        raise ArtifactError(f"{SETTINGS_FILE} names {s['onnx']!r} to parse, which is not a listed file; {fix}")
+    for key in ("plan", "timing_cache"):
+        if not s[key].startswith("tensorrt/"):
+            raise ArtifactError(f"{SETTINGS_FILE} writes {key} to {s[key]!r}, outside tensorrt/; {fix}")
+    return s
+
+
 def build_plan(folder: Path) -> dict[str, Any]:
     """Build the TensorRT plan from the artifact's ONNX and settings (needs TensorRT and a GPU)."""
     missing = missing_requirements()
@@ -91,7 +112,7 @@ def build_plan(folder: Path) -> dict[str, Any]:
         raise TargetError(f"TensorRT plan cannot be built here: missing {'; '.join(missing)}")
     import tensorrt as trt
 
-    s = json.loads((folder / SETTINGS_FILE).read_text())
+    s = settings_paths_checked(folder)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     # TensorRT 10: explicit batch is the only mode; strongly typed keeps the ONNX's own types (fp16 engines)

@@ -15,7 +15,7 @@ import torch
 import qwen3export
 from qwen3export.backends.onnx import OPSET
 from qwen3export.backends.onnx_ops import bake_weight_layouts, custom_translation_table
-from qwen3export.capture import capture
+from qwen3export.graph_capture import capture
 from qwen3export.generation import greedy_generate, left_pad, position_ids_from_mask
 from qwen3export.graphs.passes import lower
 

@@ -20,7 +20,7 @@ from qwen3export.backends.onnx_ops import bake_weight_layouts, custom_translatio
 from qwen3export.backends.onnx_quant import OPSET as QUANT_OPSET
 from qwen3export.backends.onnx_quant import (bake_quantized_weights, dequantize_matmul, matmul_nbits,
                                              matmul_nbits_block, qmoe, quant_translation_table)
-from qwen3export.capture import capture
+from qwen3export.graph_capture import capture
 from qwen3export.errors import InputError
 from qwen3export.generation import greedy_generate, left_pad
 from qwen3export.graphs.passes import lower

@@ -8,7 +8,7 @@ import functools
 import pytest
 import torch
 
-from qwen3export.capture import capture, example_inputs
+from qwen3export.graph_capture import capture, example_inputs
 from qwen3export.errors import InputError
 from qwen3export.generation import greedy_generate, left_pad
 from qwen3export.graphs.passes import lower

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import qwen3export
-from qwen3export.capture import capture
+from qwen3export.graph_capture import capture
 
 # dense; MoE with a dense layer 0 (mlp_only_layers); MoE every other layer (decoder_sparse_step=2)
 FAMILIES = {

@@ -9,7 +9,7 @@ import pytest
 from lowering_checks import assert_same_function, custom_op_counts, op_counts, rank5_softmaxes
 
 import qwen3export
-from qwen3export.capture import capture
+from qwen3export.graph_capture import capture
 from qwen3export.graphs.passes import DEFAULT_PASSES, PATTERNS, lower, run_passes
 
 # sites per pass: q/k norm+RoPE and attention once per layer; MoE per sparse layer; every hidden norm

@@ -8,7 +8,7 @@ import torch
 from lowering_checks import assert_same_function, assert_unchanged, custom_op_counts, op_counts, rank5_softmaxes
 
 import qwen3export
-from qwen3export.capture import capture
+from qwen3export.graph_capture import capture
 from qwen3export.graphs import decoder
 from qwen3export.graphs.passes import UnloweredSiteWarning, lower, replace_attention
 
