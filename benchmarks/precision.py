@@ -110,7 +110,7 @@ def onnx_fp16_engine(half, folder: Path, threads: int):
     """The fp16 decoder captured, lowered and emitted ("standard" ops) under `folder`, in an ORT session."""
     from qwen3export.artifact import Artifact
     from qwen3export.backends.onnx import emit_decoder
-    from qwen3export.capture import capture
+    from qwen3export.graph_capture import capture
     from qwen3export.pipeline import lower_program
     from qwen3export.runner import OnnxEngine
 
