@@ -20,7 +20,7 @@ import optuna
 
 from qwen3export.errors import InputError, TargetError
 from qwen3export.kernels.config import KernelConfig
-from qwen3export.model import resolve_spec
+from qwen3export.spec import resolve_spec
 from qwen3export.targets import Target, get_target
 
 from . import search

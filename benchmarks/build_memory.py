@@ -33,10 +33,11 @@ FLAT = 0.05  # "flat": the slope is under 5% of the weight bytes one more layer 
 
 def child(shape: str, layers: int, out: str, target: str, dtype: str) -> None:
     """One streamed build in this (fresh) process; prints its figures as one JSON line."""
-    from qwen3export.pipeline import BuildOptions, build
+    from qwen3export.options import BuildOptions
+    from qwen3export.pipeline import build
 
     t0 = time.perf_counter()
-    result = build(BuildOptions(model=shape, target=target, dtype=dtype, artifact=Path(out), force=True, stream=True,
+    result = build(BuildOptions.of(model=shape, target=target, dtype=dtype, artifact=Path(out), force=True, stream=True,
                                 verify=False, overrides={"num_hidden_layers": layers}), progress=lambda s: None)[0]
     streaming = result.manifest["streaming"]
     # VmHWM, not getrusage's ru_maxrss: Linux keeps ru_maxrss across execve, so a child forked from a large
@@ -96,7 +97,7 @@ def main() -> None:
 
     import torch
 
-    from qwen3export.model import resolve_spec
+    from qwen3export.spec import resolve_spec
     from qwen3export.weights import parse_dtype
 
     work = Path(args.work or tempfile.mkdtemp(prefix="build_memory-"))

@@ -178,7 +178,8 @@ def built_artifact(name: str, overrides: dict, spec, work: Path, engine: str, fi
     """The engine's artifact under `work` (built unless one with the same spec, lowering and quantization is
     there); -> (artifact, build seconds or None when reused)."""
     from qwen3export.artifact import load_artifact
-    from qwen3export.pipeline import BuildOptions, build
+    from qwen3export.options import BuildOptions
+    from qwen3export.pipeline import build
 
     out = work / f"{spec.name}-{'-'.join(f'{k}{v}' for k, v in sorted(overrides.items()))}-{engine}".replace("--", "-")
     fields = fields if fields is not None else ENGINES[engine]
@@ -193,7 +194,7 @@ def built_artifact(name: str, overrides: dict, spec, work: Path, engine: str, fi
                 and same_quant:
             return a, None
     t0 = time.perf_counter()
-    build(BuildOptions(model=name, artifact=out, overrides=overrides, force=True, **fields),
+    build(BuildOptions.of(model=name, artifact=out, overrides=overrides, force=True, **fields),
           progress=lambda s: print(f"{engine}: {s}", file=sys.stderr, flush=True))
     seconds = time.perf_counter() - t0
     gc.collect()
@@ -291,7 +292,9 @@ def bench_quant_model(text: str, args, bandwidth: Bandwidth) -> dict:
     work = Path(args.work)
     variants = {"onnx_fp32_ort": ({"lower": True, "onnx_ops": "ort"}, None)}
     for q in args.quant:
-        fields = {"lower": True, "onnx_ops": "ort", "group_size": args.group_size, **parse_quant(q)}
+        fields = {"lower": True, "onnx_ops": "ort", **parse_quant(q)}
+        if fields["quant"] == "int4":  # int8 / fp8 scale per output channel: a group size is refused for them
+            fields["group_size"] = args.group_size
         for level in args.accuracy_levels:
             variants[f"onnx_{q.replace('+', '_')}_acc{level}"] = (fields, level)
     builds, runners, meta = {}, [], {}

@@ -39,12 +39,13 @@ def main() -> None:
 
     from qwen3export.artifact import load_artifact
     from qwen3export.graphs.rope import parse_rope_flag
-    from qwen3export.pipeline import BuildOptions, build
+    from qwen3export.options import BuildOptions
+    from qwen3export.pipeline import build
     from qwen3export.runner import open_engine
 
     out = Path(args.work) / f"{args.model}-yarn4-cpu-onnx"
     if not (out / "manifest.json").is_file():
-        build(BuildOptions(model=args.model, artifact=out, overrides={"rope_scaling": parse_rope_flag("yarn:4.0")}),
+        build(BuildOptions.of(model=args.model, artifact=out, overrides={"rope_scaling": parse_rope_flag("yarn:4.0")}),
               progress=lambda s: print(s, file=sys.stderr, flush=True))
     engine = open_engine(load_artifact(out), threads=args.threads)
     spec = engine.spec

@@ -111,7 +111,7 @@ def onnx_fp16_engine(half, folder: Path, threads: int):
     from qwen3export.artifact import Artifact
     from qwen3export.backends.onnx import emit_decoder
     from qwen3export.graph_capture import capture
-    from qwen3export.pipeline import lower_program
+    from qwen3export.lowering import lower_program
     from qwen3export.runner import OnnxEngine
 
     spec = half.spec

@@ -8,7 +8,7 @@ worse, on presets drawn with the "trained" weight statistics (synthetic_weights.
 Models are given as in precision.py (NAME[:field=value,...][@small]); --layers sets qwen3-0.6b's
 num_hidden_layers (default: all 28). Per model, the preset's weights are written once as a Hugging Face folder
 (weights.save_hf_checkpoint: bit for bit) and every model is loaded from it, one at a time (as
-pipeline.verify_quantized holds a model over HOLD_BOTH_BYTES): drawing a 2-layer qwen3-30b-a3b's weights takes
+verify.verify_quantized holds a model over HOLD_BOTH_BYTES): drawing a 2-layer qwen3-30b-a3b's weights takes
 ~25 s, loading them a few. The quantized model is quant_parity.dequantized_reference (eager PyTorch on the
 dequantized weights: what the int4 / int8 engines compute, as the build's report uses it).
 
@@ -76,7 +76,7 @@ class NoisedSource:
 
 def parse_mode(text: str):
     """`int8` | `int4:32` -> (row name, QuantConfig)."""
-    from qwen3export.quant import QuantConfig
+    from qwen3export.quant_format import QuantConfig
 
     mode, _, group = text.partition(":")
     config = QuantConfig(mode, int(group)) if group else QuantConfig(mode)

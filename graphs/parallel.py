@@ -35,7 +35,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen3export.errors import InputError
-from qwen3export.plan import check_parallelism
 from qwen3export.spec import ModelSpec
 
 from .decoder import MLP, Attention, KVCache, RMSNorm, Router, attention_mask_bias, moe_routing_reference, rope_cos_sin
@@ -43,6 +42,35 @@ from .rope import rope_parameters
 
 TP_GROUP = "qwen3export.tp"  # this rank's tensor-parallel group: tp ranks sharing one expert placement
 WORLD_GROUP = "qwen3export.world"  # all tp x ep ranks (the MoE combine)
+
+
+def _divisors(*values: int) -> str:
+    common = [d for d in range(1, min(values) + 1) if all(v % d == 0 for v in values)]
+    return ", ".join(map(str, common))
+
+
+def check_parallelism(spec: ModelSpec, tp: int, ep: int) -> None:
+    """TP must divide the query and KV heads and the MLP widths; EP must divide the experts.
+
+    The one check shared by `plan`, the rank graphs (graphs/parallel.py) and the parallel build; each
+    message names the field and the valid degrees.
+    """
+    if tp < 1 or ep < 1:
+        raise InputError(f"--tp and --ep must be >= 1, got tp={tp} ep={ep}")
+    fields = [("num_attention_heads", spec.num_attention_heads), ("num_key_value_heads", spec.num_key_value_heads)]
+    if any(not spec.layer_is_moe(i) for i in range(spec.num_hidden_layers)):
+        fields.append(("intermediate_size", spec.intermediate_size))
+    if spec.is_moe:
+        fields.append(("moe_intermediate_size", spec.moe_intermediate_size))
+    valid_tp = _divisors(*(v for _, v in fields))
+    for name, value in fields:
+        if value % tp:
+            raise InputError(f"--tp {tp} does not divide {name} ({value}) of {spec.name}; valid --tp: {valid_tp}")
+    if ep > 1 and not spec.is_moe:
+        raise InputError(f"--ep {ep} needs a mixture-of-experts model; {spec.name} is dense (valid --ep: 1)")
+    if spec.is_moe and spec.num_experts % ep:
+        raise InputError(f"--ep {ep} does not divide num_experts ({spec.num_experts}) of {spec.name}; "
+                         f"valid --ep: {_divisors(spec.num_experts)}")
 
 
 @dataclass(frozen=True)
@@ -394,23 +422,3 @@ def meta_rank_decoder(spec: ModelSpec, layout: RankLayout, dtype: torch.dtype) -
     return module.eval()
 
 
-def capture_rank(module: RankDecoder, *, strict: bool = False) -> torch.export.ExportedProgram:
-    """torch.export one rank, dynamic batch / sequence / cache length as qwen3export.graph_capture.capture does.
-
-    Needs no process group: the functional collectives have fake implementations and name their group
-    by role, resolved only when the program runs.
-    """
-    from qwen3export.graph_capture import _widen_derived_ranges, dynamic_shapes
-
-    spec, batch, seq, past = module.spec, 2, 3, 2
-    device = module.model.embed_tokens.weight.device  # "meta": a weight-free capture (meta_rank_decoder)
-    input_ids = torch.randint(0, spec.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
-    position_ids = torch.arange(past, past + seq).expand(batch, seq).contiguous().to(device)
-    attention_mask = torch.ones(batch, past + seq, dtype=torch.int64, device=device)
-    kv = torch.zeros(batch, module.kv_heads, past, spec.head_dim, dtype=module.dtype, device=device)
-    cache = tuple((kv.clone(), kv.clone()) for _ in range(spec.num_hidden_layers))
-    with torch.no_grad():
-        ep = torch.export.export(module.eval(), (input_ids, position_ids, attention_mask, cache),
-                                 dynamic_shapes=dynamic_shapes(module), strict=strict)
-    _widen_derived_ranges(ep)
-    return ep

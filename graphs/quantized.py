@@ -12,15 +12,11 @@ quant.dequantize's weights (QuantizedSource.get); fp8 also quantizes activations
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import nn
 
 from qwen3export.errors import InputError
-from qwen3export.quant import QuantConfig, QuantizedSource, QuantizedWeight, cat_rows, stack
-from qwen3export.spec import ModelSpec
-from qwen3export.weights import WeightSource, check_names, module_assignments
+from qwen3export.quant_format import QuantizedWeight, cat_rows, stack
 
 from .decoder import MLP, Attention, Qwen3Decoder, SparseMoeBlock
 
@@ -94,7 +90,7 @@ class QuantizedSparseMoeBlock(nn.Module):
                                             dn.scales, dn.zero_points, gu.bits, self.top_k, self.norm_topk_prob)
 
 
-def _expert_weights(source: QuantizedSource, prefix: str, n_experts: int) -> tuple[QuantizedWeight, QuantizedWeight]:
+def _expert_weights(source, prefix: str, n_experts: int) -> tuple[QuantizedWeight, QuantizedWeight]:
     """A layer's stacked experts, quantized one expert at a time: gate_up [E, 2I, H] (gate rows then up rows,
     graphs/decoder.py Experts) and down [E, H, I]."""
     gate_up = stack([cat_rows([source.quantized(f"{prefix}{e}.gate_proj.weight"),
@@ -103,9 +99,10 @@ def _expert_weights(source: QuantizedSource, prefix: str, n_experts: int) -> tup
     return gate_up, down
 
 
-def quantize_decoder(module: Qwen3Decoder, source: QuantizedSource, dtype: torch.dtype | None = None) -> dict:
+def quantize_decoder(module: Qwen3Decoder, source, dtype: torch.dtype | None = None) -> dict:
     """Swap `module`'s quantized linears and MoE experts (in place) for modules holding `source`'s quantized
-    tensors, built tensor by tensor from the source. `module` may live on the meta device (build_quantized);
+    tensors (any object with `config`, `is_quantized(name)` and `quantized(name)`: quant.QuantizedSource or
+    prequantized.PrequantizedSource), built tensor by tensor from the source. `module` may live on the meta device (build_quantized);
     the replaced submodules' fp weights are dropped. Returns what was replaced: {"linears", "moe_blocks",
     "quantized_bytes"}."""
     import qwen3export.kernels.ops  # noqa: F401  (registers the qwen3export:: ops the new modules call)
@@ -136,41 +133,6 @@ def quantize_decoder(module: Qwen3Decoder, source: QuantizedSource, dtype: torch
         module.lm_head = QuantizedLinear(source.quantized("lm_head.weight"), dtype, "lm_head.weight")
         linears, nbytes = linears + 1, nbytes + module.lm_head.quantized_weight().nbytes()
     return {**source.config.to_dict(), "linears": linears, "moe_blocks": blocks, "quantized_bytes": nbytes}
-
-
-@torch.no_grad()
-def build_quantized(spec: ModelSpec, source: WeightSource, config: QuantConfig,
-                    dtype: torch.dtype = torch.float32) -> Qwen3Decoder:
-    """The quantized decoder in `dtype`, never holding the fp model: the decoder is laid out on the meta device,
-    its linears and experts swapped for quantized modules (one source tensor at a time), then the parameters
-    left (embedding, norms, routers, an unquantized lm_head) are loaded from the source.
-
-    int scales are rounded to `config.scale_dtype` when that converts exactly to `dtype` (any of them to fp32),
-    else to `dtype`. Pass a QuantizedSource to share its quantization with a reference (quant_parity.py)."""
-    if config.mode != "fp8" and dtype not in (torch.float32, config.scale_dtype):
-        config = replace(config, scale_dtype=dtype)  # e.g. fp16 scales would not convert exactly to bf16
-    # a QuantizedSource, or a pre-quantized checkpoint (prequantized.PrequantizedSource), is used as it is
-    qsource = source if hasattr(source, "quantized") else QuantizedSource(source, spec, config)
-    check_names(spec, qsource)
-    with torch.device("meta"):
-        module = Qwen3Decoder(spec)
-    module.quantization = quantize_decoder(module, qsource, dtype)
-    params = dict(module.named_parameters(remove_duplicate=False))
-    for pname, rows, stacked in module_assignments(spec):
-        if pname not in params or stacked or qsource.is_quantized(rows[0][0]):
-            continue  # replaced by a quantized module (or a tied lm_head: re-tied below)
-        owner, _, leaf = pname.rpartition(".")
-        value = nn.Parameter(qsource.get(rows[0][0]).to(dtype), requires_grad=False)
-        setattr(module.get_submodule(owner), leaf, value)
-    module.inv_freq = torch.empty(spec.head_dim // 2)
-    module.reset_derived()  # RoPE frequencies; re-ties lm_head to the embedding
-    if isinstance(module.lm_head, QuantizedLinear):  # a tied model's quantized lm_head: not re-tied
-        module.lm_head._parameters.pop("weight", None)
-    left = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
-    if left:
-        raise InputError(f"quantized decoder: {left[0]} was never loaded (graphs/quantized.py and "
-                         "weights.module_assignments disagree)")
-    return module.eval()
 
 
 def quantized_tensors(module: nn.Module) -> dict[str, QuantizedWeight]:

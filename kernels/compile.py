@@ -48,7 +48,7 @@ def kernels_for_arch(arch_or_cc: str | int) -> tuple[str, ...]:
     return tuple(k for k in KERNELS if supports(k, arch))
 
 
-def _cuobjdump() -> str:
+def cuobjdump_path() -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
 
 
@@ -100,7 +100,7 @@ def measure(spec: CompileSpec, cc: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
-        text = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(cubin)], capture_output=True,
+        text = subprocess.run([cuobjdump_path(), "--dump-resource-usage", str(cubin)], capture_output=True,
                               text=True, check=True).stdout
     usage = parse_resource_usage(text).get(compiled.metadata.name)
     if usage is None:

@@ -13,7 +13,7 @@ from qwen3export.errors import InputError, TargetError
 from qwen3export.kernels.config import ArchLimits, CompileSpec, KernelConfig, aligned_args
 from qwen3export.kernels.launch import launch
 from qwen3export.kernels.tiles import grouped_tile
-from qwen3export.quant import FP8_MAX, quantize_activation_fp8
+from qwen3export.quant_format import FP8_MAX, quantize_activation_fp8
 
 # fp8 (e4m3 / e5m2) tensor-core MMA exists from compute capability 8.9 (Ada) and 9.0 (Hopper) (CUDA C++
 # Programming Guide, "Compute Capabilities"; PTX ISA mma .e4m3 requires sm_89); Triton's float8e4nv dot

@@ -1,6 +1,6 @@
 """Fused MoE with int8 / int4 weight-only experts: kernels/fused_moe.py's grouped gate/up (SiLU·mul) and down
 GEMMs over the moe_align-sorted (token, expert) pairs, each expert's weight tile dequantized in registers
-(kernels/wq_matmul.py `_dequantize_tile`), fp32 accumulation. The planned `qwen3export::wq_moe` op runs it.
+(kernels/wq_matmul.py `dequantize_tile`), fp32 accumulation. The planned `qwen3export::wq_moe` op runs it.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from qwen3export.kernels.fused_moe import fused_moe_reference
 from qwen3export.kernels.launch import launch
 from qwen3export.kernels.tiles import grouped_tile
 from qwen3export.kernels.moe_align import moe_align
-from qwen3export.kernels.wq_matmul import _dequantize_tile, block_k_for
-from qwen3export.quant import QuantizedWeight, dequantize
+from qwen3export.kernels.wq_matmul import dequantize_tile, block_k_for
+from qwen3export.quant_format import QuantizedWeight, dequantize
 
 # the @triton.jit helper these kernels call lives in wq_matmul.py: its source is part of this kernel's
 # compile-cache key (kernels/compile.py)
@@ -75,9 +75,9 @@ def _fused_moe_wq_gate_up_kernel(
         a = tl.load(x_ptrs, mask=pair_ok[:, None] & k_ok[None, :], other=0.0)
         w_mask = k_ok[:, None] & n_ok[None, :]
         g = k0 // group_size
-        acc_gate = tl.dot(a, _dequantize_tile(gate_q, gate_s + g, gate_z + g, shift, w_mask, n_ok, dtype, BITS,
+        acc_gate = tl.dot(a, dequantize_tile(gate_q, gate_s + g, gate_z + g, shift, w_mask, n_ok, dtype, BITS,
                                               HAS_ZP), acc_gate)
-        acc_up = tl.dot(a, _dequantize_tile(up_q, up_s + g, up_z + g, shift, w_mask, n_ok, dtype, BITS, HAS_ZP),
+        acc_up = tl.dot(a, dequantize_tile(up_q, up_s + g, up_z + g, shift, w_mask, n_ok, dtype, BITS, HAS_ZP),
                         acc_up)
         x_ptrs += BLOCK_K
         gate_q += BLOCK_K // (8 // BITS)
@@ -135,7 +135,7 @@ def _fused_moe_wq_down_kernel(
         k_ok = offs_k < inter - k0
         a = tl.load(a_ptrs, mask=pair_ok[:, None] & k_ok[None, :], other=0.0)
         g = k0 // group_size
-        acc = tl.dot(a, _dequantize_tile(q_ptrs, s_ptrs + g, z_ptrs + g, shift, k_ok[:, None] & n_ok[None, :], n_ok,
+        acc = tl.dot(a, dequantize_tile(q_ptrs, s_ptrs + g, z_ptrs + g, shift, k_ok[:, None] & n_ok[None, :], n_ok,
                                          dtype, BITS, HAS_ZP), acc)
         a_ptrs += BLOCK_K
         q_ptrs += BLOCK_K // (8 // BITS)

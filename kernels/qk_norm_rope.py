@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from qwen3export.errors import InputError
-from qwen3export.graphs.decoder import apply_rope, rms_norm_reference
+from qwen3export.graphs.functional import apply_rope, rms_norm_reference
 from qwen3export.kernels.config import ArchLimits, CompileSpec, KernelConfig, divisibility_hints
 from qwen3export.kernels.launch import launch
 

@@ -13,11 +13,11 @@ from qwen3export.errors import InputError
 from qwen3export.kernels.config import ArchLimits, CompileSpec, KernelConfig, aligned_args
 from qwen3export.kernels.launch import launch
 from qwen3export.kernels.tiles import grouped_tile
-from qwen3export.quant import QuantizedWeight, dequantize
+from qwen3export.quant_format import QuantizedWeight, dequantize
 
 
 @triton.jit
-def _dequantize_tile(q_ptrs, s_ptrs, z_ptrs, shift, mask, n_ok, out_dtype: tl.constexpr, BITS: tl.constexpr,
+def dequantize_tile(q_ptrs, s_ptrs, z_ptrs, shift, mask, n_ok, out_dtype: tl.constexpr, BITS: tl.constexpr,
                      HAS_ZP: tl.constexpr):
     """W tile [BLOCK_K, BLOCK_N] = (code - zero) * scale in fp32, rounded to out_dtype (the tl.dot operand).
 
@@ -80,7 +80,7 @@ def _wq_matmul_kernel(
         k_ok = offs_k < K - k0
         a = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         g = k0 // group_size
-        w = _dequantize_tile(q_ptrs, scales_ptr + offs_n * stride_sn + g, zeros_ptr + offs_n * stride_sn + g, shift,
+        w = dequantize_tile(q_ptrs, scales_ptr + offs_n * stride_sn + g, zeros_ptr + offs_n * stride_sn + g, shift,
                              k_ok[:, None] & n_ok[None, :], n_ok, dtype, BITS, HAS_ZP)
         acc = tl.dot(a, w, acc)
         x_ptrs += BLOCK_K

@@ -88,7 +88,7 @@ class Artifact:
             if tensor.data_location != onnx.TensorProto.EXTERNAL:
                 continue
             location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-            _check_relative(self.path, location)
+            check_relative_path(self.path, location)
             rel = (base / location).as_posix()
             if not self.has(rel):
                 raise ArtifactError(f"{name} reads tensor {tensor.name} from {location!r}, which is not a listed "
@@ -328,14 +328,14 @@ def build_lock(out: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def staging(out: Path, force: bool = False, sign: Path | None = None) -> Iterator[Path]:
+def staging(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temp folder beside `out`; on success it is renamed to `out`, on any error removed.
 
     An existing `out` is refused unless force, and with force unless it is a qwen3export artifact; it is
     replaced only after the new one is complete, so an interrupted build never leaves a folder that looks
     complete. A lock beside `out` refuses a concurrent build to the same folder; stale temp folders of killed
-    builds are removed first. With `sign` (an Ed25519 private key file) the manifest is signed before the rename,
-    so a signed build never appears unsigned.
+    builds are removed first. A signed build signs inside the staging folder (signing.sign_artifact), so it
+    never appears unsigned.
     """
     out = Path(out)
     check_replaceable(out, force)
@@ -349,10 +349,6 @@ def staging(out: Path, force: bool = False, sign: Path | None = None) -> Iterato
             yield tmp
             if not (tmp / MANIFEST).is_file():
                 raise ArtifactError(f"internal: build of {out} finished without a manifest")
-            if sign is not None:
-                from .signing import sign_artifact
-
-                sign_artifact(tmp, sign, verify_checksums=False)
             check_replaceable(out, force, check_lock=False)  # it may have appeared while this build ran
             if out.exists():
                 old = out.parent / f".{out.name}{_OLD}{os.getpid()}"
@@ -393,7 +389,7 @@ def _node_tensors(nodes) -> Iterator[Any]:
                 yield from _onnx_tensors(g)
 
 
-def _check_relative(folder: Path, rel: Any) -> None:
+def check_relative_path(folder: Path, rel: Any) -> None:
     """A manifest path: a relative POSIX path with no `..`, resolving inside the folder."""
     pure = PurePosixPath(rel) if isinstance(rel, str) else None
     if (pure is None or not rel or pure.is_absolute() or "\\" in rel or ".." in pure.parts
@@ -420,7 +416,7 @@ def check_layout(folder: Path, files: dict[str, Any]) -> None:
     the manifest does not list (manifest.json and manifest.sig aside). Run before any file is read."""
     root = folder.resolve()
     for rel in files:
-        _check_relative(folder, rel)
+        check_relative_path(folder, rel)
     listed = set(files)
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
         base = Path(dirpath)

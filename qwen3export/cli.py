@@ -97,34 +97,27 @@ def _open_artifact(args: argparse.Namespace):
 
 # ------------------------------------------------------------------------- commands
 def cmd_build(args: argparse.Namespace) -> int:
-    from .pipeline import BuildOptions, build
-
     from qwen3export.graphs.rope import parse_rope_flag
+
+    from .options import BuildOptions
+    from .pipeline import build
 
     # a tp x ep build's parts are torch.export programs (parallel_build.py): its default backend
     backend = args.backend or ("torch-export" if args.tp * args.ep > 1 else "onnx")
-    backends = tuple(b.strip() for b in backend.split(",") if b.strip())
-    twice = sorted({b for b in backends if backends.count(b) > 1})
-    if twice:
-        raise InputError(f"--backend names {', '.join(twice)} more than once; give each backend once")
     if args.sign:
         from .signing import load_private_key
 
         load_private_key(args.sign)  # a bad key is refused now, not after the build
-    if args.group_size is not None and args.quant != "int4":
-        raise InputError(f"--group-size applies to --quant int4 only (int8 and fp8 scale per output channel), not "
-                         f"--quant {args.quant}; drop --group-size")
     overrides = {"rope_scaling": parse_rope_flag(args.rope_scaling)} if args.rope_scaling else {}
-    opts = BuildOptions(model=args.model, target=args.target, backends=backends, dtype=args.dtype,
-                        out=Path(args.out) if args.out else None, force=args.force, seed=args.seed,
-                        artifact=Path(args.artifact) if args.artifact else None,
-                        sign=Path(args.sign) if args.sign else None,
-                        weight_stats=args.weight_stats,
-                        dump_ir=Path(args.dump_ir) if args.dump_ir else None, overrides=overrides,
-                        max_batch=args.max_batch, max_seq=args.max_seq, lower=not args.no_lower,
-                        onnx_ops=args.onnx_ops, quant=args.quant, group_size=args.group_size or 128,
-                        quantize_lm_head=args.quantize_lm_head, tp=args.tp, ep=args.ep, stream=args.stream,
-                        verify=not args.no_verify)
+    opts = BuildOptions.of(model=args.model, target=args.target, dtype=args.dtype, seed=args.seed,
+                           weight_stats=args.weight_stats, overrides=overrides,
+                           quant=args.quant, group_size=args.group_size, quantize_lm_head=args.quantize_lm_head,
+                           tp=args.tp, ep=args.ep, max_batch=args.max_batch, max_seq=args.max_seq,
+                           backends=tuple(b.strip() for b in backend.split(",") if b.strip()), out=args.out,
+                           artifact=args.artifact, force=args.force, sign=Path(args.sign) if args.sign else None,
+                           onnx_ops=args.onnx_ops, lower=not args.no_lower,
+                           dump_ir=Path(args.dump_ir) if args.dump_ir else None, stream=args.stream,
+                           verify=not args.no_verify)
     results = build(opts, progress=_eprint)
     from .describe import engine_status, quantization_lines
     from .describe import summary_line
@@ -218,7 +211,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from qwen3export.graphs.sampling import SamplingParams, initial_state
 
     from .generation import check_token_ids, sample_generate
-    from .pipeline import sampling_pair
+    from .runner import sampling_pair
     from .runner import open_engine
 
     if (args.prompt is None) == (args.prompt_ids is None):
@@ -270,7 +263,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from .describe import summary_line
-    from .pipeline import verify_artifact
+    from .verify import verify_artifact
 
     _check_resign(args)
     artifact = _open_artifact(args)
@@ -406,7 +399,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from qwen3export.graphs.rope import parse_rope_flag
     from qwen3export.targets import get_target
 
-    from .model import resolve_spec
+    from .spec import resolve_spec
     from .plan import PlanOptions, plan_for_target, summary
 
     target = get_target(args.target)

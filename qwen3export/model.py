@@ -13,7 +13,7 @@ from qwen3export.graphs.decoder import Qwen3Decoder
 
 from .errors import ConfigError
 from .synthetic_weights import DEFAULT_WEIGHT_STATS
-from .spec import PRESETS, ModelSpec, preset, read_config, spec_from_hf_config
+from .spec import PRESETS, ModelSpec, preset, read_config, read_think_ids, spec_from_hf_config, unknown_model
 from .weights import RandomSource, SafetensorsSource, WeightSource, check_names, load_into, parse_dtype
 
 DEFAULT_SEED = 0
@@ -43,19 +43,6 @@ class ModelRef:
                    tuple(sorted(d.get("overrides", {}).items())), stats)
 
 
-def read_think_ids(folder: Path) -> tuple[int | None, int | None] | None:
-    """Ids of `<think>`/`</think>` from the folder's tokenizer.json, or None when it has none."""
-    path = folder / "tokenizer.json"
-    if not path.is_file():
-        return None
-    from tokenizers import Tokenizer
-
-    try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises its own Exception type for any parse failure
-        raise ConfigError(f"{path} cannot be parsed ({e}); restore the checkpoint's tokenizer.json") from None
-    return tok.token_to_id("<think>"), tok.token_to_id("</think>")
-
 
 def resolve(model: str | Path, seed: int = DEFAULT_SEED, *, weight_stats: str = DEFAULT_WEIGHT_STATS,
             **overrides: Any) -> tuple[ModelSpec, WeightSource, ModelRef]:
@@ -83,23 +70,8 @@ def resolve(model: str | Path, seed: int = DEFAULT_SEED, *, weight_stats: str = 
         spec = preset(text, **overrides)
         return spec, RandomSource(spec, seed, weight_stats), ModelRef("preset", text, seed,
                                                                       tuple(sorted(overrides.items())), weight_stats)
-    if path.exists():
-        raise ConfigError(f"{path} is not a folder: point --model at a Hugging Face Qwen3 folder (config.json + safetensors)")
-    if "/" in text or text.startswith("."):
-        raise ConfigError(f"model folder {text} does not exist; give an existing Hugging Face folder or a preset "
-                          f"({', '.join(PRESETS)})")
-    raise ConfigError(f"unknown preset {text!r}; known presets: {', '.join(PRESETS)} (or give a model folder path)")
+    raise unknown_model(text)
 
-
-def resolve_spec(model: str | Path, **overrides: Any) -> ModelSpec:
-    """Only the ModelSpec (config.json or preset); no weight file is opened."""
-    path = Path(str(model)).expanduser()
-    if path.is_dir():
-        cfg = read_config(path)
-        cfg.pop("quantization_config", None)  # the spec is the model's shapes; weights are not read here
-        spec = spec_from_hf_config(cfg, name=path.resolve().name, think_ids=read_think_ids(path))
-        return spec.replace(**overrides) if overrides else spec
-    return resolve(model, DEFAULT_SEED, **overrides)[0]  # presets open nothing either
 
 
 def resolve_ref(ref: ModelRef) -> tuple[ModelSpec, WeightSource]:

@@ -18,13 +18,14 @@ from typing import Any
 
 import torch
 
-from qwen3export.graphs.parallel import (TP_GROUP, WORLD_GROUP, RankLayout, capture_rank, layouts, meta_rank_decoder,
+from qwen3export.graph_capture import capture_rank
+from qwen3export.graphs.parallel import (TP_GROUP, WORLD_GROUP, RankLayout, layouts, meta_rank_decoder,
                                          rank_tensors)
 
-from .artifact import Artifact, default_manifest, load_artifact, seal, staging
+from .artifact import Artifact
 from .errors import ArtifactError, Qwen3ExportError
 from .spec import ModelSpec
-from .weights import dtype_name, parse_dtype
+from .weights import parse_dtype
 
 BACKEND = "torch-export"
 WEIGHTS_FILE = "weights.safetensors"
@@ -62,21 +63,6 @@ def write_parts(folder: Path, spec: ModelSpec, source: Any, ranks: list[RankLayo
                   str(part / WEIGHTS_FILE), metadata={"format": "pt"})
         entries.append({**layout.to_dict(spec), "files": [f"{part_folder(layout.rank)}/{WEIGHTS_FILE}"]})
     return entries
-
-
-def write_parallel_artifact(out: str | Path, spec: ModelSpec, source: Any, tp: int, ep: int, *,
-                            dtype: torch.dtype = torch.float32, model_ref: dict[str, Any] | None = None,
-                            force: bool = False) -> Artifact:
-    """Shard and write every rank's part (no sampling graph, no parity: parallel_build.build_parallel adds
-    both); the degrees are checked before anything is written."""
-    ranks = layouts(spec, tp, ep)  # one-line InputError for a bad degree, before any work
-    with staging(Path(out), force) as tmp:
-        entries = write_parts(tmp, spec, source, ranks, dtype)
-        manifest = default_manifest(
-            model={"spec": spec.to_dict(), "ref": model_ref, "param_count": spec.param_count()}, backend=BACKEND,
-            dtype=dtype_name(dtype), parallel=parallel_record(tp, ep), ranks=entries)
-        seal(tmp, manifest)
-    return load_artifact(out)
 
 
 def check_parts(artifact: Artifact) -> list[RankLayout]:
@@ -308,16 +294,3 @@ class ParallelEngine:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def run_parallel_artifact(path: str | Path, input_ids: torch.Tensor, attention_mask: torch.Tensor, steps: int,
-                          threads: int | None = None) -> dict[str, torch.Tensor]:
-    """Greedy generation on the artifact's N ranks -> {tokens [B, N], prefill [B, S, V], steps [B, N, V]}.
-    Checksums are verified here, before a process starts."""
-    from .generation import greedy_generate
-
-    artifact = load_artifact(path)
-    with ParallelEngine(artifact, threads) as engine:
-        tokens, prefill, logits = greedy_generate(engine, engine.empty_cache(input_ids.shape[0]), input_ids,
-                                                  attention_mask, steps, keep_logits=True)
-    return {"tokens": tokens, "prefill": prefill, "steps": torch.stack(logits, 1)}

@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 
-from .describe import summary_line  # noqa: F401 (torch-free, for inspect; re-exported)
 from .generation import Step, greedy_generate, left_pad
 
 # The gated metric is scale-aware: for each logits row (a position of a prompt, or a decode step),

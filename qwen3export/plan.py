@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InputError, TargetError
+from qwen3export.graphs.parallel import check_parallelism
+
 from .spec import ModelSpec
 
 QUANT_MODES = ("none", "int8", "int4", "fp8")
@@ -44,35 +46,6 @@ class PlanOptions:
     ep: int = 1
     max_batch: int = 1
     max_seq: int | None = None  # default: the model's max positions
-
-
-def _divisors(*values: int) -> str:
-    common = [d for d in range(1, min(values) + 1) if all(v % d == 0 for v in values)]
-    return ", ".join(map(str, common))
-
-
-def check_parallelism(spec: ModelSpec, tp: int, ep: int) -> None:
-    """TP must divide the query and KV heads and the MLP widths; EP must divide the experts.
-
-    The one check shared by `plan`, the rank graphs (graphs/parallel.py) and the parallel build; each
-    message names the field and the valid degrees.
-    """
-    if tp < 1 or ep < 1:
-        raise InputError(f"--tp and --ep must be >= 1, got tp={tp} ep={ep}")
-    fields = [("num_attention_heads", spec.num_attention_heads), ("num_key_value_heads", spec.num_key_value_heads)]
-    if any(not spec.layer_is_moe(i) for i in range(spec.num_hidden_layers)):
-        fields.append(("intermediate_size", spec.intermediate_size))
-    if spec.is_moe:
-        fields.append(("moe_intermediate_size", spec.moe_intermediate_size))
-    valid_tp = _divisors(*(v for _, v in fields))
-    for name, value in fields:
-        if value % tp:
-            raise InputError(f"--tp {tp} does not divide {name} ({value}) of {spec.name}; valid --tp: {valid_tp}")
-    if ep > 1 and not spec.is_moe:
-        raise InputError(f"--ep {ep} needs a mixture-of-experts model; {spec.name} is dense (valid --ep: 1)")
-    if spec.is_moe and spec.num_experts % ep:
-        raise InputError(f"--ep {ep} does not divide num_experts ({spec.num_experts}) of {spec.name}; "
-                         f"valid --ep: {_divisors(spec.num_experts)}")
 
 
 def _linear_bytes(rows: int, cols: int, quant: str, act_bytes: int, group: int) -> float:
@@ -153,6 +126,17 @@ def memory_plan(spec: ModelSpec, memory_bytes: int, opts: PlanOptions) -> dict[s
 
 def host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else the machine's physical memory."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return host_memory_bytes()
 
 
 def plan_for_target(spec: ModelSpec, target, opts: PlanOptions) -> dict[str, Any]:

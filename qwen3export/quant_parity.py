@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from qwen3export.graphs.decoder import Qwen3Decoder
-from qwen3export.graphs.quantized import build_quantized
+from qwen3export.quant import build_quantized
 from qwen3export.kernels.moe_routing import moe_routing_reference
 
 from .generation import Step, greedy_generate, left_pad, position_ids_from_mask
 from .model import build_module
 from .parity import NEW_TOKENS, check_parity, parity_prompts
-from .quant import QuantConfig, QuantizedSource
+from .quant_format import QuantConfig
+from .quant import QuantizedSource
 from .spec import ModelSpec
 from .weights import WeightSource
 
@@ -161,5 +162,3 @@ def quant_parity(engine: Step, engine_cache: tuple, spec: ModelSpec, source: Wei
                                "quantize_lm_head": config.quantize_lm_head}
     return {"engine": engine_report, "quantization": quality}
 
-
-from .describe import quant_summary_line as summary_line  # noqa: E402,F401 (torch-free, re-exported)

@@ -1,15 +1,13 @@
 """Run a tp x ep decoder on CPU as N processes over gloo (torch.distributed): spawn the process group,
 give each process its rank module (eager or torch.export-ed), drive the generation loop on every rank.
 
-Used by the parallel artifact runner and the tests; on GPUs the same rank graphs run under NCCL.
+Used by the parallel artifact runner (and tests/parallel_helpers.py); on GPUs the same rank graphs run under NCCL.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -58,50 +56,3 @@ def start_ranks(fn: Callable[..., None], world: int, *args: Any, threads: int = 
     for p in procs:
         p.start()
     return procs
-
-
-def rank_step(spec, source: Any, layout, dtype: torch.dtype = torch.float32, exported: bool = False):
-    """This rank's decoder as a generation step: (step callable, empty_cache function)."""
-    from qwen3export.graphs.parallel import build_rank_module, capture_rank, shard_weights
-
-    if callable(source) and not hasattr(source, "get"):
-        source = source()  # e.g. functools.partial(SafetensorsSource, folder): opened in the rank process
-    module = build_rank_module(spec, layout, shard_weights(spec, source, layout.rank, layout.tp, layout.ep, dtype), dtype)
-    if exported:
-        return capture_rank(module).module(), module.empty_cache
-    return module, module.empty_cache
-
-
-def greedy_jobs_worker(rank: int, jobs: list[dict[str, Any]], out_dir: str) -> None:
-    """For each job {name, spec, source, tp, ep, exported, input_ids, attention_mask, steps}: build the
-    rank's decoder, register the job's groups, greedy-generate; save {tokens, prefill, steps} to
-    out_dir/<name>.rank<r>.pt (prefill/step logits on rank 0 only: every rank holds the same logits)."""
-    from qwen3export.generation import greedy_generate
-    from qwen3export.graphs.parallel import RankLayout, init_parallel_groups
-
-    for job in jobs:
-        layout = RankLayout(job["tp"], job["ep"], rank)
-        init_parallel_groups(layout)
-        step, empty_cache = rank_step(job["spec"], job["source"], layout, job.get("dtype", torch.float32),
-                                      job.get("exported", False))
-        ids = job["input_ids"]
-        tokens, prefill, steps = greedy_generate(step, empty_cache(ids.shape[0]), ids, job["attention_mask"],
-                                                 job["steps"], keep_logits=True)
-        out: dict[str, Any] = {"tokens": tokens}
-        if rank == 0:
-            out.update(prefill=prefill, steps=torch.stack(steps, 1))
-        torch.save(out, os.path.join(out_dir, f"{job['name']}.rank{rank}.pt"))
-
-
-def run_greedy_jobs(world: int, jobs: list[dict[str, Any]], out_dir: str | Path) -> dict[str, list[dict]]:
-    """Spawn `world` gloo ranks once, run every job on them, return {name: [rank 0 result, rank 1, …]}."""
-    from qwen3export.errors import InputError
-    from qwen3export.plan import check_parallelism
-
-    for j in jobs:  # every bad degree fails here, in the caller, before a process starts
-        check_parallelism(j["spec"], j["tp"], j["ep"])
-        if j["tp"] * j["ep"] != world:
-            raise InputError(f"job {j['name']}: tp {j['tp']} x ep {j['ep']} is not {world} ranks; "
-                             f"run it with {j['tp'] * j['ep']} processes")
-    spawn_ranks(greedy_jobs_worker, world, jobs, str(out_dir))
-    return {j["name"]: [torch.load(Path(out_dir) / f"{j['name']}.rank{r}.pt") for r in range(world)] for j in jobs}

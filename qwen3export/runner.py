@@ -103,3 +103,17 @@ def open_engine(artifact: Artifact, threads: int | None = None):
         return AotiEngine(artifact, ModelSpec.from_dict(artifact.manifest["model"]["spec"]))
     raise ArtifactError(f"artifact {Path(artifact.path).name} has backend {artifact.backend!r}, which does not "
                         "run on this machine (`run`/`verify` execute onnx and aoti artifacts)")
+
+
+def sampling_pair(artifact: Artifact, threads: int | None = None, engine=None):
+    """(torch SamplingGraph, the artifact's own sampler: ONNX Runtime session or AOTInductor package)."""
+    from qwen3export.graphs.sampling import SamplingGraph, SamplingSession, SamplingVocab
+
+    entry = artifact.manifest["sampling"]
+    spec = ModelSpec.from_dict(artifact.manifest["model"]["spec"])
+    graph = SamplingGraph(SamplingVocab.from_spec(spec), entry["early_stop_ids"])
+    if artifact.backend == "aoti":
+        return graph, (engine or open_engine(artifact, threads)).sampler
+    session = SamplingSession(artifact.onnx_file(entry["file"]), available_providers(
+        artifact.manifest["target"]["ort_providers"]), threads)
+    return graph, session

@@ -80,10 +80,6 @@ class ModelSpec:
         """Longest sequence (prompt + generated) the model serves, with RoPE scaling applied."""
         return scaled_max_positions(self.max_position_embeddings, self.rope_scaling)
 
-    @property
-    def kv_groups(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
     def param_count(self) -> int:
         """Number of parameters (embedding and lm_head counted once when tied)."""
         h, d = self.hidden_size, self.head_dim
@@ -423,3 +419,43 @@ def preset(name: str, **overrides: Any) -> ModelSpec:
 
 
 __all__ = ["ModelSpec", "PRESETS", "preset", "spec_from_hf_config", "read_config"]
+
+
+def read_think_ids(folder: Path) -> tuple[int | None, int | None] | None:
+    """Ids of `<think>`/`</think>` from the folder's tokenizer.json, or None when it has none."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises its own Exception type for any parse failure
+        raise ConfigError(f"{path} cannot be parsed ({e}); restore the checkpoint's tokenizer.json") from None
+    return tok.token_to_id("<think>"), tok.token_to_id("</think>")
+
+
+def resolve_spec(model: str | Path, **overrides: Any) -> ModelSpec:
+    """Only the ModelSpec (a folder's config.json, or a preset with field overrides); no weight file is opened."""
+    text = str(model)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        cfg = read_config(path)
+        cfg.pop("quantization_config", None)  # the spec is the model's shapes; weights are not read here
+        spec = spec_from_hf_config(cfg, name=path.resolve().name, think_ids=read_think_ids(path))
+        return spec.replace(**overrides) if overrides else spec
+    if text in PRESETS:
+        return preset(text, **overrides)
+    raise unknown_model(text)
+
+
+def unknown_model(text: str) -> ConfigError:
+    """--model names neither a Hugging Face folder nor a preset: what to say."""
+    path = Path(text).expanduser()
+    if path.exists():
+        return ConfigError(f"{path} is not a folder: point --model at a Hugging Face Qwen3 folder (config.json + "
+                           "safetensors)")
+    if "/" in text or text.startswith("."):
+        return ConfigError(f"model folder {text} does not exist; give an existing Hugging Face folder or a preset "
+                           f"({', '.join(PRESETS)})")
+    return ConfigError(f"unknown preset {text!r}; known presets: {', '.join(PRESETS)} (or give a model folder path)")

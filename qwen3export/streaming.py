@@ -20,34 +20,15 @@ from qwen3export.graphs.rope import rope_parameters
 
 from .errors import ConfigError
 from .spec import ModelSpec
-from .weights import WeightSource, check_names, module_assignments
-
-META = torch.device("meta")
-
-
-def meta_decoder(spec: ModelSpec, dtype: torch.dtype) -> Qwen3Decoder:
-    """The decoder with every parameter and buffer on the meta device (nothing allocated). The RoPE
-    frequencies stay fp32 as in the eager module (reset_derived after the dtype move), so a bf16 graph
-    computes cos/sin from fp32 frequencies as eager does and as the loader supplies them."""
-    with META:
-        module = Qwen3Decoder(spec)
-    module = module.to(dtype)
-    module.reset_derived()
-    return module.eval()
-
-
-def capture_meta(module: Qwen3Decoder) -> torch.export.ExportedProgram:
-    """qwen3export/capture.py's torch.export of a meta decoder: the same example inputs and dynamic shapes,
-    on the meta device, so the program holds no weight."""
-    from .graph_capture import _widen_derived_ranges, dynamic_shapes, example_inputs
-
-    ids, pos, mask, cache = example_inputs(module)
-    inputs = (ids.to(META), pos.to(META), mask.to(META), tuple((k.to(META), v.to(META)) for k, v in cache))
-    with torch.no_grad():
-        ep = torch.export.export(module.eval(), inputs, dynamic_shapes=dynamic_shapes(module), strict=False)
-    _widen_derived_ranges(ep)
-    return ep
-
+from . import artifact as art
+from .backends.kernel_pack import tuned_kernels_record
+from .lowering import lower_program, lowering_record
+from .model import build_module
+from .plan import available_memory_bytes
+from .graph_capture import META, capture_meta, meta_decoder
+from .stages import Progress, Stages, dump_ir
+from .verify import verify_engine
+from .weights import WeightSource, check_names, module_assignments, parse_dtype
 
 def parameter_loaders(spec: ModelSpec, source: WeightSource, dtype: torch.dtype
                       ) -> dict[str, Callable[[], torch.Tensor]]:
@@ -179,31 +160,18 @@ def _attach_constant(node) -> None:
 
 
 # ---------------------------------------------------------------------- build --stream
-def available_memory_bytes() -> int:
-    """MemAvailable from /proc/meminfo (Linux), else the machine's physical memory."""
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    from .plan import host_memory_bytes
-
-    return host_memory_bytes()
-
-
-def parity_not_run(opts, spec: ModelSpec, out) -> dict[str, Any] | None:
+def parity_not_run(plan, out) -> dict[str, Any] | None:
     """The manifest's `parity` entry when the streamed build does not run the check (with why and how to run it
     later), or None when it runs: fp32, not --no-verify, and the fp32 eager reference plus an ONNX Runtime
     session holding the same weights fit in this machine's available memory."""
     later = f"qwen3export verify {out}"
-    if opts.dtype != "fp32":
-        why = (f"--dtype {opts.dtype} engine: ONNX Runtime's CPU provider has no {opts.dtype} kernels and "
+    if plan.dtype != "fp32":
+        why = (f"--dtype {plan.dtype} engine: ONNX Runtime's CPU provider has no {plan.dtype} kernels and "
                "runner.OnnxEngine feeds fp32/fp16 caches only, so no parity check for it exists on this machine")
         return {"passed": None, "not_run": why, "command": None}
-    if not opts.verify:
+    if not plan.verify:
         return {"passed": None, "not_run": "--no-verify", "command": later}
-    need, have = 2 * 4 * spec.param_count() + (2 << 30), available_memory_bytes()
+    need, have = 2 * 4 * plan.spec.param_count() + (2 << 30), available_memory_bytes()
     if need > have:
         return {"passed": None, "command": later + " (on a machine with that much memory)",
                 "not_run": f"the fp32 eager reference and an ONNX Runtime session holding the same weights need "
@@ -211,92 +179,64 @@ def parity_not_run(opts, spec: ModelSpec, out) -> dict[str, Any] | None:
     return None
 
 
-def build_streamed(opts, progress: Callable[[str], None] = lambda s: None) -> list:
-    """`build --stream`: the onnx engine emitted without the model ever in memory (see the module docstring);
-    peak resident memory is bounded by emission_bound, whatever the number of layers (benchmarks/build_memory.py).
+class StreamedSteps:
+    """`build --stream`: the onnx engine emitted without the model ever in memory (see the module docstring); peak
+    resident memory is bounded by emission_bound, whatever the number of layers (benchmarks/build_memory.py).
 
-    Parity against eager runs as in pipeline.build when it can (fp32, the eager model fits in memory); otherwise
-    the manifest says it was NOT run, why, and the command that runs it later. Non-fp32 dtypes need --no-verify."""
-    from dataclasses import replace
+    Parity against eager runs as for an in-memory build when it can (fp32, the eager model fits in memory);
+    otherwise the manifest says it was NOT run, why, and the command that runs it later. options.REFUSALS holds
+    what a streamed build refuses (quantization, --tp/--ep, other backends, fp16/bf16 with verification)."""
 
-    from qwen3export.graphs.sampling import capture_sampling
+    gated = "engine"
 
-    from . import artifact as art
-    from .errors import InputError, TargetError
-    from .model import build_module, resolve
-    from .parity import summary_line
-    from .pipeline import (BuildResult, _dump, _Stages, check_options, emit_sampling, gate, kernel_configs,
-                           lower_program, lowering_record, onnx_flavour, output_folder, sampling_graph_for,
-                           verify_engine)
-    from .plan import serving_plan
-    from .weights import parse_dtype
+    def __init__(self, plan):
+        self.plan = plan
+        (output,) = plan.outputs
+        self.dtype = parse_dtype(plan.dtype)
+        self.not_run = parity_not_run(plan, output.folder)
 
-    # every refusal before any work
-    if opts.quant != "none":
-        raise InputError(f"--stream cannot go with --quant {opts.quant}: the quantized decoder has no weight-free "
-                         "streamed emission yet; drop --stream (quantized builds load the model in memory)")
-    if opts.tp * opts.ep > 1:
-        raise InputError("--stream cannot go with --tp/--ep: a parallel build already writes one rank's shard at a "
-                         "time; drop --stream")
-    if tuple(opts.backends) != ("onnx",):
-        raise TargetError(f"--stream emits the onnx backend only (its external data is what streams), not "
-                          f"{','.join(opts.backends)}; pass --backend onnx or drop --stream")
-    target = check_options(replace(opts, dtype="fp32"))  # target, backend, ONNX op flavour
-    dtype = parse_dtype(opts.dtype)
-    target.check_dtype(opts.dtype)
-    if opts.dtype != "fp32" and opts.verify:
-        raise TargetError(f"--stream --dtype {opts.dtype}: a {opts.dtype} engine cannot be checked against eager "
-                          "here (ONNX Runtime's CPU provider runs fp32); pass --no-verify to write it with parity "
-                          "recorded as not run, or build fp32")
-    spec, source, ref = resolve(opts.model, opts.seed, weight_stats=opts.weight_stats, **opts.overrides)
-    serving = serving_plan(spec, target, opts.dtype, max_batch=opts.max_batch, max_seq=opts.max_seq)
-    out = output_folder(opts, spec, target.name, "onnx")
-    art.check_replaceable(out, opts.force)
-    art.hold_build_lock(out)
-    flavour = onnx_flavour("onnx", target, opts.onnx_ops)
-    not_run = parity_not_run(opts, spec, out)
-    stages = _Stages(3 + opts.lower + (not_run is None), progress)
+    def stage_count(self) -> int:
+        return 3 + self.plan.lower + (self.not_run is None)
 
-    # 1. capture on the meta device: shapes and dtypes only
-    ep = stages.run("capture", f"torch.export of the {opts.dtype} decoder on the meta device (no weights)",
-                    lambda: capture_meta(meta_decoder(spec, dtype)))
-    _dump(opts.dump_ir, "01-capture.txt", str(ep.graph_module.code))
-    sampling_ep = capture_sampling(sampling_graph_for(spec, ref))
-    # 2. lower (the passes match shapes and ops, never values)
-    program, record = ep, lowering_record(None)
-    if opts.lower:
-        program, record = stages.run("lower", "attention, MoE and norms -> qwen3export:: ops",
-                                     lambda: lower_program(ep, progress))
-        _dump(opts.dump_ir, "02-lower.txt", str(program.graph_module.code))
-    record = dict(record, onnx_ops=flavour)
-    kernels = kernel_configs(spec, target, opts.dtype)
-    bound = emission_bound(spec, dtype)
-    with art.staging(out, opts.force, opts.sign) as tmp:
-        manifest = art.default_manifest(
-            model={"ref": ref.to_dict(), "spec": spec.to_dict(), "param_count": spec.param_count()},
-            target=target.to_dict(), backend="onnx", dtype=opts.dtype, lowering=record)
-        manifest["serving"] = serving
-        if kernels is not None:
-            manifest["kernels"] = kernels
-        manifest["sampling"] = emit_sampling(spec, ref, tmp, sampling_ep)
+    def prepare(self, stages: Stages, progress: Progress) -> None:
+        plan, spec = self.plan, self.plan.spec
+        # 1. capture on the meta device: shapes and dtypes only
+        ep = stages.run("capture", f"torch.export of the {plan.dtype} decoder on the meta device (no weights)",
+                        lambda: capture_meta(meta_decoder(spec, self.dtype)))
+        dump_ir(plan.dump_ir, "01-capture.txt", str(ep.graph_module.code))
+        # 2. lower (the passes match shapes and ops, never values)
+        self.program, record = ep, lowering_record(None)
+        if plan.lower:
+            self.program, record = stages.run("lower", "attention, MoE and norms -> qwen3export:: ops",
+                                              lambda: lower_program(ep, progress))
+            dump_ir(plan.dump_ir, "02-lower.txt", str(self.program.graph_module.code))
+        self.record = dict(record, onnx_ops=plan.outputs[0].onnx_flavour)
+        self.kernels = tuned_kernels_record(spec, plan.target, plan.dtype)
+
+    def manifest_fields(self, output) -> dict[str, Any]:
+        fields = {"dtype": self.plan.dtype, "lowering": self.record}
+        if self.kernels is not None:
+            fields["kernels"] = self.kernels
+        return fields
+
+    def emit(self, stages: Stages, output, folder, manifest: dict[str, Any], sampling_ep) -> None:
         # 3. emit: each initializer produced from the source by its loader while decoder.onnx.data is written
-        loaders = parameter_loaders(spec, source, dtype)
+        spec, source = self.plan.spec, self.plan.source
+        loaders = parameter_loaders(spec, source, self.dtype)
         manifest["engine"] = stages.run(
-            "emit", f"onnx engine ({flavour} ONNX ops), weights streamed tensor by tensor from "
-                    f"{source.description} -> {out}",
-            lambda: emit_streamed_decoder(program, spec, tmp, loaders, flavour))
+            "emit", f"onnx engine ({output.onnx_flavour} ONNX ops), weights streamed tensor by tensor from "
+                    f"{source.description} -> {output.folder}",
+            lambda: emit_streamed_decoder(self.program, spec, folder, loaders, output.onnx_flavour))
         manifest["streaming"] = {"weights": f"streamed one tensor at a time from {source.description}",
-                                 "weight_bytes": (tmp / (manifest["engine"]["file"] + ".data")).stat().st_size,
-                                 **bound}
+                                 "weight_bytes": (folder / (manifest["engine"]["file"] + ".data")).stat().st_size,
+                                 **emission_bound(spec, self.dtype)}
+
+    def verify(self, stages: Stages, output, folder, manifest: dict[str, Any], progress: Progress
+               ) -> dict[str, Any]:
         # 4. verify, when it can run: the eager model is built only now, after emission
-        if not_run is None:
-            report = stages.run("verify", "parity against eager PyTorch (fp32 reference loaded after emission)",
-                                lambda: verify_engine(art.staged_artifact(tmp, manifest),
-                                                      build_module(spec, source, torch.float32)))
-            gate(report)
-        else:
-            report = not_run
-        progress(summary_line(report))
-        manifest["parity"] = report
-        stages.run("seal", "checksums + manifest", lambda: art.seal(tmp, manifest))
-    return [BuildResult(out, manifest)]
+        if self.not_run is not None:
+            return self.not_run
+        plan = self.plan
+        return stages.run("verify", "parity against eager PyTorch (fp32 reference loaded after emission)",
+                          lambda: verify_engine(art.staged_artifact(folder, manifest),
+                                                build_module(plan.spec, plan.source, torch.float32)))

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from qwen3export.quant import is_quantized
+from qwen3export.quant_format import is_quantized
 from qwen3export.weights import SafetensorsSource
 
 from test_prequantized import awq_pack, gptq_pack_cols, gptq_pack_rows

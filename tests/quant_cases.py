@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from qwen3export.quant import QuantizedWeight, quantize_weight
+from qwen3export.quant_format import QuantizedWeight, quantize_weight
 
 # (K, group): the last group holds 32 of 96, 8 of 200, all 72 columns of a single 128-group, 7 of an odd 71
 PARTIAL = [(96, 64), (200, 32), (72, 128), (71, 16)]

@@ -138,7 +138,7 @@ def test_oversized_or_mismatched_config_is_refused_before_allocating(tiny_folder
 
 def test_a_model_larger_than_memory_is_refused_before_loading(capsys, tmp_path):
     """qwen3-32b in fp32 (~122 GiB) in memory: refused from the plan with the way out (--stream), in seconds."""
-    from qwen3export.pipeline import check_load_memory
+    from qwen3export.options import check_load_memory
     from qwen3export.errors import InputError
 
     with pytest.raises(InputError, match="needs at least .* GiB to load in memory .* --stream"):

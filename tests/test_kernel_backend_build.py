@@ -9,7 +9,7 @@ import pytest
 
 from qwen3export.autotune.tables import SHIPPED_DIR
 from qwen3export.cli import main
-from qwen3export.pipeline import kernel_configs
+from qwen3export.backends.kernel_pack import tuned_kernels_record as kernel_configs
 from qwen3export.spec import preset
 from qwen3export.targets import get_target
 

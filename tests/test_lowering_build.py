@@ -1,4 +1,4 @@
-"""`build` with the lowering stage (qwen3export/pipeline.py): each flavour's ONNX engine carries the ops its
+"""`build` with the lowering stage (qwen3export/lowering.py): each flavour's ONNX engine carries the ops its
 flavour maps the qwen3export:: ops to, the manifest records the sites each pass replaced, the parity gate
 passes, and --no-lower / --onnx-ops behave. One build per (model, variant), shared by the tests."""
 
@@ -11,7 +11,9 @@ import onnx
 import pytest
 
 import qwen3export
-import qwen3export.pipeline as pipeline
+import qwen3export.options as options
+import qwen3export.lowering as lowering
+import qwen3export.verify as verify
 from qwen3export.graph_capture import capture
 from qwen3export.cli import main, onnx_op_counts
 from qwen3export.graphs.passes import run_passes
@@ -40,7 +42,7 @@ def built(tmp_path_factory):
     The sampling graph's own parity check (128 rows x 6 steps over a 151,936-token vocabulary, ~1 min on
     this machine's 2 shared cores) runs at 8 rows x 2 steps here: lowering does not touch that graph, and
     tests/test_cli.py builds check it at full size."""
-    real = pipeline.check_sampling_parity
+    real = verify.check_sampling_parity
     cache: dict = {}
 
     def get(model: str, variant: str):
@@ -48,7 +50,7 @@ def built(tmp_path_factory):
             tmp = tmp_path_factory.mktemp(f"{model}-{variant}")
             flags = [f.format(tmp=tmp) for f in VARIANTS[variant]]
             with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(pipeline, "check_sampling_parity", lambda g, s: real(g, s, rows=8, steps=2))
+                mp.setattr(verify, "check_sampling_parity", lambda g, s: real(g, s, rows=8, steps=2))
                 where = "--out" if variant == "standard" else "--artifact"  # standard: onnx + tensorrt under one parent
                 argv = ["build", "--model", model, "--seed", str(SEED), where, str(tmp / "arts"), "--json", *flags]
                 assert main(argv) in (0, 3)  # 3: TensorRT plan pending (no TensorRT here), all else verified
@@ -146,7 +148,7 @@ def test_unmatched_graph_stays_unlowered_with_a_note():
 
     lines: list[str] = []
     ep = object()
-    lowered, record = pipeline.lower_program(ep, lines.append, passes=(stubborn,))
+    lowered, record = lowering.lower_program(ep, lines.append, passes=(stubborn,))
     assert lowered is ep
     assert record == {"enabled": True, "passes": {"attention": 0},
                       "notes": ["attention: 2 attention site(s) not lowered (...)"]}
@@ -161,11 +163,11 @@ def test_unmatched_graph_stays_unlowered_with_a_note():
 def test_flavour_per_backend_and_target(backend, target, requested, want):
     from qwen3export.targets import get_target
 
-    assert pipeline.onnx_flavour(backend, get_target(target), requested) == want
+    assert options.onnx_flavour(backend, get_target(target), requested) == want
 
 
 def test_backends_without_the_lowered_program_say_why():
     for backend in ("aoti", "kernels"):
-        record = pipeline.unlowered_record(backend, requested=True)
+        record = lowering.unlowered_record(backend, requested=True)
         assert not record["enabled"] and set(record["passes"].values()) == {0} and len(record["notes"]) == 1
-    assert pipeline.unlowered_record("aoti", requested=False)["notes"] == []
+    assert lowering.unlowered_record("aoti", requested=False)["notes"] == []

@@ -11,11 +11,13 @@ import torch
 
 from qwen3export.errors import InputError
 from qwen3export.generation import greedy_generate, left_pad
-from qwen3export.graphs.parallel import RankLayout, build_rank_module, capture_rank, layouts, shard_weights
+from qwen3export.graph_capture import capture_rank
+from qwen3export.graphs.parallel import RankLayout, build_rank_module, layouts, shard_weights
 from qwen3export.model import build_module
-from qwen3export.ranks import run_greedy_jobs
 from qwen3export.spec import preset
 from qwen3export.weights import RandomSource
+
+from parallel_helpers import run_greedy_jobs
 
 STEPS = 4
 TOL = dict(atol=1e-4, rtol=1e-4)

@@ -16,8 +16,9 @@ from qwen3export.artifact import load_artifact, seal
 from qwen3export.errors import ArtifactError, InputError
 from qwen3export.generation import greedy_generate, left_pad
 from qwen3export.model import build_module
-from qwen3export.parallel_artifact import (ParallelEngine, load_rank_program, run_parallel_artifact,
-                                           write_parallel_artifact)
+from qwen3export.parallel_artifact import ParallelEngine, load_rank_program
+
+from parallel_helpers import run_parallel_artifact, write_parallel_artifact
 from qwen3export.spec import preset
 from qwen3export.weights import RandomSource
 

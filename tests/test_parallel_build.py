@@ -19,7 +19,7 @@ from qwen3export.artifact import load_artifact, seal
 from qwen3export.cli import main
 from qwen3export.generation import greedy_generate, sample_generate
 from qwen3export.model import build_module
-from qwen3export.pipeline import sampling_pair
+from qwen3export.runner import sampling_pair
 from qwen3export.spec import ModelSpec
 from qwen3export.weights import RandomSource
 

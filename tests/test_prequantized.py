@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from qwen3export.errors import ConfigError, WeightsError
 from qwen3export.graphs.decoder import Qwen3Decoder
 from qwen3export.prequantized import (awq_to_weight, gptq_to_weight, open_prequantized, parse_quantization_config)
-from qwen3export.quant import dequantize, is_quantized
+from qwen3export.quant_format import dequantize, is_quantized
 from qwen3export.spec import preset
 from qwen3export.weights import RandomSource, check_names, expected_tensors, load_into
 

@@ -8,9 +8,8 @@ import torch
 
 from qwen3export.errors import InputError, WeightsError
 from qwen3export.graphs.decoder import Qwen3Decoder
-from qwen3export.quant import (FP8_MAX, QuantConfig, QuantizedSource, QuantizedWeight, cat_rows, check_quantizable,
-                               dequantize, is_quantized, quantize_activation_fp8, quantize_weight, quantized_names,
-                               stack)
+from qwen3export.quant_format import FP8_MAX, QuantConfig, QuantizedWeight, cat_rows, dequantize, is_quantized, quantize_activation_fp8, quantize_weight, stack
+from qwen3export.quant import QuantizedSource, check_quantizable, quantized_names
 from qwen3export.spec import preset
 from qwen3export.weights import RandomSource, check_names, load_into
 

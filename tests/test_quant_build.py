@@ -16,10 +16,11 @@ import torch
 from qwen3export.artifact import load_artifact
 from qwen3export.cli import main
 from qwen3export.generation import greedy_generate, left_pad
-from qwen3export.graphs.quantized import build_quantized
+from qwen3export.quant import build_quantized
 from qwen3export.model import resolve
-from qwen3export.pipeline import verify_artifact
-from qwen3export.quant import QuantConfig, QuantizedSource
+from qwen3export.verify import verify_artifact
+from qwen3export.quant_format import QuantConfig
+from qwen3export.quant import QuantizedSource
 from qwen3export.quant_parity import dequantized_reference
 from qwen3export.runner import open_engine
 from qwen3export.spec import preset
@@ -146,10 +147,11 @@ def test_int4_build_of_a_checkpoint_whose_hidden_size_is_off_the_group(tmp_path,
 def test_int4_moe_build_with_partial_groups(onnx_ops, tmp_path):
     """tiny-moe with hidden 72 and moe_intermediate 40 under int4 g32 (pipeline.build with preset overrides):
     the experts' QMoE (ort) or DequantizeLinear + dense MoE (standard) with partial last groups along H and I."""
-    from qwen3export.pipeline import BuildOptions, build
+    from qwen3export.options import BuildOptions
+    from qwen3export.pipeline import build
 
     overrides = {"hidden_size": 72, "moe_intermediate_size": 40}
-    result, = build(BuildOptions(model="tiny-moe", overrides=overrides, quant="int4", group_size=32,
+    result, = build(BuildOptions.of(model="tiny-moe", overrides=overrides, quant="int4", group_size=32,
                                  onnx_ops=onnx_ops, artifact=tmp_path / "moe"))
     a = load_artifact(result.path)
     p = a.manifest["parity"]

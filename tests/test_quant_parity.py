@@ -10,10 +10,13 @@ import pytest
 import torch
 
 from qwen3export.graph_capture import capture
-from qwen3export.graphs.quantized import QuantizedLinear, build_quantized
+from qwen3export.graphs.quantized import QuantizedLinear
+from qwen3export.quant import build_quantized
 from qwen3export.model import build_module, resolve
-from qwen3export.quant import QuantConfig, QuantizedSource
-from qwen3export.quant_parity import compare_to_unquantized, dequantized_reference, quant_parity, summary_line
+from qwen3export.quant_format import QuantConfig
+from qwen3export.quant import QuantizedSource
+from qwen3export.describe import quant_summary_line
+from qwen3export.quant_parity import compare_to_unquantized, dequantized_reference, quant_parity
 
 CONFIGS = {"int4": QuantConfig("int4", 32), "int8": QuantConfig("int8")}
 
@@ -127,7 +130,7 @@ def test_quant_parity_gates_the_engine_and_reports_the_quantization():
     assert "dequantized" in report["engine"]["reference"]
     assert report["quantization"]["quantization"] == {"mode": "int4", "group_size": 32, "quantize_lm_head": False}
     assert not report["quantization"]["gated"]
-    assert summary_line(report).startswith("quantized vs unquantized (not gated): KL mean")
+    assert quant_summary_line(report).startswith("quantized vs unquantized (not gated): KL mean")
 
 
 def test_fp8_reference_quantizes_activations_too():

@@ -166,7 +166,7 @@ QUANT = {
 def test_quantized_engines(case, folders, tmp_path, capsys):
     from qwen3export.quant import QuantizedSource
     from qwen3export.quant_parity import dequantized_reference
-    from qwen3export.pipeline import artifact_quant_config
+    from qwen3export.references import artifact_quant_config
 
     which, flags = QUANT[case]
     folder, hf = folders[which]
@@ -183,8 +183,8 @@ def test_fp8_engine(folders, tmp_path, capsys):
     """fp8 quantizes activations per token as well: no transformers model computes that, so `run` is compared
     with our eager fp8 decoder (graphs/quantized.py), which the gate also uses."""
     from qwen3export.generation import greedy_generate
-    from qwen3export.graphs.quantized import build_quantized
-    from qwen3export.quant import QuantConfig
+    from qwen3export.quant import build_quantized
+    from qwen3export.quant_format import QuantConfig
 
     folder, _ = folders["dense"]
     artifact = _build(capsys, tmp_path, folder, "--quant", "fp8")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from qwen3export.model import resolve_spec
+from qwen3export.spec import resolve_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,8 @@ import torch
 from qwen3export.backends.onnx import io_names
 from qwen3export.graph_capture import dynamic_shapes, example_inputs
 from qwen3export.model import build_module, resolve
-from qwen3export.streaming import META, bind_lazy_initializers, emission_bound, meta_decoder, parameter_loaders
+from qwen3export.graph_capture import META, meta_decoder
+from qwen3export.streaming import bind_lazy_initializers, emission_bound, parameter_loaders
 
 
 def _meta_capture(spec):
@@ -85,14 +86,15 @@ def test_streamed_build_without_verify_records_not_run_and_verifies_later(tmp_pa
     within 1e-4, 32 greedy tokens); the ort MoE fc1 is baked lazily."""
     import json
 
-    from qwen3export.pipeline import BuildOptions, build
+    from qwen3export.options import BuildOptions
+    from qwen3export.pipeline import build
     from qwen3export.weights import save_hf_checkpoint
 
     spec, source, _ = resolve("tiny-moe", 0, num_hidden_layers=2)
     folder = save_hf_checkpoint(spec, source, tmp_path / "ckpt", max_shard_bytes=16 << 20)
     assert len(list(folder.glob("*.safetensors"))) > 1
     out = tmp_path / "art"
-    result = build(BuildOptions(model=str(folder), artifact=out, stream=True, verify=False))[0]
+    result = build(BuildOptions.of(model=str(folder), artifact=out, stream=True, verify=False))[0]
     m = result.manifest
     assert m["parity"] == {"passed": None, "not_run": "--no-verify", "command": f"qwen3export verify {out}"}
     assert m["engine"]["external_data"] and m["engine"]["onnx_ops"] == "ort"
@@ -110,11 +112,12 @@ def test_streamed_bf16_build_writes_the_source_weights_and_fp32_rope(tmp_path):
     import onnx
     from onnx import numpy_helper
 
-    from qwen3export.pipeline import BuildOptions, build
+    from qwen3export.options import BuildOptions
+    from qwen3export.pipeline import build
 
     spec, source, _ = resolve("tiny-moe", 0, num_hidden_layers=1)
     out = tmp_path / "art"
-    m = build(BuildOptions(model="tiny-moe", target="h100", dtype="bf16", artifact=out, stream=True, verify=False,
+    m = build(BuildOptions.of(model="tiny-moe", target="h100", dtype="bf16", artifact=out, stream=True, verify=False,
                            overrides={"num_hidden_layers": 1}))[0].manifest
     assert m["dtype"] == "bf16" and m["parity"]["passed"] is None and m["parity"]["command"] is None
     assert "bf16" in m["parity"]["not_run"]

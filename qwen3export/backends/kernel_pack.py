@@ -194,7 +194,7 @@ def _launch_signature(spec) -> list[dict[str, Any]]:
 
 def _compile_job(job: dict[str, Any], root: Path) -> dict[str, Any]:
     """Compile one function for its arch, copy Triton's files into the pack, read the cubin's resources."""
-    from qwen3export.kernels.compile import _cuobjdump, cross_compile, parse_resource_usage
+    from qwen3export.kernels.compile import cuobjdump_path, cross_compile, parse_resource_usage
 
     spec = _spec(job)
     compiled = cross_compile(spec, job["cc"])
@@ -206,7 +206,7 @@ def _compile_job(job: dict[str, Any], root: Path) -> dict[str, Any]:
             shutil.copyfile(path, folder / name)
             files.append(f"{job['dir']}/{name}")
     cubin = folder / f"{compiled.metadata.name}.cubin"
-    text = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
+    text = subprocess.run([cuobjdump_path(), "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
                           check=True).stdout
     usage = parse_resource_usage(text)[compiled.metadata.name]
     return {"name": compiled.metadata.name, "hash": compiled.hash, "files": files,
@@ -336,7 +336,7 @@ class KernelPack:
 def checked_index(folder: Path) -> dict[str, Any]:
     """The pack index, its file names kept inside the artifact: every function's files are plain relative paths
     (the artifact loader checks they are listed and checksummed), and its cubin is one of them."""
-    from qwen3export.artifact import _check_relative, read_json
+    from qwen3export.artifact import check_relative_path, read_json
 
     fix = "rebuild the artifact"
     index = read_json(folder / PACK_INDEX, "kernel pack index", fix)
@@ -348,7 +348,7 @@ def checked_index(folder: Path) -> dict[str, Any]:
                 and isinstance(f.get("name"), str)):
             raise ArtifactError(f"{PACK_INDEX} is malformed (a function without files or name); {fix}")
         for rel in f["files"]:
-            _check_relative(folder, rel)
+            check_relative_path(folder, rel)
         cubin = f"{Path(f['files'][0]).parent.as_posix()}/{f['name']}.cubin"
         if cubin not in f["files"]:
             raise ArtifactError(f"{PACK_INDEX}: function {f['name'][:60]!r} names no cubin among its files; {fix}")
@@ -383,7 +383,7 @@ def load_kernel_pack(folder: str | Path) -> KernelPack:
 def verify_kernel_pack(folder: Path, manifest: dict[str, Any], progress: Callable[[str], None] = lambda s: None
                        ) -> dict[str, Any]:
     """What can be proven without a GPU; `passed` is False if any check fails (the build then stops)."""
-    from qwen3export.kernels.compile import _cuobjdump, parse_resource_usage
+    from qwen3export.kernels.compile import cuobjdump_path, parse_resource_usage
 
     index = checked_index(folder)
     failures: list[str] = []
@@ -391,7 +391,7 @@ def verify_kernel_pack(folder: Path, manifest: dict[str, Any], progress: Callabl
     for f in index["functions"]:
         compiled = pack.compiled[(f["kernel"], f["config"], f["variant"])]
         cubin = folder / f"{Path(f['files'][0]).parent}/{f['name']}.cubin"
-        run = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(cubin)], capture_output=True, text=True)
+        run = subprocess.run([cuobjdump_path(), "--dump-resource-usage", str(cubin)], capture_output=True, text=True)
         if run.returncode != 0:
             failures.append(f"{f['kernel']} {f['name']}: cuobjdump cannot read its cubin ({run.stderr.strip()[:120]})")
             continue
@@ -444,7 +444,7 @@ def _interpret_main(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     from qwen3export.artifact import staged_artifact
     from qwen3export.kernels.active import kernel_configs
     from qwen3export.parity import check_parity
-    from qwen3export.pipeline import eager_for
+    from qwen3export.references import eager_for
 
     artifact = staged_artifact(folder, manifest | {"dtype": "fp32"})
     if manifest.get("quantization"):
@@ -487,9 +487,9 @@ class _TorchReference:
 
 def _quantized_pair(artifact):
     """(the quantized decoder through the custom ops, its torch reference) for a quantized build's pack."""
-    from qwen3export.graphs.quantized import build_quantized
+    from qwen3export.quant import build_quantized
     from qwen3export.model import is_prequantized
-    from qwen3export.pipeline import artifact_quant_config, source_for
+    from qwen3export.references import artifact_quant_config, source_for
     from qwen3export.quant import QuantizedSource
     from qwen3export.quant_parity import dequantized_reference
 
@@ -510,3 +510,20 @@ if __name__ == "__main__":
         Path(sys.argv[4]).write_text(json.dumps(result))
     else:
         raise SystemExit(f"unknown command {command!r}")
+
+
+def tuned_kernels_record(spec: ModelSpec, target, dtype: str, quantization: dict[str, Any] | None = None
+                   ) -> dict[str, Any] | None:
+    """The manifest's `kernels` entry for a GPU target: per kernel the model runs, the config chosen for each
+    shape bucket and how (measured / modelled, from the target's tuned table; default where no table has the
+    model's shapes, with the `tune` command that would make one). None for CPU targets (no Triton kernels)."""
+    if target.kind != "gpu":
+        return None
+    from qwen3export.autotune.tables import select_configs
+
+    kdtype = pack_dtype(target, dtype)
+    selected = quantized_selection(select_configs(target, spec, kdtype, missing="default"), spec, target,
+                                   quantization)
+    return {"dtype": kdtype, "arch": target.arch, "sources": sorted({s for e in selected for s in e["sources"]}),
+            "kernels": [{k: e[k] for k in ("kernel", "table", "shipped", "sources", "configs", "tune") if k in e}
+                        for e in selected]}

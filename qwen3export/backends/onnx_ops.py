@@ -38,7 +38,7 @@ def custom_translation_table(flavour: str) -> dict[Any, Callable]:
 
 # ---------------------------------------------------------------------- ORT contrib op handles
 @functools.cache
-def _ort_op(name: str, domain: str = "com.microsoft", outputs: int | None = None) -> Op:
+def ort_op(name: str, domain: str = "com.microsoft", outputs: int | None = None) -> Op:
     """An onnxscript Op for an ONNX Runtime contrib op, with the schema ONNX Runtime itself registers
     (onnx.defs does not know them); `outputs` keeps only the first n outputs on the node."""
     from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
@@ -61,7 +61,7 @@ def _ort_op(name: str, domain: str = "com.microsoft", outputs: int | None = None
     return Op(Opset(domain, 1) if domain else op, name, schema)
 
 
-def _ints(*values: int):
+def int64s(*values: int):
     """An int64 constant [values...]: explicit, since a Python list beside a computed shape leaves the
     exporter no dtype to bind."""
     return op.Constant(value_ints=list(values))
@@ -71,11 +71,11 @@ def _int(value: int):
     return op.Constant(value_int=value)
 
 
-def _float(value: float):
+def float_const(value: float):
     return op.Constant(value_float=value)
 
 
-def _static(value: ir.Value, dim: int) -> int:
+def static_dim(value: ir.Value, dim: int) -> int:
     d = value.shape[dim]
     if not isinstance(d, int):
         raise ValueError(f"dimension {dim} of {value.name} must be static for ONNX export, got {d}")
@@ -86,8 +86,8 @@ def _static(value: ir.Value, dim: int) -> int:
 def _rms(x, weight, eps: float):
     """graphs/decoder.py rms_norm_reference: fp32 compute, cast to the weight's dtype before the weight."""
     xf = op.Cast(x, to=FLOAT)
-    var = op.ReduceMean(op.Mul(xf, xf), _ints(-1), keepdims=1)
-    return op.Mul(weight, op.CastLike(op.Mul(xf, op.Reciprocal(op.Sqrt(op.Add(var, _float(eps))))), weight))
+    var = op.ReduceMean(op.Mul(xf, xf), int64s(-1), keepdims=1)
+    return op.Mul(weight, op.CastLike(op.Mul(xf, op.Reciprocal(op.Sqrt(op.Add(var, float_const(eps))))), weight))
 
 
 def rms_norm(x, weight, eps: float):
@@ -101,13 +101,13 @@ def add_rms_norm(x, residual, weight, eps: float):
 
 def ort_rms_norm(x, weight, eps: float):
     # stash_type 1: ORT normalises in fp32 whatever the input type, as the graph does
-    return _ort_op("SimplifiedLayerNormalization", "", 1)(x, weight, axis=-1, epsilon=eps, stash_type=1)
+    return ort_op("SimplifiedLayerNormalization", "", 1)(x, weight, axis=-1, epsilon=eps, stash_type=1)
 
 
 def ort_add_rms_norm(x, residual, weight, eps: float):
     if len(x.shape) not in (2, 3):  # the contrib op takes [B, S, H] or [T, H] only
         return add_rms_norm(x, residual, weight, eps)
-    out, _, _, total = _ort_op("SkipSimplifiedLayerNormalization")(x, residual, weight, epsilon=eps)
+    out, _, _, total = ort_op("SkipSimplifiedLayerNormalization")(x, residual, weight, epsilon=eps)
     return out, total
 
 
@@ -115,11 +115,11 @@ def ort_add_rms_norm(x, residual, weight, eps: float):
 def _norm_rope(x, weight, cos, sin, eps: float):
     """x [B, S, H, D] -> RMSNorm over D -> [B, H, S, D] -> rotate_half RoPE with cos/sin [B, S, D]."""
     t = op.Transpose(_rms(x, weight, eps), perm=[0, 2, 1, 3])
-    d = _static(x, 3)
+    d = static_dim(x, 3)
     half = d // 2
-    hi, lo = op.Slice(t, _ints(half), _ints(d), _ints(3)), op.Slice(t, _ints(0), _ints(half), _ints(3))
+    hi, lo = op.Slice(t, int64s(half), int64s(d), int64s(3)), op.Slice(t, int64s(0), int64s(half), int64s(3))
     rotated = op.Concat(op.Neg(hi), lo, axis=-1)
-    return op.Add(op.Mul(t, op.Unsqueeze(cos, _ints(1))), op.Mul(rotated, op.Unsqueeze(sin, _ints(1))))
+    return op.Add(op.Mul(t, op.Unsqueeze(cos, int64s(1))), op.Mul(rotated, op.Unsqueeze(sin, int64s(1))))
 
 
 def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps: float):
@@ -128,7 +128,7 @@ def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps: float):
 
 def _ort_norm_rope(x, weight, cos_half, sin_half, positions, eps: float):
     normed = ort_rms_norm(x, weight, eps)
-    return _ort_op("RotaryEmbedding")(op.Transpose(normed, perm=[0, 2, 1, 3]), positions, cos_half, sin_half,
+    return ort_op("RotaryEmbedding")(op.Transpose(normed, perm=[0, 2, 1, 3]), positions, cos_half, sin_half,
                                       interleaved=0)
 
 
@@ -137,11 +137,11 @@ def ort_qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps: float):
     [positions, D/2] caches: each (b, s) row of cos/sin becomes one "position", and its first half is
     the cache row, which holds because rope_cos_sin (graphs/decoder.py) repeats its frequencies
     (cat((freqs, freqs))) — the standard flavour reads the full tables."""
-    half = _static(q, 3) // 2
+    half = static_dim(q, 3) // 2
     rows = op.Shape(cos, start=0, end=2)  # [B, S]
     positions = op.Reshape(op.Range(_int(0), op.ReduceProd(rows, keepdims=0), _int(1)), rows)  # [B, S] = b * S + s
-    cos_half = op.Reshape(op.Slice(cos, _ints(0), _ints(half), _ints(2)), _ints(-1, half))  # [B*S, D/2]
-    sin_half = op.Reshape(op.Slice(sin, _ints(0), _ints(half), _ints(2)), _ints(-1, half))
+    cos_half = op.Reshape(op.Slice(cos, int64s(0), int64s(half), int64s(2)), int64s(-1, half))  # [B*S, D/2]
+    sin_half = op.Reshape(op.Slice(sin, int64s(0), int64s(half), int64s(2)), int64s(-1, half))
     return (_ort_norm_rope(q, q_weight, cos_half, sin_half, positions, eps),
             _ort_norm_rope(k, k_weight, cos_half, sin_half, positions, eps))
 
@@ -153,29 +153,29 @@ def _key_bias(attention_mask, like, q, k):
     s, length = op.Shape(q, start=2, end=3), op.Shape(k, start=2, end=3)
     kpos = op.Range(_int(0), op.Squeeze(length), _int(1))  # [L]
     qpos = op.Range(op.Squeeze(op.Sub(length, s)), op.Squeeze(length), _int(1))  # [S]
-    allowed = op.LessOrEqual(op.Unsqueeze(kpos, _ints(0)), op.Unsqueeze(qpos, _ints(1)))  # [S, L]
+    allowed = op.LessOrEqual(op.Unsqueeze(kpos, int64s(0)), op.Unsqueeze(qpos, int64s(1)))  # [S, L]
     if attention_mask is not None:
         keep = op.Not(op.Equal(attention_mask, op.CastLike(_int(0), attention_mask)))  # [B, L]
-        allowed = op.And(op.Unsqueeze(allowed, _ints(0)), op.Unsqueeze(keep, _ints(1)))  # [B, S, L]
+        allowed = op.And(op.Unsqueeze(allowed, int64s(0)), op.Unsqueeze(keep, int64s(1)))  # [B, S, L]
     else:
-        allowed = op.Unsqueeze(allowed, _ints(0))
+        allowed = op.Unsqueeze(allowed, int64s(0))
     minimum = float(np.finfo(np.float32).min)  # finfo(dtype).min as the graph; fp32 is the verified type
-    bias = op.Where(allowed, op.CastLike(_float(0.0), like), op.CastLike(_float(minimum), like))  # [B, S, L]
-    return op.Unsqueeze(bias, _ints(1))  # [B, 1, S, L]
+    bias = op.Where(allowed, op.CastLike(float_const(0.0), like), op.CastLike(float_const(minimum), like))  # [B, S, L]
+    return op.Unsqueeze(bias, int64s(1))  # [B, 1, S, L]
 
 
 def attention(q, k, v, attention_mask=None, kv_lens=None, scale: float = 1.0):
     """Grouped attention as the graph writes it: q [B, Hq, S, D] viewed as [B, Hkv, G, S, D], no K/V repeat."""
     if kv_lens is not None:
         raise NotImplementedError(NO_KV_LENS)
-    hq, hkv, d = _static(q, 1), _static(k, 1), _static(q, 3)
-    qg = op.Reshape(q, _ints(0, hkv, hq // hkv, -1, d))
-    kt = op.Transpose(op.Unsqueeze(k, _ints(2)), perm=[0, 1, 2, 4, 3])  # [B, Hkv, 1, D, L]
-    scores = op.Cast(op.Mul(op.MatMul(qg, kt), op.CastLike(_float(scale), q)), to=FLOAT)
+    hq, hkv, d = static_dim(q, 1), static_dim(k, 1), static_dim(q, 3)
+    qg = op.Reshape(q, int64s(0, hkv, hq // hkv, -1, d))
+    kt = op.Transpose(op.Unsqueeze(k, int64s(2)), perm=[0, 1, 2, 4, 3])  # [B, Hkv, 1, D, L]
+    scores = op.Cast(op.Mul(op.MatMul(qg, kt), op.CastLike(float_const(scale), q)), to=FLOAT)
     # the bias is added in fp32: fp32's minimum cast to fp16 is -inf, and a fully padded row of -inf is NaN
-    scores = op.Add(scores, op.Unsqueeze(_key_bias(attention_mask, scores, q, k), _ints(1)))  # [B, Hkv, G, S, L]
+    scores = op.Add(scores, op.Unsqueeze(_key_bias(attention_mask, scores, q, k), int64s(1)))  # [B, Hkv, G, S, L]
     probs = op.CastLike(op.Softmax(scores, axis=-1), q)
-    return op.Reshape(op.MatMul(probs, op.Unsqueeze(v, _ints(2))), _ints(0, hq, -1, d))
+    return op.Reshape(op.MatMul(probs, op.Unsqueeze(v, int64s(2))), int64s(0, hq, -1, d))
 
 
 def ort_attention(q, k, v, attention_mask=None, kv_lens=None, scale: float = 1.0):
@@ -188,25 +188,25 @@ def ort_attention(q, k, v, attention_mask=None, kv_lens=None, scale: float = 1.0
     """
     if kv_lens is not None:
         raise NotImplementedError(NO_KV_LENS)
-    hq, hkv, d = _static(q, 1), _static(k, 1), _static(q, 3)
+    hq, hkv, d = static_dim(q, 1), static_dim(k, 1), static_dim(q, 3)
     b, s, length = op.Shape(q, start=0, end=1), op.Shape(q, start=2, end=3), op.Shape(k, start=2, end=3)
     past = op.Sub(length, s)
-    bias = op.Expand(_key_bias(attention_mask, q, q, k), op.Concat(b, _ints(1), s, length, axis=0))  # [B, 1, S, L]
-    query = op.Reshape(op.Transpose(q, perm=[0, 2, 1, 3]), _ints(0, 0, hq * d))  # [B, S, Hq*D]
+    bias = op.Expand(_key_bias(attention_mask, q, q, k), op.Concat(b, int64s(1), s, length, axis=0))  # [B, 1, S, L]
+    query = op.Reshape(op.Transpose(q, perm=[0, 2, 1, 3]), int64s(0, 0, hq * d))  # [B, S, Hq*D]
 
     def bsh(x):  # new positions [B, Hkv, S, D] -> [B, S, Hkv*D]
-        return op.Reshape(op.Transpose(op.Slice(x, past, length, _ints(2)), perm=[0, 2, 1, 3]), _ints(0, 0, hkv * d))
+        return op.Reshape(op.Transpose(op.Slice(x, past, length, int64s(2)), perm=[0, 2, 1, 3]), int64s(0, 0, hkv * d))
 
-    seqlens = op.Cast(op.Expand(op.Sub(length, _ints(1)), b), to=ir.DataType.INT32)  # [B]
+    seqlens = op.Cast(op.Expand(op.Sub(length, int64s(1)), b), to=ir.DataType.INT32)  # [B]
     total = op.Cast(op.Squeeze(length), to=ir.DataType.INT32)
-    past_k, past_v = op.Slice(k, _ints(0), past, _ints(2)), op.Slice(v, _ints(0), past, _ints(2))
+    past_k, past_v = op.Slice(k, int64s(0), past, int64s(2)), op.Slice(v, int64s(0), past, int64s(2))
     gqa_in = (query, bsh(k), bsh(v), past_k, past_v, seqlens, total)
-    fast = op.Or(op.Or(op.Equal(b, _ints(1)), op.Equal(s, _ints(1))), op.Equal(past, _ints(0)))
-    repeated = op.Concat(b, _ints(hq), length, _ints(d), axis=0)  # K/V repeated to the query heads: [B, Hq, L, D]
+    fast = op.Or(op.Or(op.Equal(b, int64s(1)), op.Equal(s, int64s(1))), op.Equal(past, int64s(0)))
+    repeated = op.Concat(b, int64s(hq), length, int64s(d), axis=0)  # K/V repeated to the query heads: [B, Hq, L, D]
     out = op.If(op.Squeeze(fast), then_branch=_branch(_gqa_graph, gqa_in + (bias,), hq, hkv, scale),
-                else_branch=_branch(_mha_graph, (query, k, v, bias, _ints(1, 1, hq // hkv, 1, 1),
-                                                 repeated, _ints(2)), hq, scale))
-    return op.Transpose(op.Reshape(out, _ints(0, 0, hq, d)), perm=[0, 2, 1, 3])
+                else_branch=_branch(_mha_graph, (query, k, v, bias, int64s(1, 1, hq // hkv, 1, 1),
+                                                 repeated, int64s(2)), hq, scale))
+    return op.Transpose(op.Reshape(out, int64s(0, 0, hq, d)), perm=[0, 2, 1, 3])
 
 
 def _branch(build, inputs, *args) -> ir.Graph:
@@ -242,20 +242,20 @@ def moe(x, router_weight, gate_up, down, top_k: int, norm_topk_prob: bool):
     - larger steps (prefill): every expert on every token, combined by a dense [T, E] matrix that is zero off
       the top-k: one Gemm per layer rather than T * k gathered weight copies.
     Weights are read in their stored layout (Gemm transB, MatMul with down first): no transposed copies."""
-    e, two_i, h = _static(gate_up, 0), _static(gate_up, 1), _static(gate_up, 2)
+    e, two_i, h = static_dim(gate_up, 0), static_dim(gate_up, 1), static_dim(gate_up, 2)
     inter = two_i // 2
-    t = op.Reshape(x, _ints(-1, h))  # [T, H]
+    t = op.Reshape(x, int64s(-1, h))  # [T, H]
     probs = op.Softmax(op.Cast(op.Gemm(t, router_weight, transB=1), to=FLOAT), axis=-1)  # [T, E]
-    top_w, top_i = op.TopK(probs, _ints(top_k), axis=-1)
+    top_w, top_i = op.TopK(probs, int64s(top_k), axis=-1)
     if norm_topk_prob:
-        top_w = op.Div(top_w, op.ReduceSum(top_w, _ints(-1), keepdims=1))
+        top_w = op.Div(top_w, op.ReduceSum(top_w, int64s(-1), keepdims=1))
     top_w = op.CastLike(top_w, t)
-    pairs = op.Mul(op.Shape(t, start=0, end=1), _ints(top_k))
-    few = op.Squeeze(op.LessOrEqual(pairs, _ints(e)))
-    gathered = (t, top_i, top_w, gate_up, down, _ints(1), _ints(-1), _ints(1, top_k, 1), _ints(-1, h, 1),
-                _ints(0), _ints(inter), _ints(two_i), _ints(-1, 1, 1), _ints(-1, top_k, h))
-    dense = (t, probs, top_i, top_w, router_weight, gate_up, down, _ints(e * two_i, h), _ints(-1, e, two_i),
-             _ints(0), _ints(inter), _ints(two_i), _ints(2), _ints(1), _ints(0))
+    pairs = op.Mul(op.Shape(t, start=0, end=1), int64s(top_k))
+    few = op.Squeeze(op.LessOrEqual(pairs, int64s(e)))
+    gathered = (t, top_i, top_w, gate_up, down, int64s(1), int64s(-1), int64s(1, top_k, 1), int64s(-1, h, 1),
+                int64s(0), int64s(inter), int64s(two_i), int64s(-1, 1, 1), int64s(-1, top_k, h))
+    dense = (t, probs, top_i, top_w, router_weight, gate_up, down, int64s(e * two_i, h), int64s(-1, e, two_i),
+             int64s(0), int64s(inter), int64s(two_i), int64s(2), int64s(1), int64s(0))
     out = op.If(few, then_branch=_branch(_gathered_experts, gathered),
                 else_branch=_branch(_dense_experts, dense))  # [T, H]
     return op.Reshape(out, op.Shape(x))
@@ -297,12 +297,12 @@ def ort_moe(x, router_weight, gate_up, down, top_k: int, norm_topk_prob: bool):
     up row j at 2j + 1), router logits (it applies the softmax) and silu(g) * u as alpha 1, beta 0. The
     interleave is a Reshape/Transpose of the stored weight here; `bake_weight_layouts` turns it into an
     initializer after export (else ONNX Runtime folds it when the session loads, holding both copies)."""
-    e, two_i, h = _static(gate_up, 0), _static(gate_up, 1), _static(gate_up, 2)
-    halves = op.Reshape(gate_up, _ints(e, 2, two_i // 2, h))  # [E, gate|up, I, H]
-    fc1 = op.Reshape(op.Transpose(halves, perm=[0, 2, 1, 3]), _ints(e, two_i, h))  # rows g0 u0 g1 u1 ...
-    t = op.Reshape(x, _ints(-1, h))
+    e, two_i, h = static_dim(gate_up, 0), static_dim(gate_up, 1), static_dim(gate_up, 2)
+    halves = op.Reshape(gate_up, int64s(e, 2, two_i // 2, h))  # [E, gate|up, I, H]
+    fc1 = op.Reshape(op.Transpose(halves, perm=[0, 2, 1, 3]), int64s(e, two_i, h))  # rows g0 u0 g1 u1 ...
+    t = op.Reshape(x, int64s(-1, h))
     logits = op.Gemm(t, router_weight, transB=1)  # [T, E]
-    out = _ort_op("MoE")(t, logits, fc1, None, down, k=top_k, activation_type="swiglu", swiglu_fusion=1,
+    out = ort_op("MoE")(t, logits, fc1, None, down, k=top_k, activation_type="swiglu", swiglu_fusion=1,
                          activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=int(norm_topk_prob))
     return op.Reshape(out, op.Shape(x))
 

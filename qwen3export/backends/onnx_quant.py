@@ -20,9 +20,9 @@ from onnx import NodeProto, TensorProto, helper
 from onnxscript import opset21 as op21
 
 from qwen3export.errors import InputError
-from qwen3export.quant import FP8_MAX, QuantizedWeight, pack_int4
+from qwen3export.quant_format import FP8_MAX, QuantizedWeight, pack_int4
 
-from .onnx_ops import FLAVOURS, FLOAT, _float, _ints, _ort_op, _static, moe
+from .onnx_ops import FLAVOURS, FLOAT, float_const, int64s, ort_op, static_dim, moe
 
 # DequantizeLinear's block_size and the INT4 / UINT4 types arrived in opset 21 (onnx Changelog, DequantizeLinear-21);
 # the quantized translations below are written against it, so a decoder holding them is exported at 21
@@ -254,7 +254,7 @@ def _repeat_last(t, times: int, rank: int):
     """[..., G] -> [..., G * times], each value repeated `times` times (a group's scale over its blocks)."""
     if times == 1:
         return t
-    return op21.Reshape(op21.Expand(op21.Unsqueeze(t, _ints(-1)), _ints(times)), _ints(*[0] * (rank - 1), -1))
+    return op21.Reshape(op21.Expand(op21.Unsqueeze(t, int64s(-1)), int64s(times)), int64s(*[0] * (rank - 1), -1))
 
 
 def _pack_nibbles(t, rank: int, b: int):
@@ -263,10 +263,10 @@ def _pack_nibbles(t, rank: int, b: int):
     if b % 2:
         pad = [0] * (2 * rank)
         pad[2 * rank - 1] = 1
-        t = op21.Pad(t, _ints(*pad))
+        t = op21.Pad(t, int64s(*pad))
         b += 1
-    even = op21.Slice(t, _ints(0), _ints(b), _ints(-1), _ints(2))
-    odd = op21.Slice(t, _ints(1), _ints(b), _ints(-1), _ints(2))
+    even = op21.Slice(t, int64s(0), int64s(b), int64s(-1), int64s(2))
+    odd = op21.Slice(t, int64s(1), int64s(b), int64s(-1), int64s(2))
     return op21.BitwiseOr(even, op21.BitShift(odd, op21.Constant(value=ir.tensor(np.uint8(4))), direction="LEFT"))
 
 
@@ -274,8 +274,8 @@ def _unpack_nibbles(q, rank: int):
     """uint8 [..., K/2] -> codes uint8 [..., K] (quant.QuantizedWeight.codes: low nibble = even k)."""
     low = op21.BitwiseAnd(q, op21.Constant(value=ir.tensor(np.uint8(15))))
     high = op21.BitShift(q, op21.Constant(value=ir.tensor(np.uint8(4))), direction="RIGHT")
-    both = op21.Concat(op21.Unsqueeze(low, _ints(-1)), op21.Unsqueeze(high, _ints(-1)), axis=-1)
-    return op21.Reshape(both, _ints(*[0] * (rank - 1), -1))
+    both = op21.Concat(op21.Unsqueeze(low, int64s(-1)), op21.Unsqueeze(high, int64s(-1)), axis=-1)
+    return op21.Reshape(both, int64s(*[0] * (rank - 1), -1))
 
 
 def _codes(qweight, bits: int, rank: int):
@@ -284,7 +284,7 @@ def _codes(qweight, bits: int, rank: int):
 
 def _last(t, n: int, width: int):
     """[..., width] -> [..., n]: the first n along the last axis (no node when n == width)."""
-    return t if n == width else op21.Slice(t, _ints(0), _ints(n), _ints(-1))
+    return t if n == width else op21.Slice(t, int64s(0), int64s(n), int64s(-1))
 
 
 def _blocks(t, group: int, n_groups: int, block: int, k: int, rank: int):
@@ -299,7 +299,7 @@ def _blocks(t, group: int, n_groups: int, block: int, k: int, rank: int):
 def _weight_dims(qweight, scales, bits: int) -> tuple[int, int, int]:
     """(stored width in codes, groups, group size) of a stored quantized weight (whole groups)."""
     rank = len(qweight.shape)
-    width, n_groups = _static(qweight, rank - 1) * 8 // bits, _static(scales, rank - 1)
+    width, n_groups = static_dim(qweight, rank - 1) * 8 // bits, static_dim(scales, rank - 1)
     return width, n_groups, width // n_groups
 
 
@@ -310,7 +310,7 @@ def ort_wq_linear(x, qweight, scales, zero_points=None, bits: int = 4, group_siz
     rows cover whole groups; B takes the blocks that reach into K, the last one padded. Only a single group
     with no power-of-two block in it (int8 per channel, K = 72) needs B wider than stored: padded with the
     symmetric zero point, which MatMulNBits never reads against A (columns past K)."""
-    n, k = _static(qweight, 0), _static(x, len(x.shape) - 1)
+    n, k = static_dim(qweight, 0), static_dim(x, len(x.shape) - 1)
     width, n_groups, group = _weight_dims(qweight, scales, bits)
     block = nbits_block(group, k, n_groups)
     n_blocks = -(-k // block)
@@ -320,19 +320,19 @@ def ort_wq_linear(x, qweight, scales, zero_points=None, bits: int = 4, group_siz
         b = _last(qweight, row, stored)
     else:
         pad_byte = 0x88 if bits == 4 else 0x80
-        b = op21.Pad(qweight, _ints(0, 0, 0, row - stored), op21.Constant(value=ir.tensor(np.uint8(pad_byte))))
-    inputs = [x, op21.Reshape(b, _ints(n, n_blocks, block * bits // 8)),
-              op21.Reshape(_blocks(op21.CastLike(scales, x), group, n_groups, block, k, 2), _ints(-1))]
+        b = op21.Pad(qweight, int64s(0, 0, 0, row - stored), op21.Constant(value=ir.tensor(np.uint8(pad_byte))))
+    inputs = [x, op21.Reshape(b, int64s(n, n_blocks, block * bits // 8)),
+              op21.Reshape(_blocks(op21.CastLike(scales, x), group, n_groups, block, k, 2), int64s(-1))]
     if zero_points is not None:
         zeros = _blocks(zero_points, group, n_groups, block, k, 2)
-        inputs.append(op21.Reshape(_pack_nibbles(zeros, 2, n_blocks) if bits == 4 else zeros, _ints(-1)))
-    return _ort_op("MatMulNBits")(*inputs, K=k, N=n, bits=bits, block_size=block, accuracy_level=0)
+        inputs.append(op21.Reshape(_pack_nibbles(zeros, 2, n_blocks) if bits == 4 else zeros, int64s(-1)))
+    return ort_op("MatMulNBits")(*inputs, K=k, N=n, bits=bits, block_size=block, accuracy_level=0)
 
 
 def _interleave(t, e: int, two_i: int):
     """[E, 2I, …] gate rows then up rows -> g0 u0 g1 u1 … (as `_interleave_rows`)."""
-    halves = op21.Reshape(t, _ints(e, 2, two_i // 2, -1))
-    return op21.Reshape(op21.Transpose(halves, perm=[0, 2, 1, 3]), _ints(e, two_i, -1))
+    halves = op21.Reshape(t, int64s(e, 2, two_i // 2, -1))
+    return op21.Reshape(op21.Transpose(halves, perm=[0, 2, 1, 3]), int64s(e, two_i, -1))
 
 
 def ort_wq_moe(x, router_weight, gate_up_qweight, gate_up_scales, gate_up_zero_points, down_qweight, down_scales,
@@ -340,8 +340,8 @@ def ort_wq_moe(x, router_weight, gate_up_qweight, gate_up_scales, gate_up_zero_p
     """com.microsoft QMoE (as `qmoe`): router logits from an fp Gemm (QMoE applies softmax + top-k), fc1 rows
     interleaved for swiglu_fusion=1, int8 per channel as column-wise scales, else one block size for both; the
     codes cut to K (QMoE takes them unpadded), H from x, I from gate_up's rows."""
-    e, two_i = _static(gate_up_qweight, 0), _static(gate_up_qweight, 1)
-    h, inter = _static(x, len(x.shape) - 1), two_i // 2
+    e, two_i = static_dim(gate_up_qweight, 0), static_dim(gate_up_qweight, 1)
+    h, inter = static_dim(x, len(x.shape) - 1), two_i // 2
     w1, n1, g1 = _weight_dims(gate_up_qweight, gate_up_scales, bits)
     w2, n2, g2 = _weight_dims(down_qweight, down_scales, bits)
     per_channel = bits == 8 and n1 == 1 and n2 == 1
@@ -351,12 +351,12 @@ def ort_wq_moe(x, router_weight, gate_up_qweight, gate_up_scales, gate_up_zero_p
     def weights(qweight, scales, zeros, width, n_groups, group, k, interleave):
         order = (lambda t: _interleave(t, e, two_i)) if interleave else (lambda t: t)
         scales = order(op21.CastLike(scales, x))
-        scales = (op21.Squeeze(scales, _ints(-1)) if per_channel
+        scales = (op21.Squeeze(scales, int64s(-1)) if per_channel
                   else _blocks(scales, group, n_groups, block, k, 3))
         if zeros is not None:
             zeros = order(zeros)
             if per_channel:
-                zeros = op21.Squeeze(zeros, _ints(-1))
+                zeros = op21.Squeeze(zeros, int64s(-1))
             else:
                 zeros = _blocks(zeros, group, n_groups, block, k, 3)
                 zeros = _pack_nibbles(zeros, 3, -(-k // block)) if bits == 4 else zeros
@@ -364,7 +364,7 @@ def ort_wq_moe(x, router_weight, gate_up_qweight, gate_up_scales, gate_up_zero_p
 
     fc1_w, fc1_s, fc1_z = weights(gate_up_qweight, gate_up_scales, gate_up_zero_points, w1, n1, g1, h, True)
     fc2_w, fc2_s, fc2_z = weights(down_qweight, down_scales, down_zero_points, w2, n2, g2, inter, False)
-    t = op21.Reshape(x, _ints(-1, h))  # [T, H]
+    t = op21.Reshape(x, int64s(-1, h))  # [T, H]
     logits = op21.Gemm(t, router_weight, transB=1)  # [T, E]
     attrs = dict(k=top_k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
                  normalize_routing_weights=int(norm_topk_prob), expert_weight_bits=bits, quant_type="int")
@@ -373,7 +373,7 @@ def ort_wq_moe(x, router_weight, gate_up_qweight, gate_up_scales, gate_up_zero_p
     inputs = [t, logits, fc1_w, fc1_s, None, fc2_w, fc2_s, None, None, None, None, fc1_z, fc2_z]
     while inputs[-1] is None:
         inputs.pop()
-    return op21.Reshape(_ort_op("QMoE")(*inputs, **attrs), op21.Shape(x))
+    return op21.Reshape(ort_op("QMoE")(*inputs, **attrs), op21.Shape(x))
 
 
 # ---------------------------------------------------------------------- "standard": DequantizeLinear (opset 21)
@@ -384,7 +384,7 @@ def _dequantize(qweight, scales, zero_points, bits: int, like, transpose: bool, 
     weight as W^T [K, N] (the MatMul's B: the layout TensorRT's weight-only Q/DQ fusion reads), else [..., N, K].
     The codes are cut to K; a partial last group keeps its scale (DequantizeLinear's ceil(K / block_size))."""
     rank = len(qweight.shape)
-    n = _static(qweight, rank - 2)
+    n = static_dim(qweight, rank - 2)
     width, groups, group = _weight_dims(qweight, scales, bits)
     perm = [1, 0] if transpose else None
     t = (lambda v: op21.Transpose(v, perm=perm)) if transpose else (lambda v: v)
@@ -398,9 +398,9 @@ def _dequantize(qweight, scales, zero_points, bits: int, like, transpose: bool, 
     else:
         dq_inputs = [op21.Cast(codes, to=narrow[1]) if bits == 4 else codes]
     if groups == 1 and bits == 8 and transpose:  # per output channel: per-axis scales [N] (stacked experts: blocked)
-        dq_inputs.append(op21.Reshape(scales, _ints(-1)))
+        dq_inputs.append(op21.Reshape(scales, int64s(-1)))
         if zero_points is not None:
-            dq_inputs.append(op21.Reshape(zero_points, _ints(-1)))
+            dq_inputs.append(op21.Reshape(zero_points, int64s(-1)))
         attrs = {"axis": 1}
     else:
         dq_inputs.append(t(scales))
@@ -409,14 +409,14 @@ def _dequantize(qweight, scales, zero_points, bits: int, like, transpose: bool, 
             dq_inputs.append(op21.Cast(zeros, to=narrow[1]) if bits == 4 else zeros)
         attrs = {"axis": axis, "block_size": group}
     w = op21.DequantizeLinear(*dq_inputs, **attrs)
-    lead = [_static(qweight, i) for i in range(rank - 2)]
+    lead = [static_dim(qweight, i) for i in range(rank - 2)]
     w.shape = ir.Shape([k, n] if transpose else [*lead, n, k])
     return w
 
 
 def wq_linear(x, qweight, scales, zero_points=None, bits: int = 4, group_size: int = 128):
     """DequantizeLinear + MatMul (as `dequantize_matmul`): y = x @ W^T."""
-    k = _static(x, len(x.shape) - 1)
+    k = static_dim(x, len(x.shape) - 1)
     return op21.MatMul(x, _dequantize(qweight, scales, zero_points, bits, x, transpose=True, k=k))
 
 
@@ -424,7 +424,7 @@ def wq_moe(x, router_weight, gate_up_qweight, gate_up_scales, gate_up_zero_point
            down_zero_points, bits: int, top_k: int, norm_topk_prob: bool):
     """The experts dequantized ([E, 2I, H], [E, H, I], blocked along K) into backends/onnx_ops.py `moe`, the
     standard translation of the unquantized block (every expert on every token, dense top-k combination)."""
-    h, inter = _static(x, len(x.shape) - 1), _static(gate_up_qweight, 1) // 2
+    h, inter = static_dim(x, len(x.shape) - 1), static_dim(gate_up_qweight, 1) // 2
     gate_up = _dequantize(gate_up_qweight, gate_up_scales, gate_up_zero_points, bits, x, transpose=False, k=h)
     down = _dequantize(down_qweight, down_scales, down_zero_points, bits, x, transpose=False, k=inter)
     return moe(x, router_weight, gate_up, down, top_k, norm_topk_prob)
@@ -437,11 +437,11 @@ def fp8_linear(x, weight, weight_scales):
     (DequantizeLinear and Cast for float8, 1.31); there is no CPU contrib op for fp8 GEMMs (GemmFloat8 is
     CUDA-only), so both flavours use this."""
     xf = op21.Cast(x, to=FLOAT)
-    scale = op21.Div(op21.ReduceMax(op21.Abs(xf), _ints(-1), keepdims=1), _float(FP8_MAX))  # [..., 1]
-    scale = op21.Where(op21.Greater(scale, _float(0.0)), scale, _float(1.0))
-    codes = op21.Cast(op21.Clip(op21.Div(xf, scale), _float(-FP8_MAX), _float(FP8_MAX)),
+    scale = op21.Div(op21.ReduceMax(op21.Abs(xf), int64s(-1), keepdims=1), float_const(FP8_MAX))  # [..., 1]
+    scale = op21.Where(op21.Greater(scale, float_const(0.0)), scale, float_const(1.0))
+    codes = op21.Cast(op21.Clip(op21.Div(xf, scale), float_const(-FP8_MAX), float_const(FP8_MAX)),
                       to=ir.DataType.FLOAT8E4M3FN)
-    w_t = op21.DequantizeLinear(op21.Transpose(weight, perm=[1, 0]), op21.Reshape(weight_scales, _ints(-1)), axis=1)
+    w_t = op21.DequantizeLinear(op21.Transpose(weight, perm=[1, 0]), op21.Reshape(weight_scales, int64s(-1)), axis=1)
     y = op21.Mul(op21.MatMul(op21.Cast(codes, to=FLOAT), w_t), scale)
     return op21.CastLike(y, x)
 

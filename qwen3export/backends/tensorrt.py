@@ -88,7 +88,7 @@ def settings_paths_checked(folder: Path) -> dict[str, Any]:
     """tensorrt/build.json, with the files it names kept inside the artifact: the ONNX it parses must be a listed
     file, and the plan and timing cache it writes are plain relative paths under tensorrt/ (a resealed manifest
     could otherwise point `finish` at any file on the machine)."""
-    from qwen3export.artifact import MANIFEST, _check_relative, read_json
+    from qwen3export.artifact import MANIFEST, check_relative_path, read_json
 
     fix = "rebuild the artifact"
     s = read_json(folder / SETTINGS_FILE, "TensorRT build settings", fix)
@@ -96,7 +96,7 @@ def settings_paths_checked(folder: Path) -> dict[str, Any]:
     if not isinstance(s, dict) or not all(isinstance(s.get(k), str) for k in ("onnx", "plan", "timing_cache")):
         raise ArtifactError(f"{SETTINGS_FILE} is malformed (onnx, plan, timing_cache must be paths); {fix}")
     for key in ("onnx", "plan", "timing_cache"):
-        _check_relative(folder, s[key])
+        check_relative_path(folder, s[key])
     if s["onnx"] not in files:
         raise ArtifactError(f"{SETTINGS_FILE} names {s['onnx']!r} to parse, which is not a listed file; {fix}")
     for key in ("plan", "timing_cache"):

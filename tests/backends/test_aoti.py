@@ -18,7 +18,7 @@ def test_cpu_onnx_and_aoti_build_verify_and_agree(tmp_path, capsys):
     assert {"decoder.pt2", "sampling.pt2", "sampling.onnx"} <= set(manifest["files"])
     p = manifest["parity"]
     assert p["passed"] and p["greedy_match"] and p["logits_scaled_err"] <= 1e-4 and p["sampling"]["identical"]
-    # AOTInductor compiles the unlowered program (pipeline.UNLOWERED says why); ONNX the lowered one
+    # AOTInductor compiles the unlowered program (lowering.UNLOWERED says why); ONNX the lowered one
     assert manifest["lowering"]["enabled"] is False and set(manifest["lowering"]["passes"].values()) == {0}
     assert manifest["lowering"]["onnx_ops"] is None and "unlowered" in manifest["lowering"]["notes"][0]
     lowering = json.loads((out / "tiny-moe-cpu-onnx" / "manifest.json").read_text())["lowering"]

@@ -63,7 +63,7 @@ def test_pack_uses_the_shipped_tables_with_their_tags(dense_pack):
 
 
 def test_packed_cubins_are_what_the_index_says(dense_pack):
-    from qwen3export.kernels.compile import _cuobjdump, parse_resource_usage
+    from qwen3export.kernels.compile import cuobjdump_path, parse_resource_usage
     import subprocess
 
     folder, _ = dense_pack
@@ -76,7 +76,7 @@ def test_packed_cubins_are_what_the_index_says(dense_pack):
         assert compiled.asm["cubin"] == cubin.read_bytes()
         assert compiled.metadata.target.arch == 90 and compiled.metadata.num_warps == f["num_warps"]
         assert compiled.metadata.num_warps == f["config_dict"]["num_warps"] or f["kernel"] == "attention_decode"
-        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
+        out = subprocess.run([cuobjdump_path(), "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
                              check=True).stdout
         usage = parse_resource_usage(out)[f["name"]]
         assert usage["registers"] == f["registers"] and usage["stack"] == f["spill_bytes"] == 0

@@ -24,12 +24,13 @@ from qwen3export.graph_capture import capture
 from qwen3export.errors import InputError
 from qwen3export.generation import greedy_generate, left_pad
 from qwen3export.graphs.passes import lower
-from qwen3export.graphs.quantized import QuantizedTensor, build_quantized, quantized_tensors
+from qwen3export.graphs.quantized import QuantizedTensor, quantized_tensors
+from qwen3export.quant import build_quantized
 from qwen3export.kernels.fused_moe_wq import fused_moe_wq_reference
 from qwen3export.kernels.moe_routing import moe_routing_reference
 from qwen3export.model import resolve
 from qwen3export.parity import check_parity
-from qwen3export.quant import QuantConfig, QuantizedWeight, dequantize, quantize_weight
+from qwen3export.quant_format import QuantConfig, QuantizedWeight, dequantize, quantize_weight
 
 from ort_step import OrtStep as SharedOrtStep
 from ort_step import export

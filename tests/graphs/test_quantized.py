@@ -12,9 +12,11 @@ from qwen3export.graph_capture import capture, example_inputs
 from qwen3export.errors import InputError
 from qwen3export.generation import greedy_generate, left_pad
 from qwen3export.graphs.passes import lower
-from qwen3export.graphs.quantized import QuantizedLinear, build_quantized, quantized_tensors
+from qwen3export.graphs.quantized import QuantizedLinear, quantized_tensors
+from qwen3export.quant import build_quantized
 from qwen3export.model import build_module, resolve
-from qwen3export.quant import QuantConfig, QuantizedSource, quantized_names
+from qwen3export.quant_format import QuantConfig
+from qwen3export.quant import QuantizedSource, quantized_names
 
 from ort_step import PROMPTS
 

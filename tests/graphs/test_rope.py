@@ -110,11 +110,12 @@ def test_eager_matches_transformers_past_native_window(yarn_pair, offset):
 
 def test_onnx_engine_matches_transformers_past_native_window(yarn_pair, tmp_path):
     from qwen3export.artifact import load_artifact
-    from qwen3export.pipeline import BuildOptions, build
+    from qwen3export.options import BuildOptions
+    from qwen3export.pipeline import build
     from qwen3export.runner import open_engine
 
     folder, hf = yarn_pair
-    build(BuildOptions(model=str(folder), artifact=tmp_path / "art"))
+    build(BuildOptions.of(model=str(folder), artifact=tmp_path / "art"))
     artifact = load_artifact(tmp_path / "art")
     assert artifact.manifest["model"]["spec"]["rope_scaling"]["rope_type"] == "yarn"
     engine = open_engine(artifact)

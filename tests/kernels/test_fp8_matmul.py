@@ -9,7 +9,7 @@ import torch
 from qwen3export.errors import InputError, TargetError
 from qwen3export.kernels import fp8_matmul as fp8
 from qwen3export.kernels.config import ARCH_LIMITS, KernelConfig
-from qwen3export.quant import quantize_activation_fp8, quantize_weight
+from qwen3export.quant_format import quantize_activation_fp8, quantize_weight
 
 SMALL = KernelConfig("fp8_matmul", {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=2,
                      meta={"GROUP_SIZE_M": 2})

@@ -9,7 +9,7 @@ import torch
 from qwen3export.errors import InputError
 from qwen3export.kernels.config import KernelConfig
 from qwen3export.kernels.fused_moe_wq import fused_moe_wq, fused_moe_wq_reference
-from qwen3export.quant import quantize_weight
+from qwen3export.quant_format import quantize_weight
 
 from quant_cases import cross_compile, partial_weight
 

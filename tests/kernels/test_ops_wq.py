@@ -8,7 +8,7 @@ import torch
 
 from qwen3export.kernels import ops  # noqa: F401  (registers the ops)
 from qwen3export.kernels.launch import INTERPRET_ENV
-from qwen3export.quant import QuantizedWeight, dequantize, quantize_weight
+from qwen3export.quant_format import QuantizedWeight, dequantize, quantize_weight
 
 OPS = torch.ops.qwen3export
 

@@ -8,7 +8,7 @@ import torch
 from qwen3export.errors import InputError, WeightsError
 from qwen3export.kernels.config import KernelConfig
 from qwen3export.kernels.wq_matmul import wq_matmul, wq_matmul_reference
-from qwen3export.quant import quantize_weight
+from qwen3export.quant_format import quantize_weight
 
 from quant_cases import PARTIAL, cross_compile, partial_weight
 

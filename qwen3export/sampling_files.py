@@ -1,0 +1,49 @@
+"""The sampling graph an artifact carries (thinking control baked in), with the checkpoint's tokenizer, chat
+template and generation_config copied beside it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .model import ModelRef
+from .spec import ModelSpec
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+
+
+def _source_folder(ref: ModelRef) -> Path | None:
+    return Path(ref.name) if ref.kind == "folder" else None
+
+
+def sampling_graph_for(spec: ModelSpec, ref: ModelRef):
+    """The sampling graph with the early-stop sequence tokenized by the checkpoint's tokenizer, if any."""
+    from qwen3export.graphs.sampling import SamplingGraph, SamplingVocab, early_stop_ids
+
+    src = _source_folder(ref)
+    tokenizer = None
+    if src is not None and (src / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(src / "tokenizer.json"))
+    vocab = SamplingVocab.from_spec(spec)
+    if not vocab.has_thinking:  # no <think>/</think> in this vocabulary: thinking control does not apply
+        return SamplingGraph(vocab)
+    return SamplingGraph(vocab, early_stop_ids(tokenizer, vocab))
+
+
+def emit_sampling(spec: ModelSpec, ref: ModelRef, folder: Path, sampling_ep) -> dict[str, Any]:
+    """The sampling graph as sampling.onnx, plus the checkpoint's tokenizer, chat template and
+    generation_config copied beside it; returns the manifest's `sampling` entry."""
+    import shutil
+
+    from qwen3export.graphs.sampling import SAMPLING_FILE, emit_sampling_onnx, read_generation_config, sampling_defaults
+
+    src = _source_folder(ref)
+    copied = [f for f in TOKENIZER_FILES if src is not None and (src / f).is_file()]
+    for f in copied:
+        shutil.copy2(src / f, folder / f)
+    entry = emit_sampling_onnx(sampling_graph_for(spec, ref), folder / SAMPLING_FILE, sampling_ep)
+    entry["defaults"] = sampling_defaults(read_generation_config(src) if src is not None else None)
+    entry["tokenizer_files"] = copied
+    return entry
