@@ -3,7 +3,7 @@ against a modelled (cost_model.py) or measured (measure.py) objective, written t
 build reads back with select_configs. See ../shared/DESIGN.md.
 """
 
-from .tables import MissingTableError, config_for, select_configs, table_filename
+from .tables import MissingTableError, table_config, select_configs, table_filename
 from .tune import tune
 
-__all__ = ["MissingTableError", "config_for", "select_configs", "table_filename", "tune"]
+__all__ = ["MissingTableError", "table_config", "select_configs", "table_filename", "tune"]

@@ -1,5 +1,5 @@
 """Tuned-config tables: JSON per (target, kernel, dtype, model shape) keyed by shape bucket; written by tune,
-read by build (select_configs) and the launchers' runtime lookup (config_for). A missing table is an error.
+read by build (select_configs) and the launchers' runtime lookup (table_config). A missing table is an error.
 
 File `<dir>/<target>/<kernel>,<shape key>,dtype=<dtype>.json` (table_filename builds every name), e.g.
 `a100/fused_moe,E=128,H=2048,I=768,K=8,dtype=bf16.json`, holding
@@ -23,7 +23,7 @@ from typing import Any
 
 from qwen3export import __version__
 from qwen3export.errors import ConfigError, TargetError
-from qwen3export.kernels.active import nearest_bucket, parse_shape_key, shape_key  # noqa: F401 (re-exported)
+from qwen3export.kernels.selected_configs import nearest_bucket, parse_shape_key, shape_key  # noqa: F401 (re-exported)
 from qwen3export.kernels.compile import kernel_module
 from qwen3export.kernels.config import KernelConfig
 from qwen3export.spec import ModelSpec
@@ -173,7 +173,7 @@ def find_table(target: str, kernel: str, dtype: str, shape: dict[str, int], dirs
                             f"`{tune_command(target, kernel, dtype, model)}`")
 
 
-def config_for(target: str, kernel: str, dtype: str, shape: dict[str, int], dirs: list[Path] | None = None
+def table_config(target: str, kernel: str, dtype: str, shape: dict[str, int], dirs: list[Path] | None = None
                ) -> tuple[KernelConfig, dict[str, Any]]:
     """The tuned config for a full problem shape (model dims + bucket dims): nearest bucket of its table."""
     bucket_keys = workload(kernel).bucket_keys
@@ -217,6 +217,6 @@ def select_configs(target: str | Target, spec: ModelSpec, dtype: str, dirs: list
 
 
 def active_selection(selected: list[dict[str, Any]]) -> dict[str, dict[str, KernelConfig]]:
-    """select_configs' (or a manifest's) entries -> kernels/active.py's {kernel: {bucket: KernelConfig}}."""
+    """select_configs' (or a manifest's) entries -> kernels/selected_configs.py's {kernel: {bucket: KernelConfig}}."""
     return {e["kernel"]: {key: KernelConfig.from_dict(c["config"]) for key, c in e["configs"].items()}
             for e in selected}

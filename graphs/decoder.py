@@ -106,7 +106,7 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(spec.num_experts, spec.hidden_size))
 
 
-def moe_routing_reference(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, norm_topk_prob: bool):
+def router_topk(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, norm_topk_prob: bool):
     """Router softmax in fp32 -> top-k -> optional renormalisation (transformers Qwen3MoeTopKRouter).
 
     x [T, H], router_weight [E, H] -> (weights [T, k] in x.dtype, expert ids [T, k] int64).
@@ -142,7 +142,7 @@ class SparseMoeBlock(nn.Module):
             return torch.ops.qwen3export.moe(x, self.gate.weight, self.experts.gate_up_proj, self.experts.down_proj,
                                              self.top_k, self.norm_topk_prob)
         t = x.reshape(b * s, h)  # [T, H]
-        top_w, top_i = moe_routing_reference(t, self.gate.weight, self.top_k, self.norm_topk_prob)
+        top_w, top_i = router_topk(t, self.gate.weight, self.top_k, self.norm_topk_prob)
         dense_w = torch.zeros(t.shape[0], self.num_experts, dtype=t.dtype, device=t.device).scatter(1, top_i, top_w)  # [T, E]
         e, i = self.num_experts, self.inter
         gu = F.linear(t, self.experts.gate_up_proj.reshape(e * 2 * i, h)).view(-1, e, 2 * i)  # [T, E, 2I]

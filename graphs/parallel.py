@@ -1,7 +1,7 @@
 """Tensor- and expert-parallel Qwen3 decoders: one rank's slice of Qwen3Decoder plus the collectives that
 recombine it (Megatron-style), written so that torch.export captures a rank like the unsharded graph.
 
-Layout (the one qwen3export/plan.py sizes): world = tp x ep ranks, rank = ep_rank * tp + tp_rank (TP
+Layout (the one qwen3export/memory_plan.py sizes): world = tp x ep ranks, rank = ep_rank * tp + tp_rank (TP
 innermost, so a TP group is contiguous ranks, e.g. one NVLink island).
 - Attention: q/k/v column-parallel by heads (nq/tp query heads, nkv/tp KV heads per rank, so the KV cache
   holds only the rank's KV heads), o_proj row-parallel, then an all-reduce over the TP group.
@@ -37,7 +37,7 @@ from torch import nn
 from qwen3export.errors import InputError
 from qwen3export.spec import ModelSpec
 
-from .decoder import MLP, Attention, KVCache, RMSNorm, Router, attention_mask_bias, moe_routing_reference, rope_cos_sin
+from .decoder import MLP, Attention, KVCache, RMSNorm, Router, attention_mask_bias, rope_cos_sin, router_topk
 from .rope import rope_parameters
 
 TP_GROUP = "qwen3export.tp"  # this rank's tensor-parallel group: tp ranks sharing one expert placement
@@ -216,7 +216,7 @@ class RankMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, h = x.shape
         t = x.reshape(b * s, h)  # [T, H]
-        top_w, top_i = moe_routing_reference(t, self.gate.weight, self.top_k, self.norm_topk_prob)
+        top_w, top_i = router_topk(t, self.gate.weight, self.top_k, self.norm_topk_prob)
         dense_w = torch.zeros(t.shape[0], self.num_experts, dtype=t.dtype, device=t.device).scatter(1, top_i, top_w)  # [T, E]
         w = dense_w[:, self.first:self.first + self.local]  # [T, El]
         e, i = self.local, self.inter

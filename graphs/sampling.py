@@ -196,7 +196,7 @@ class SamplingGraph(nn.Module):
 
 
 # ---------------------------------------------------------------------- capture and emit
-def example_inputs(graph: SamplingGraph, batch: int = 2) -> tuple[torch.Tensor, ...]:
+def sampling_example_inputs(graph: SamplingGraph, batch: int = 2) -> tuple[torch.Tensor, ...]:
     """Tracing inputs; batch >= 2 so that the dimension is not specialised."""
     g = torch.Generator().manual_seed(0)
     state = initial_state([[0]] * batch, graph.vocab)
@@ -210,7 +210,7 @@ def capture_sampling(graph: SamplingGraph) -> ExportedProgram:
     batch = Dim("batch", min=1, max=MAX_BATCH)
     shapes = ({0: batch},) * len(INPUT_NAMES)
     with torch.no_grad():
-        return torch.export.export(graph.eval(), example_inputs(graph), dynamic_shapes=shapes, strict=False)
+        return torch.export.export(graph.eval(), sampling_example_inputs(graph), dynamic_shapes=shapes, strict=False)
 
 
 def io_shapes(vocab_size: int) -> dict[str, list[str | int]]:

@@ -264,7 +264,7 @@ def valid_configs(records: list[dict[str, Any]]) -> dict[str, list[str]]:
     return out
 
 
-def summary(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def compile_summary(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per kernel: configs compiled, configs valid, and the DEFAULT_CONFIG's records (for the CLI's table)."""
     usable = valid_configs(records)
     out: dict[str, dict[str, Any]] = {}

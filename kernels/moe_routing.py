@@ -102,7 +102,7 @@ def moe_routing(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, norm_t
 
 def moe_routing_reference(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, norm_topk_prob: bool,
                           config: KernelConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """graphs/decoder.py `moe_routing_reference` with a defined tie rule: lowest expert id first.
+    """graphs/decoder.py `router_topk` with a defined tie rule: lowest expert id first.
 
     The graph's torch.topk leaves ties unordered: on CPU (torch 2.13) topk([.1, .3, .3, .2, .3, .1, .3], 3)
     returns ids [1, 6, 4]. A stable descending sort keeps equal probabilities in id order, which is also

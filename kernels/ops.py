@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from qwen3export.kernels.active import config_for
+from qwen3export.kernels.selected_configs import selected_config
 from qwen3export.kernels.attention_decode import attention_decode
 from qwen3export.kernels.attention_prefill import attention_prefill, attention_prefill_reference
 from qwen3export.kernels.fp8_matmul import fp8_matmul, fp8_matmul_reference
@@ -31,7 +31,7 @@ def _rows(x: Tensor) -> int:
 def rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """x [..., N], weight [N] -> [..., N] (graphs/decoder.py rms_norm_reference)."""
     if ops_run_triton(x):
-        return rms_norm(x, weight, eps, config_for("rms_norm", M=_rows(x)))
+        return rms_norm(x, weight, eps, selected_config("rms_norm", M=_rows(x)))
     return rms_norm_reference(x, weight, eps)
 
 
@@ -44,7 +44,7 @@ def _(x, weight, eps):
 def add_rms_norm_op(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """(rms_norm(x + residual), x + residual): the residual add that precedes every decoder-layer norm."""
     if ops_run_triton(x):
-        return add_rms_norm(x, residual, weight, eps, config_for("rms_norm", M=_rows(x)))
+        return add_rms_norm(x, residual, weight, eps, selected_config("rms_norm", M=_rows(x)))
     return add_rms_norm_reference(x, residual, weight, eps)
 
 
@@ -59,7 +59,7 @@ def qk_norm_rope_op(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, co
     """q [B, S, Hq, D], k [B, S, Hkv, D], cos/sin [B, S, D] -> (q [B, Hq, S, D], k [B, Hkv, S, D])."""
     if ops_run_triton(q):
         return qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps,
-                            config_for("qk_norm_rope", M=q.shape[0] * q.shape[1]))
+                            selected_config("qk_norm_rope", M=q.shape[0] * q.shape[1]))
     return qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps)
 
 
@@ -84,9 +84,9 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None,
     if not ops_run_triton(q):
         return attention_prefill_reference(q, k, v, scale, kv_lens, attention_mask)
     if q.shape[2] == 1:
-        config = config_for("attention_decode", B=q.shape[0], L=k.shape[2])
+        config = selected_config("attention_decode", B=q.shape[0], L=k.shape[2])
         return attention_decode(q, k, v, scale, kv_lens, attention_mask, config)
-    return attention_prefill(q, k, v, scale, kv_lens, attention_mask, config_for("attention_prefill", S=q.shape[2]))
+    return attention_prefill(q, k, v, scale, kv_lens, attention_mask, selected_config("attention_prefill", S=q.shape[2]))
 
 
 @attention_op.register_fake
@@ -105,9 +105,9 @@ def moe_op(x: Tensor, router_weight: Tensor, gate_up: Tensor, down: Tensor, top_
     tokens = x.reshape(-1, x.shape[-1])  # [T, H]
     if ops_run_triton(x):
         rows = tokens.shape[0]
-        weights, ids = moe_routing(tokens, router_weight, top_k, norm_topk_prob, config_for("moe_routing", M=rows))
-        return fused_moe(tokens, gate_up, down, weights, ids, config_for("fused_moe", M=rows),
-                         align_config=config_for("moe_align", M=rows)).view(x.shape)
+        weights, ids = moe_routing(tokens, router_weight, top_k, norm_topk_prob, selected_config("moe_routing", M=rows))
+        return fused_moe(tokens, gate_up, down, weights, ids, selected_config("fused_moe", M=rows),
+                         align_config=selected_config("moe_align", M=rows)).view(x.shape)
     weights, ids = moe_routing_reference(tokens, router_weight, top_k, norm_topk_prob)
     return fused_moe_reference(tokens, gate_up, down, weights, ids).view(x.shape)
 
@@ -124,7 +124,7 @@ def wq_linear_op(x: Tensor, qweight: Tensor, scales: Tensor, zero_points: Tensor
     """A weight-only int8 / int4 nn.Linear without bias (Qwen3 has none): x [..., K] -> [..., N] in x's dtype;
     qweight uint8 [N, K * bits / 8], scales [N, K/g], zero_points uint8 [N, K/g] or None (2^(bits-1))."""
     if ops_run_triton(x):
-        return wq_matmul(x, qweight, scales, zero_points, bits, group_size, config_for("wq_matmul", M=_rows(x)))
+        return wq_matmul(x, qweight, scales, zero_points, bits, group_size, selected_config("wq_matmul", M=_rows(x)))
     return wq_matmul_reference(x, qweight, scales, zero_points, bits, group_size)
 
 
@@ -143,8 +143,8 @@ def wq_moe_op(x: Tensor, router_weight: Tensor, gate_up_qweight: Tensor, gate_up
     down = (down_qweight, down_scales, down_zero_points)
     if ops_run_triton(x):
         rows = tokens.shape[0]
-        weights, ids = moe_routing(tokens, router_weight, top_k, norm_topk_prob, config_for("moe_routing", M=rows))
-        return fused_moe_wq(tokens, gate_up, down, weights, ids, bits, config_for("fused_moe_wq", M=rows)).view(x.shape)
+        weights, ids = moe_routing(tokens, router_weight, top_k, norm_topk_prob, selected_config("moe_routing", M=rows))
+        return fused_moe_wq(tokens, gate_up, down, weights, ids, bits, selected_config("fused_moe_wq", M=rows)).view(x.shape)
     weights, ids = moe_routing_reference(tokens, router_weight, top_k, norm_topk_prob)
     return fused_moe_wq_reference(tokens, gate_up, down, weights, ids, bits).view(x.shape)
 
@@ -160,7 +160,7 @@ def fp8_linear_op(x: Tensor, weight: Tensor, weight_scales: Tensor) -> Tensor:
     """fp8 nn.Linear without bias: x [..., K] quantized per token at run time, weight float8_e4m3fn [N, K] with fp32
     per-channel weight_scales [N, 1] -> [..., N] in x's dtype. CUDA needs sm_89+ (kernels/fp8_matmul.py)."""
     if ops_run_triton(x):
-        return fp8_matmul(x, weight, weight_scales, config_for("fp8_matmul", M=_rows(x)))
+        return fp8_matmul(x, weight, weight_scales, selected_config("fp8_matmul", M=_rows(x)))
     return fp8_matmul_reference(x, weight, weight_scales)
 
 

@@ -400,7 +400,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from qwen3export.targets import get_target
 
     from .spec import resolve_spec
-    from .plan import PlanOptions, plan_for_target, summary
+    from .memory_plan import PlanOptions, memory_plan_summary, plan_for_target
 
     target = get_target(args.target)
     overrides = {"rope_scaling": parse_rope_flag(args.rope_scaling)} if args.rope_scaling else {}
@@ -410,12 +410,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     p = plan_for_target(spec, target, PlanOptions(dtype=dtype, quant=args.quant, group_size=args.group_size,
                                                   tp=args.tp, ep=args.ep, max_batch=args.max_batch,
                                                   max_seq=args.max_seq))
-    _emit(args, p, summary(p))
+    _emit(args, p, memory_plan_summary(p))
     return 0
 
 
 def cmd_kernels_compile(args: argparse.Namespace) -> int:
-    from qwen3export.kernels.compile import compile_report, summary
+    from qwen3export.kernels.compile import compile_report, compile_summary
     from qwen3export.targets import TARGETS, get_target
 
     arch = args.target
@@ -430,7 +430,7 @@ def cmd_kernels_compile(args: argparse.Namespace) -> int:
             f"({args.workers} workers; cached results are reused) ...")
     records = compile_report(arch, kernels, args.dtype, configs="default" if args.defaults_only else "space",
                              workers=args.workers)
-    table = summary(records)
+    table = compile_summary(records)
     payload = {"arch": arch, "dtype": args.dtype, "summary": table, "records": records}
     lines = [f"{arch} {args.dtype}: kernel               valid/configs  default config -> regs/spill/shared"]
     for kernel, s in table.items():

@@ -17,7 +17,7 @@ from qwen3export.spec import ModelSpec
 MAX_BATCH = 1024
 
 
-def example_inputs(model: Qwen3Decoder, batch: int = 2, seq: int = 3, past: int = 2):
+def decoder_example_inputs(model: Qwen3Decoder, batch: int = 2, seq: int = 3, past: int = 2):
     """Inputs for tracing; sizes >= 2 so that no dimension is specialised to 0 or 1."""
     spec = model.spec
     input_ids = torch.randint(0, spec.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
@@ -47,7 +47,7 @@ def capture(model: Qwen3Decoder, *, strict: bool = False) -> ExportedProgram:
     """
     model = model.eval()
     with torch.no_grad():
-        ep = torch.export.export(model, example_inputs(model), dynamic_shapes=dynamic_shapes(model),
+        ep = torch.export.export(model, decoder_example_inputs(model), dynamic_shapes=dynamic_shapes(model),
                                  strict=strict)
     widen_derived_ranges(ep)
     return ep
@@ -86,7 +86,7 @@ def meta_decoder(spec: ModelSpec, dtype: torch.dtype) -> Qwen3Decoder:
 def capture_meta(module: Qwen3Decoder) -> torch.export.ExportedProgram:
     """`capture` of a meta decoder: the same example inputs and dynamic shapes, on the meta device, so the
     program holds no weight (build --stream)."""
-    ids, pos, mask, cache = example_inputs(module)
+    ids, pos, mask, cache = decoder_example_inputs(module)
     inputs = (ids.to(META), pos.to(META), mask.to(META), tuple((k.to(META), v.to(META)) for k, v in cache))
     with torch.no_grad():
         ep = torch.export.export(module.eval(), inputs, dynamic_shapes=dynamic_shapes(module), strict=False)

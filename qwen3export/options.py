@@ -401,7 +401,7 @@ def plan_build(options: BuildOptions) -> BuildPlan:
 
     from . import artifact as art
     from .model import resolve
-    from .plan import serving_plan
+    from .memory_plan import serving_limits
     from .quant_format import QuantConfig
     from .quant import check_quantizable
 
@@ -421,7 +421,7 @@ def plan_build(options: BuildOptions) -> BuildPlan:
     if options.variant == "sharded":
         _check_sharded(spec, target, tp, ep)
     # the engine's serving limits and its KV cache at them (modelled); a GPU it cannot fit is refused here
-    serving = serving_plan(spec, target, options.dtype, qcfg.mode if qcfg else "none",
+    serving = serving_limits(spec, target, options.dtype, qcfg.mode if qcfg else "none",
                            qcfg.group_size if qcfg else group_size, bool(qcfg and qcfg.quantize_lm_head), tp=tp,
                            ep=ep, max_batch=options.serving.max_batch, max_seq=options.serving.max_seq)
     if options.variant == "sharded":
@@ -442,7 +442,7 @@ def plan_build(options: BuildOptions) -> BuildPlan:
 
 def _check_sharded(spec, target, tp: int, ep: int) -> None:
     """The degrees against the model, and every rank process plus the eager reference against this host."""
-    from .plan import PlanOptions, check_parallelism, host_memory_bytes, plan_for_target
+    from .memory_plan import PlanOptions, check_parallelism, host_memory_bytes, plan_for_target
 
     check_parallelism(spec, tp, ep)
     p = plan_for_target(spec, target, PlanOptions(dtype="fp32", tp=tp, ep=ep, max_batch=2, max_seq=64))
@@ -461,7 +461,7 @@ LOAD_BYTES_PER_PARAM = {"none": 4.0, "int8": 1.0, "fp8": 1.0, "int4": 0.5}  # wh
 def check_load_memory(spec, quant: str, extra_fp16: bool = False, available: int | None = None) -> None:
     """Before the load stage: refuse a model whose loaded decoder alone (a lower bound of the build's peak) is
     larger than the memory this machine has available, instead of swapping or being killed minutes later."""
-    from .plan import available_memory_bytes
+    from .memory_plan import available_memory_bytes
 
     need = spec.param_count() * (LOAD_BYTES_PER_PARAM[quant] + (2.0 if extra_fp16 else 0.0))
     have = available_memory_bytes() if available is None else available

@@ -26,7 +26,7 @@ from .sampling_files import emit_sampling, sampling_graph_for
 from .signing import sign_artifact
 from .stages import Progress, Stages
 from .streaming import StreamedSteps
-from .verify import gate
+from .verify import parity_gate
 
 VARIANT_STEPS = {"in-memory": InMemorySteps, "streamed": StreamedSteps, "sharded": ShardedSteps}
 
@@ -70,7 +70,7 @@ def write_artifact(plan: BuildPlan, steps, output: Output, stages: Stages, sampl
         if "quantization" in report:
             progress(quality_line(report["quantization"]))
         if report.get("passed") is not None:  # None: a streamed / sharded build that records parity as NOT run
-            gate(report, steps.gated)
+            parity_gate(report, steps.gated)
         manifest["parity"] = report
         # checksums of every file into the manifest, then the atomic rename
         stages.run("seal", "checksums + manifest", lambda: art.seal(tmp, manifest))

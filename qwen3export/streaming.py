@@ -24,7 +24,7 @@ from . import artifact as art
 from .backends.kernel_pack import tuned_kernels_record
 from .lowering import lower_program, lowering_record
 from .model import build_module
-from .plan import available_memory_bytes
+from .memory_plan import available_memory_bytes
 from .graph_capture import META, capture_meta, meta_decoder
 from .stages import Progress, Stages, dump_ir
 from .verify import verify_engine

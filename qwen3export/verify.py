@@ -1,6 +1,6 @@
 """The verify stage, for every kind of artifact: an engine (ONNX Runtime / AOTInductor) against eager PyTorch, a
 quantized engine against eager on its dequantized weights, a kernel pack (cubins, loader, interpreter), and
-tp x ep rank parts as gloo processes; each also checks its sampling graph against torch. `gate` is the one place
+tp x ep rank parts as gloo processes; each also checks its sampling graph against torch. `parity_gate` is the one place
 a failed report stops a build."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .stages import Progress
 HOLD_BOTH_BYTES = 4 << 30  # the quantized-vs-unquantized comparison holds both fp32 models below this size
 
 
-def gate(report: dict[str, Any], what: str = "engine") -> None:
+def parity_gate(report: dict[str, Any], what: str = "engine") -> None:
     """The parity gate of every build: raising here drops the staging folder, so nothing is written."""
     if not report["passed"]:
         raise ParityError(f"{what} failed the parity gate ({'; '.join(report['failures'])}); no artifact was "

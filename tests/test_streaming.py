@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qwen3export.backends.onnx import io_names
-from qwen3export.graph_capture import dynamic_shapes, example_inputs
+from qwen3export.graph_capture import decoder_example_inputs, dynamic_shapes
 from qwen3export.model import build_module, resolve
 from qwen3export.graph_capture import META, meta_decoder
 from qwen3export.streaming import bind_lazy_initializers, emission_bound, parameter_loaders
@@ -18,7 +18,7 @@ from qwen3export.streaming import bind_lazy_initializers, emission_bound, parame
 
 def _meta_capture(spec):
     m = meta_decoder(spec, torch.float32)
-    ids, pos, mask, cache = example_inputs(m)
+    ids, pos, mask, cache = decoder_example_inputs(m)
     ex = (ids.to(META), pos.to(META), mask.to(META), tuple((k.to(META), v.to(META)) for k, v in cache))
     with torch.no_grad():
         return torch.export.export(m, ex, dynamic_shapes=dynamic_shapes(m), strict=False)

@@ -16,7 +16,7 @@ VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
 def moe_tree():
-    """graphs/decoder.py SparseMoeBlock on tokens t [T, H]: routing (moe_routing_reference), a dense
+    """graphs/decoder.py SparseMoeBlock on tokens t [T, H]: routing (decoder.router_topk), a dense
     [T, E] weight matrix zero off the top-k, every expert on every token, weighted sum over experts."""
     t = V("t")
     probs = call(aten.softmax.int, call(aten.linear.default, t, V("router")), V("router_dim"), V("router_dtype"))

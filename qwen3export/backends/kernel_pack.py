@@ -309,7 +309,7 @@ class KernelPack:
     compiled: dict[tuple[str, str, str], Any] = field(default_factory=dict)
 
     def selection(self) -> dict[str, dict[str, Any]]:
-        """kernels/active.py's {kernel: {bucket: KernelConfig}} for these configs."""
+        """kernels/selected_configs.py's {kernel: {bucket: KernelConfig}} for these configs."""
         from qwen3export.autotune.tables import active_selection
 
         return active_selection(self.index["selection"])
@@ -442,7 +442,7 @@ def _interpret_main(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from qwen3export.artifact import staged_artifact
-    from qwen3export.kernels.active import kernel_configs
+    from qwen3export.kernels.selected_configs import use_selected_configs
     from qwen3export.parity import check_parity
     from qwen3export.references import eager_for
 
@@ -453,7 +453,7 @@ def _interpret_main(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         eager = eager_for(artifact)
         kernels = eager_for(artifact).use_custom_ops()
     pack = load_kernel_pack(folder)
-    with torch.no_grad(), kernel_configs(pack.selection()):
+    with torch.no_grad(), use_selected_configs(pack.selection()):
         report = check_parity(kernels, kernels.empty_cache(2), eager, eager.empty_cache(2), eager.spec.vocab_size,
                               "fp32", new_tokens=INTERPRET_NEW_TOKENS)
     report["reference"] = ("eager PyTorch vs the same model through the qwen3export:: ops, Triton kernels run by "

@@ -8,7 +8,7 @@ import functools
 import pytest
 import torch
 
-from qwen3export.graph_capture import capture, example_inputs
+from qwen3export.graph_capture import capture, decoder_example_inputs
 from qwen3export.errors import InputError
 from qwen3export.generation import greedy_generate, left_pad
 from qwen3export.graphs.passes import lower
@@ -98,7 +98,7 @@ def test_lm_head_is_quantized_when_asked():
     qsource = QuantizedSource(source, spec, config)
     qmodel, ref = build_quantized(spec, qsource, config), build_module(spec, qsource, torch.float32)
     assert isinstance(qmodel.lm_head, QuantizedLinear)
-    inputs = example_inputs(ref)
+    inputs = decoder_example_inputs(ref)
     with torch.no_grad():
         torch.testing.assert_close(qmodel(*inputs)[0], ref(*inputs)[0], atol=1e-5, rtol=0)
 
@@ -132,7 +132,7 @@ def test_fp8_quantizes_weights_and_activations():
     qsource = QuantizedSource(source, spec, config)
     qmodel, ref = build_quantized(spec, qsource, config), build_module(spec, qsource, torch.float32)
     assert qmodel.model.layers[0].self_attn.q_proj.qweight.dtype == torch.float8_e4m3fn
-    inputs = example_inputs(ref)
+    inputs = decoder_example_inputs(ref)
     with torch.no_grad():
         got, want = qmodel(*inputs)[0], ref(*inputs)[0]
     # e4m3 keeps 3 mantissa bits (6% steps) per activation: rows land within 10% of their scale (measured 6% on

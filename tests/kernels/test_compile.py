@@ -16,7 +16,7 @@ import pytest
 
 from qwen3export.errors import TargetError
 from qwen3export.kernels.compile import (KERNELS, ast_source, compile_report, kernel_module, kernels_for_arch,
-                                         parse_resource_usage, summary, valid_configs, verdict)
+                                         parse_resource_usage, compile_summary, valid_configs, verdict)
 from qwen3export.kernels.config import ARCH_LIMITS, KernelConfig
 from qwen3export.kernels.launch import INTERPRET_ENV
 
@@ -43,7 +43,7 @@ def test_default_configs_compile_without_spills(arch, dtype, compile_cache):
     assert not bad, f"default configs rejected on {arch}: {bad}"
     assert all(r["spill_bytes"] == 0 and r["registers"] <= 255 for r in records)
     assert all(labels for labels in valid_configs(records).values())  # >= 1 valid config per kernel
-    table = summary(records)
+    table = compile_summary(records)
     assert all(row["valid"] == row["configs"] == 1 and row["default_records"] for row in table.values())
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen3export.graphs.decoder import moe_routing_reference as graph_routing
+from qwen3export.graphs.decoder import router_topk as graph_routing
 from qwen3export.kernels.config import KernelConfig
 from qwen3export.kernels.moe_routing import moe_routing, moe_routing_reference
 

@@ -120,7 +120,7 @@ def memory_plan(spec: ModelSpec, memory_bytes: int, opts: PlanOptions) -> dict[s
         "usable_memory_bytes": int(usable),
         "fits": need <= usable,
         "headroom_bytes": int(usable - need),
-        "assumptions": "see qwen3export/plan.py docstring; figures are modelled from the spec, not measured",
+        "assumptions": "see qwen3export/memory_plan.py docstring; figures are modelled from the spec, not measured",
     }
 
 
@@ -148,7 +148,7 @@ def plan_for_target(spec: ModelSpec, target, opts: PlanOptions) -> dict[str, Any
     return out
 
 
-def summary(p: dict[str, Any]) -> str:
+def memory_plan_summary(p: dict[str, Any]) -> str:
     r = p["per_rank"]
     verdict = (f"fits with {p['headroom_bytes'] / GiB:.1f} GiB to spare" if p["fits"]
                else f"does NOT fit: {-p['headroom_bytes'] / GiB:.1f} GiB over")
@@ -168,7 +168,7 @@ def summary(p: dict[str, Any]) -> str:
 DEFAULT_SERVING_SEQ = 8192  # an engine's default --max-seq: min(model positions, this)
 
 
-def serving_plan(spec: ModelSpec, target, dtype: str, quant: str = "none", group_size: int = 128,
+def serving_limits(spec: ModelSpec, target, dtype: str, quant: str = "none", group_size: int = 128,
                  quantize_lm_head: bool = False, tp: int = 1, ep: int = 1, max_batch: int = 1,
                  max_seq: int | None = None) -> dict[str, Any]:
     """What a build records as the engine's serving limits (`--max-batch`, `--max-seq`) with the modelled

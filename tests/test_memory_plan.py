@@ -8,7 +8,7 @@ import pytest
 
 from qwen3export.cli import main
 from qwen3export.errors import InputError
-from qwen3export.plan import PlanOptions, memory_plan
+from qwen3export.memory_plan import PlanOptions, memory_plan
 from qwen3export.spec import preset
 
 GiB = 1024**3

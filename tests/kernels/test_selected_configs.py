@@ -1,11 +1,11 @@
-"""kernels/active.py: the tuned configs a build activates reach the custom ops' launchers, by nearest bucket."""
+"""kernels/selected_configs.py: the tuned configs a build activates reach the custom ops' launchers, by nearest bucket."""
 
 from __future__ import annotations
 
 import torch
 
 import qwen3export
-from qwen3export.kernels.active import config_for, kernel_configs
+from qwen3export.kernels.selected_configs import selected_config, use_selected_configs
 from qwen3export.kernels.config import KernelConfig
 
 
@@ -15,16 +15,16 @@ def _rms(rows: int) -> KernelConfig:
 
 def test_nearest_bucket_and_default():
     selection = {"rms_norm": {"M=1": _rms(1), "M=64": _rms(2), "M=4096": _rms(4)}}
-    assert config_for("rms_norm", M=3) is None  # nothing active: the kernel's default
-    with kernel_configs(selection):
-        assert config_for("rms_norm", M=1) == _rms(1)
-        assert config_for("rms_norm", M=40) == _rms(2)
-        assert config_for("rms_norm", M=100_000) == _rms(4)
-        assert config_for("fused_moe", M=8) is None  # not selected
-        with kernel_configs({"rms_norm": {"*": _rms(4)}}):
-            assert config_for("rms_norm", M=1) == _rms(4)
-        assert config_for("rms_norm", M=1) == _rms(1)
-    assert config_for("rms_norm", M=1) is None
+    assert selected_config("rms_norm", M=3) is None  # nothing active: the kernel's default
+    with use_selected_configs(selection):
+        assert selected_config("rms_norm", M=1) == _rms(1)
+        assert selected_config("rms_norm", M=40) == _rms(2)
+        assert selected_config("rms_norm", M=100_000) == _rms(4)
+        assert selected_config("fused_moe", M=8) is None  # not selected
+        with use_selected_configs({"rms_norm": {"*": _rms(4)}}):
+            assert selected_config("rms_norm", M=1) == _rms(4)
+        assert selected_config("rms_norm", M=1) == _rms(1)
+    assert selected_config("rms_norm", M=1) is None
 
 
 def test_ops_launch_with_the_active_configs(monkeypatch):
@@ -51,7 +51,7 @@ def test_ops_launch_with_the_active_configs(monkeypatch):
         base = model(ids, torch.arange(5)[None], torch.ones_like(ids), model.empty_cache(1))[0]
         assert seen and all(c is None for c in seen)
         seen.clear()
-        with kernel_configs({"rms_norm": {"M=1": _rms(1), "M=4": _rms(4)}}):
+        with use_selected_configs({"rms_norm": {"M=1": _rms(1), "M=4": _rms(4)}}):
             tuned = model(ids, torch.arange(5)[None], torch.ones_like(ids), model.empty_cache(1))[0]
     assert seen and all(c == _rms(4) for c in seen)  # 5 tokens: bucket M=4
     assert (tuned - base).abs().max().item() <= 1e-5

@@ -1,8 +1,8 @@
 """Which tuned config each kernel launch uses: a per-context selection of {kernel: {bucket key: config}}.
 
 The build (and a deployed runtime) activates the configs chosen for its target (autotune/tables.py
-select_configs, or a kernel pack's manifest) with `kernel_configs(...)`; the custom ops in kernels/ops.py
-ask `config_for(kernel, **dims)` at every launch and get the config of the nearest tuned bucket, or None
+select_configs, or a kernel pack's manifest) with `use_selected_configs(...)`; the custom ops in kernels/ops.py
+ask `selected_config(kernel, **dims)` at every launch and get the config of the nearest tuned bucket, or None
 (the kernel's DEFAULT_CONFIG) when nothing is active for that kernel.
 """
 
@@ -47,7 +47,7 @@ def nearest_bucket(keys: list[str], query: Mapping[str, int]) -> str:
 
 
 @contextmanager
-def kernel_configs(selection: Selection) -> Iterator[None]:
+def use_selected_configs(selection: Selection) -> Iterator[None]:
     """Launches inside this block use `selection`'s configs (nearest bucket); outside, the defaults."""
     for kernel, buckets in selection.items():
         for key, config in buckets.items():
@@ -62,7 +62,7 @@ def kernel_configs(selection: Selection) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
-def config_for(kernel: str, **dims: int) -> KernelConfig | None:
+def selected_config(kernel: str, **dims: int) -> KernelConfig | None:
     """The active config for a launch of `kernel` with these bucket dims (e.g. M=rows), or None (default).
     A selection bucket "*" applies to every shape (an untuned kernel's one config)."""
     active = _ACTIVE.get()
