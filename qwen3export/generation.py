@@ -8,6 +8,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from qwen3export.graphs.sampling import sample_step
+
 from .errors import InputError
 
 Step = Callable[..., tuple[torch.Tensor, tuple]]  # (ids, pos, mask, past) -> (logits, present)
@@ -76,7 +78,6 @@ def sample_generate(step: Step, empty_cache: tuple, sampler, prompt: list[int], 
 
     -> (new token ids, final sampling state).
     """
-    from qwen3export.graphs.sampling import sample_step
 
     if max_new_tokens <= 0:
         raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

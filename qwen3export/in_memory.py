@@ -12,8 +12,8 @@ import torch
 from qwen3export.graph_capture import capture
 
 from . import artifact as art
-from .backends import onnx as onnx_backend
-from .backends.kernel_pack import tuned_kernels_record
+from .backends import aoti, onnx as onnx_backend, tensorrt as trt_backend
+from .backends.kernel_pack import emit_kernel_pack, tuned_kernels_record
 from .errors import TargetError
 from .lowering import lower_program, lowering_record, unlowered_record
 from .model import build_module, is_prequantized
@@ -53,8 +53,6 @@ def emit_engine(backend: str, ep, sampling_ep, spec: ModelSpec, folder: Path, pl
     if backend == "onnx":
         return onnx_backend.emit_decoder(ep, spec, folder, flavour=flavour, quantized=quantized)
     if backend == "tensorrt":
-        from .backends import tensorrt as trt_backend
-
         entry = onnx_backend.emit_decoder(ep, spec, folder, flavour=flavour, quantized=quantized)
         trt_backend.write_settings(folder, trt_backend.settings(spec, plan.target, plan.dtype,
                                                                 plan.serving["max_batch"], plan.serving["max_seq"]))
@@ -64,12 +62,8 @@ def emit_engine(backend: str, ep, sampling_ep, spec: ModelSpec, folder: Path, pl
                              if missing else trt_backend.build_plan(folder))
         return entry
     if backend == "aoti":
-        from .backends import aoti
-
         return aoti.emit(ep, sampling_ep, folder)
     if backend == "kernels":
-        from .backends.kernel_pack import emit_kernel_pack
-
         (folder / "kernels").mkdir(exist_ok=True)
         return emit_kernel_pack(spec, plan.target, plan.dtype, folder, quantization=quantization)
     raise TargetError(f"unknown backend {backend!r}")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from qwen3export.graphs.passes import DEFAULT_PASSES, PATTERNS, UnloweredSiteWarning, run_passes
+
 from .stages import Progress
 
 
 def lowering_record(results) -> dict[str, Any]:
     """The manifest's `lowering` entry: sites replaced per pass (0 for every pass when lowering is off)
     and the passes' notes (sites left in plain ops, with why)."""
-    from qwen3export.graphs.passes import PATTERNS
 
     if results is None:
         return {"enabled": False, "passes": {name: 0 for name in PATTERNS}, "notes": []}
@@ -42,8 +43,6 @@ def lower_program(ep, progress: Progress = lambda s: None, passes=None):
     A site a pass cannot prove equal to its op stays in plain ATen ops (correct, unfused): its warning goes
     to progress and into the record's notes."""
     import warnings
-
-    from qwen3export.graphs.passes import DEFAULT_PASSES, UnloweredSiteWarning, run_passes
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UnloweredSiteWarning)

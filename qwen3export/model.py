@@ -12,8 +12,9 @@ import torch
 from qwen3export.graphs.decoder import Qwen3Decoder
 
 from .errors import ConfigError
-from .synthetic_weights import DEFAULT_WEIGHT_STATS
+from .prequantized import PrequantizedSource, open_prequantized
 from .spec import PRESETS, ModelSpec, preset, read_config, read_think_ids, spec_from_hf_config, unknown_model
+from .synthetic_weights import DEFAULT_WEIGHT_STATS
 from .weights import RandomSource, SafetensorsSource, WeightSource, check_names, load_into, parse_dtype
 
 DEFAULT_SEED = 0
@@ -55,7 +56,6 @@ def resolve(model: str | Path, seed: int = DEFAULT_SEED, *, weight_stats: str = 
             raise ConfigError("field overrides apply to presets only; edit the folder's config.json instead")
         cfg = read_config(path)
         if cfg.get("quantization_config"):  # AWQ / GPTQ: loaded into quant.py's representation
-            from .prequantized import open_prequantized
 
             spec, source = open_prequantized(path, read_think_ids(path))
         else:
@@ -82,7 +82,6 @@ def resolve_ref(ref: ModelRef) -> tuple[ModelSpec, WeightSource]:
 
 def is_prequantized(source: WeightSource) -> bool:
     """Whether `source` is an AWQ / GPTQ checkpoint (prequantized.PrequantizedSource)."""
-    from .prequantized import PrequantizedSource
 
     return isinstance(source, PrequantizedSource)
 

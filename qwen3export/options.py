@@ -14,8 +14,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from qwen3export.targets import TARGETS, get_target
+
+from . import artifact as art
 from .backends import BACKENDS
+from .backends.aoti import check_can_build
 from .errors import InputError, TargetError
+from .memory_plan import (PlanOptions, available_memory_bytes, check_parallelism, host_memory_bytes, plan_for_target,
+                          serving_limits)
+from .model import is_prequantized, resolve
+from .quant import check_quantizable
+from .quant_format import QuantConfig
 from .synthetic_weights import DEFAULT_WEIGHT_STATS
 
 DEFAULT_SEED = 0
@@ -120,8 +129,6 @@ class Refusal:
 
 
 def _gpu_fp8_targets() -> str:
-    from qwen3export.targets import TARGETS
-
     return ", ".join(t.name for t in TARGETS.values() if t.kind == "gpu" and "fp8" in t.dtypes)
 
 
@@ -169,7 +176,6 @@ def _backend_not_offered(o: BuildOptions, t) -> str | None:
 def _aoti_cannot_build(o: BuildOptions, t) -> str | None:
     if "aoti" not in o.backends or t.kind == "cpu":
         return None
-    from .backends.aoti import check_can_build
 
     return _target_says(lambda: check_can_build(t))
 
@@ -293,8 +299,6 @@ class ModelRefusal:
 
 
 def _prequantized(source) -> Any:
-    from .model import is_prequantized
-
     return source.config if is_prequantized(source) else None
 
 
@@ -397,13 +401,6 @@ def output_folder(options: BuildOptions, name: str) -> Path:
 def plan_build(options: BuildOptions) -> BuildPlan:
     """Check the options (REFUSALS), resolve the model, check what needs it (MODEL_REFUSALS, quantizability,
     parallel degrees, memory, serving limits, output folders) -> the frozen BuildPlan. Nothing is written."""
-    from qwen3export.targets import get_target
-
-    from . import artifact as art
-    from .model import resolve
-    from .memory_plan import serving_limits
-    from .quant_format import QuantConfig
-    from .quant import check_quantizable
 
     target = get_target(options.target)
     check_refusals(options, target)
@@ -442,7 +439,6 @@ def plan_build(options: BuildOptions) -> BuildPlan:
 
 def _check_sharded(spec, target, tp: int, ep: int) -> None:
     """The degrees against the model, and every rank process plus the eager reference against this host."""
-    from .memory_plan import PlanOptions, check_parallelism, host_memory_bytes, plan_for_target
 
     check_parallelism(spec, tp, ep)
     p = plan_for_target(spec, target, PlanOptions(dtype="fp32", tp=tp, ep=ep, max_batch=2, max_seq=64))
@@ -461,7 +457,6 @@ LOAD_BYTES_PER_PARAM = {"none": 4.0, "int8": 1.0, "fp8": 1.0, "int4": 0.5}  # wh
 def check_load_memory(spec, quant: str, extra_fp16: bool = False, available: int | None = None) -> None:
     """Before the load stage: refuse a model whose loaded decoder alone (a lower bound of the build's peak) is
     larger than the memory this machine has available, instead of swapping or being killed minutes later."""
-    from .memory_plan import available_memory_bytes
 
     need = spec.param_count() * (LOAD_BYTES_PER_PARAM[quant] + (2.0 if extra_fp16 else 0.0))
     have = available_memory_bytes() if available is None else available

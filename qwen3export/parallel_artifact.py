@@ -19,11 +19,13 @@ from typing import Any
 import torch
 
 from qwen3export.graph_capture import capture_rank
-from qwen3export.graphs.parallel import (TP_GROUP, WORLD_GROUP, RankLayout, layouts, meta_rank_decoder,
-                                         rank_tensors)
+from qwen3export.graphs.parallel import (TP_GROUP, WORLD_GROUP, RankLayout, init_parallel_groups, layouts,
+                                         meta_rank_decoder, rank_tensors)
+from qwen3export.graphs.rope import rope_parameters
 
 from .artifact import Artifact
 from .errors import ArtifactError, Qwen3ExportError
+from .ranks import start_ranks
 from .spec import ModelSpec
 from .weights import parse_dtype
 
@@ -129,8 +131,6 @@ def load_rank_program(artifact: Artifact, rank: int, device: str | torch.device 
     creates are all bound here (torch.export.passes.move_to_device_pass)."""
     from torch.export.passes import move_to_device_pass
 
-    from qwen3export.graphs.rope import rope_parameters
-
     layout = check_parts(artifact)[rank]
     m = artifact.manifest
     spec, dtype = ModelSpec.from_dict(m["model"]["spec"]), parse_dtype(m["dtype"])
@@ -186,8 +186,6 @@ def _serve_rank(rank: int, artifact: Artifact, commands: list, results) -> None:
     """A rank's process: bind its part, then run steps as the parent sends them until it sends None."""
     import os
 
-    from qwen3export.graphs.parallel import init_parallel_groups
-
     parent, p = os.getppid(), artifact.manifest["parallel"]
     try:
         init_parallel_groups(RankLayout(p["tp"], p["ep"], rank))
@@ -223,8 +221,6 @@ class ParallelEngine:
     def __init__(self, artifact: Artifact, threads: int | None = None, load_timeout_s: float = 600.0):
         import atexit
         import multiprocessing as mp
-
-        from .ranks import start_ranks
 
         m = artifact.manifest
         if m.get("backend") != BACKEND or "parallel" not in m:

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from qwen3export.graphs.sampling import STATE_NAMES, SamplingParams, initial_state, sample_step, stack_params
+
 from .generation import Step, greedy_generate, left_pad
 
 # The gated metric is scale-aware: for each logits row (a position of a prompt, or a decode step),
@@ -138,7 +140,6 @@ def check_sampling_parity(graph, session, rows: int | None = None, steps: int = 
     """The engine's sampling graph vs the torch SamplingGraph on random logits, parameters and uniforms,
     state fed back for `steps` steps: token ids and states must be identical (randomness is an input).
     `rows` defaults to sampling_rows(vocabulary size)."""
-    from qwen3export.graphs.sampling import STATE_NAMES, SamplingParams, initial_state, sample_step, stack_params
 
     g = torch.Generator().manual_seed(seed)
     v = graph.vocab_size

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError, WeightsError
-from .quant_format import QuantizedWeight, dequantize, pack_int4
+from .quant_format import QuantConfig, QuantizedWeight, dequantize, pack_int4
 from .spec import ModelSpec, read_config, spec_from_hf_config
 from .weights import SafetensorsSource, WeightSource
 
@@ -160,7 +160,6 @@ class PrequantizedSource:
     @property
     def config(self):
         """The checkpoint's quantization as a QuantConfig (what quantize_decoder and the manifest read)."""
-        from .quant_format import QuantConfig
 
         return QuantConfig(f"int{self.scheme.bits}", self.scheme.group_size,
                            quantize_lm_head=self.is_quantized("lm_head.weight"), scheme=self.scheme.method)

@@ -8,11 +8,12 @@ import torch
 from . import artifact as art
 from .errors import ParityError
 from .model import ModelRef, build_module, resolve, resolve_ref
+from .quant_format import QuantConfig
 from .synthetic_weights import DEFAULT_WEIGHT_STATS
+
 
 def artifact_quant_config(artifact: art.Artifact):
     """The QuantConfig a quantized artifact was built with (its manifest's `quantization`)."""
-    from .quant_format import QuantConfig
 
     q = artifact.manifest["quantization"]
     return QuantConfig(q["mode"], q["group_size"] if q.get("group_size") is not None else 128,

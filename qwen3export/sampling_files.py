@@ -6,6 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from qwen3export.graphs.sampling import (SAMPLING_FILE, SamplingGraph, SamplingVocab, early_stop_ids,
+                                         emit_sampling_onnx, read_generation_config, sampling_defaults)
+
 from .model import ModelRef
 from .spec import ModelSpec
 
@@ -18,7 +21,6 @@ def _source_folder(ref: ModelRef) -> Path | None:
 
 def sampling_graph_for(spec: ModelSpec, ref: ModelRef):
     """The sampling graph with the early-stop sequence tokenized by the checkpoint's tokenizer, if any."""
-    from qwen3export.graphs.sampling import SamplingGraph, SamplingVocab, early_stop_ids
 
     src = _source_folder(ref)
     tokenizer = None
@@ -36,8 +38,6 @@ def emit_sampling(spec: ModelSpec, ref: ModelRef, folder: Path, sampling_ep) -> 
     """The sampling graph as sampling.onnx, plus the checkpoint's tokenizer, chat template and
     generation_config copied beside it; returns the manifest's `sampling` entry."""
     import shutil
-
-    from qwen3export.graphs.sampling import SAMPLING_FILE, emit_sampling_onnx, read_generation_config, sampling_defaults
 
     src = _source_folder(ref)
     copied = [f for f in TOKENIZER_FILES if src is not None and (src / f).is_file()]

@@ -18,17 +18,20 @@ import torch
 from qwen3export.graphs.decoder import Qwen3Decoder
 from qwen3export.graphs.rope import rope_parameters
 
-from .errors import ConfigError
-from .spec import ModelSpec
 from . import artifact as art
 from .backends.kernel_pack import tuned_kernels_record
-from .lowering import lower_program, lowering_record
-from .model import build_module
-from .memory_plan import available_memory_bytes
+from .backends.onnx import DECODER_FILE, OPSET, export_program, io_names, set_io_shapes
+from .backends.onnx_ops import bake_weight_layouts, custom_translation_table
+from .errors import ConfigError
 from .graph_capture import META, capture_meta, meta_decoder
+from .lowering import lower_program, lowering_record
+from .memory_plan import available_memory_bytes
+from .model import build_module
+from .spec import ModelSpec
 from .stages import Progress, Stages, dump_ir
 from .verify import verify_engine
 from .weights import WeightSource, check_names, module_assignments, parse_dtype
+
 
 def parameter_loaders(spec: ModelSpec, source: WeightSource, dtype: torch.dtype
                       ) -> dict[str, Callable[[], torch.Tensor]]:
@@ -122,9 +125,6 @@ def emit_streamed_decoder(program: torch.export.ExportedProgram, spec: ModelSpec
     their outputs so that bake_weight_layouts can still find the MoE fc1 interleave chain of the ort flavour and bake it
     lazily (one layer's experts at a time) instead of leaving it to every session load."""
     from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass
-
-    from .backends.onnx import DECODER_FILE, OPSET, export_program, io_names, set_io_shapes
-    from .backends.onnx_ops import bake_weight_layouts, custom_translation_table
 
     inputs, outputs = io_names(spec)
     table = custom_translation_table(flavour) if flavour is not None else None

@@ -11,10 +11,13 @@ from typing import Any
 import torch
 
 from . import artifact as art
+from .backends.kernel_pack import verify_kernel_pack
 from .errors import ParityError
 from .model import build_module, is_prequantized
+from .parallel_artifact import ParallelEngine
 from .parity import check_parity, check_sampling_parity
 from .quant import QuantizedSource
+from .quant_parity import check_engine_parity, compare_to_unquantized, dequantized_reference
 from .references import artifact_quant_config, eager_for, source_for
 from .runner import open_engine, sampling_pair
 from .spec import ModelSpec
@@ -55,7 +58,6 @@ def verify_quantized(artifact: art.Artifact, spec: ModelSpec, source, qcfg, thre
     same dequantized weights; reported, the quantized model against the unquantized one (not for an AWQ /
     GPTQ checkpoint: its unquantized weights are not here). The report is check_parity's (it gates and
     prints like any build's) with `quantization` holding the second comparison."""
-    from .quant_parity import check_engine_parity, compare_to_unquantized, dequantized_reference
 
     engine = open_engine(artifact, threads)
     qsource = source if is_prequantized(source) else QuantizedSource(source, spec, qcfg)
@@ -82,7 +84,6 @@ def verify_quantized(artifact: art.Artifact, spec: ModelSpec, source, qcfg, thre
 def verify_pack(folder: Path, manifest: dict[str, Any], progress: Progress = lambda s: None,
                 threads: int | None = None) -> dict[str, Any]:
     """A kernel-pack artifact: the pack's own checks (kernel_pack.verify_kernel_pack) and its sampling graph."""
-    from .backends.kernel_pack import verify_kernel_pack
 
     report = verify_kernel_pack(folder, manifest, progress)
     return with_sampling_check(report, sampling_pair(art.staged_artifact(folder, manifest), threads))
@@ -92,7 +93,6 @@ def verify_parallel(artifact: art.Artifact, eager: torch.nn.Module, threads: int
                     progress: Progress = lambda s: None) -> dict[str, Any]:
     """The parts as N gloo processes against the unsharded eager model (parity.check_parity's gate, its
     prompts and its 32 greedy steps), and the sampling graph against torch."""
-    from .parallel_artifact import ParallelEngine
 
     m = artifact.manifest
     progress(f"  starting {m['parallel']['world']} rank processes (gloo)")

@@ -15,6 +15,9 @@ from torch.export import ExportedProgram
 
 from qwen3export.spec import ModelSpec
 
+from .onnx_ops import bake_weight_layouts, custom_translation_table
+from .onnx_quant import OPSET as QUANT_OPSET, bake_quantized_weights, quant_translation_table
+
 OPSET = 18
 PROTOBUF_LIMIT = 2 * 1024**3  # a single ONNX protobuf cannot exceed 2 GB: larger models use external data
 DECODER_FILE = "decoder.onnx"
@@ -78,8 +81,6 @@ def emit_decoder(ep: ExportedProgram, spec: ModelSpec, folder: Path, flavour: st
     program; None exports an unlowered one (a custom op left in it fails the export). `quantized`: the
     program holds the quantized ops (graphs/quantized.py), translated by backends/onnx_quant.py at its
     opset 21, their weight layouts baked into stored initializers."""
-    from .onnx_ops import bake_weight_layouts, custom_translation_table
-    from .onnx_quant import OPSET as QUANT_OPSET, bake_quantized_weights, quant_translation_table
 
     if quantized and flavour is None:
         raise ValueError("a quantized decoder needs an ONNX op flavour (ort | standard) for its quantized ops")

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from qwen3export.artifact import MANIFEST, check_relative_path, read_json
 from qwen3export.errors import ArtifactError, TargetError
 
 SETTINGS_FILE = "tensorrt/build.json"
@@ -88,7 +89,6 @@ def settings_paths_checked(folder: Path) -> dict[str, Any]:
     """tensorrt/build.json, with the files it names kept inside the artifact: the ONNX it parses must be a listed
     file, and the plan and timing cache it writes are plain relative paths under tensorrt/ (a resealed manifest
     could otherwise point `finish` at any file on the machine)."""
-    from qwen3export.artifact import MANIFEST, check_relative_path, read_json
 
     fix = "rebuild the artifact"
     s = read_json(folder / SETTINGS_FILE, "TensorRT build settings", fix)
