@@ -87,7 +87,7 @@ def modelled_attention(model: str, lengths: list[int]) -> dict:
     """Per GPU target: attention_decode us per layer and per token (all layers) at each cache length, with the
     target's tuned config for that bucket; `modelled` (cost model + the cubin's real resources)."""
     from qwen3export.autotune.cost_model import modelled_seconds
-    from qwen3export.autotune.tables import config_for
+    from qwen3export.autotune.tables import table_config
     from qwen3export.autotune.workloads import workload
     from qwen3export.spec import preset
     from qwen3export.targets import gpu_targets
@@ -99,7 +99,7 @@ def modelled_attention(model: str, lengths: list[int]) -> dict:
         rows = []
         for length in lengths:
             shape = fixed | {"B": 1, "L": length}
-            config, entry = config_for(target.name, "attention_decode", "bf16", shape)
+            config, entry = table_config(target.name, "attention_decode", "bf16", shape)
             est = modelled_seconds(target, "attention_decode", shape, config, "bf16")
             kv = 2 * spec.num_key_value_heads * spec.head_dim * 2 * length  # bf16 K and V of one layer
             rows.append({"cache_length": length, "config": config.label, "table_source": entry["source"],

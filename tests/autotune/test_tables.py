@@ -8,7 +8,7 @@ import json
 import pytest
 
 from qwen3export.autotune import search
-from qwen3export.autotune.tables import (SHIPPED_DIR, MissingTableError, config_for, config_from_params,
+from qwen3export.autotune.tables import (SHIPPED_DIR, MissingTableError, table_config, config_from_params,
                                          nearest_bucket, read_table, select_configs, table_entry, table_filename,
                                          write_table)
 from qwen3export.errors import ConfigError
@@ -56,14 +56,14 @@ def test_config_for_uses_the_nearest_bucket(tmp_path):
     other = search.kept_space("fused_moe", "sm_80")[0]
     write_table(tmp_path, a100, "fused_moe", "bf16", MOE_SHAPE,
                 {"M=1": table_entry(other, "modelled", 1, 1), "M=256": table_entry(MOE_DEFAULT, "measured", 2, 1)})
-    config, entry = config_for("a100", "fused_moe", "bf16", MOE_SHAPE | {"M": 200}, dirs=[tmp_path])
+    config, entry = table_config("a100", "fused_moe", "bf16", MOE_SHAPE | {"M": 200}, dirs=[tmp_path])
     assert config == MOE_DEFAULT and entry["source"] == "measured"
-    assert config_for("a100", "fused_moe", "bf16", MOE_SHAPE | {"M": 2}, dirs=[tmp_path])[0] == other
+    assert table_config("a100", "fused_moe", "bf16", MOE_SHAPE | {"M": 2}, dirs=[tmp_path])[0] == other
 
 
 def test_missing_table_fails_loudly_with_the_tune_command(tmp_path):
     with pytest.raises(MissingTableError) as err:
-        config_for("a100", "fused_moe", "fp32", MOE_SHAPE | {"M": 4}, dirs=[tmp_path])
+        table_config("a100", "fused_moe", "fp32", MOE_SHAPE | {"M": 4}, dirs=[tmp_path])
     msg = str(err.value)
     assert "a100/fused_moe,E=128,H=2048,I=768,K=8,dtype=fp32.json" in msg
     assert "qwen3export tune --target a100 --kernel fused_moe" in msg and "--dtype fp32" in msg
