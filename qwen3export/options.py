@@ -193,6 +193,16 @@ REFUSALS: tuple[Refusal, ...] = (
             TargetError),
     Refusal("a backend twice", lambda o, t: bool(_twice(o)),
             lambda o, t: f"--backend names {', '.join(_twice(o))} more than once; give each backend once"),
+    # --stream (before the backend rows: a streamed --tp build names the per-rank backend by default)
+    Refusal("--stream with --quant", lambda o, t: o.emit.stream and o.quant.mode != "none",
+            lambda o, t: f"--stream cannot go with --quant {o.quant.mode}: the quantized decoder has no weight-free "
+                         "streamed emission yet; drop --stream (quantized builds load the model in memory)"),
+    Refusal("--stream with --tp/--ep", lambda o, t: o.emit.stream and o.parallel.tp * o.parallel.ep > 1,
+            lambda o, t: "--stream cannot go with --tp/--ep: a parallel build already writes one rank's shard at a "
+                         "time; drop --stream"),
+    Refusal("--stream with a backend other than onnx", lambda o, t: o.emit.stream and o.backends != ("onnx",),
+            lambda o, t: f"--stream emits the onnx backend only (its external data is what streams), not "
+                         f"{','.join(o.backends)}; pass --backend onnx or drop --stream", TargetError),
     Refusal("torch-export without --tp/--ep", lambda o, t: not _sharded(o) and PARALLEL_BACKEND in o.backends,
             lambda o, t: f"--backend {PARALLEL_BACKEND} is the per-rank program of --tp/--ep builds; pass --tp N "
                          "or choose another backend", TargetError),
@@ -211,16 +221,6 @@ REFUSALS: tuple[Refusal, ...] = (
             and o.quant.mode != "int4",
             lambda o, t: f"--group-size applies to --quant int4 only (int8 and fp8 scale per output channel), not "
                          f"--quant {o.quant.mode}; drop --group-size"),
-    # --stream
-    Refusal("--stream with --quant", lambda o, t: o.emit.stream and o.quant.mode != "none",
-            lambda o, t: f"--stream cannot go with --quant {o.quant.mode}: the quantized decoder has no weight-free "
-                         "streamed emission yet; drop --stream (quantized builds load the model in memory)"),
-    Refusal("--stream with --tp/--ep", lambda o, t: o.emit.stream and o.parallel.tp * o.parallel.ep > 1,
-            lambda o, t: "--stream cannot go with --tp/--ep: a parallel build already writes one rank's shard at a "
-                         "time; drop --stream"),
-    Refusal("--stream with a backend other than onnx", lambda o, t: o.emit.stream and o.backends != ("onnx",),
-            lambda o, t: f"--stream emits the onnx backend only (its external data is what streams), not "
-                         f"{','.join(o.backends)}; pass --backend onnx or drop --stream", TargetError),
     # --tp / --ep
     Refusal("--tp/--ep with another backend", lambda o, t: _parallel_backend(o) is not None,
             lambda o, t: f"--tp/--ep builds emit one torch.export program per rank (--backend {PARALLEL_BACKEND}), "
