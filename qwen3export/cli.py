@@ -112,6 +112,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     opts = BuildOptions.of(model=args.model, target=args.target, dtype=args.dtype, seed=args.seed,
                            weight_stats=args.weight_stats, overrides=overrides,
                            quant=args.quant, group_size=args.group_size, quantize_lm_head=args.quantize_lm_head,
+                           int4_accuracy=args.int4_accuracy,
                            tp=args.tp, ep=args.ep, max_batch=args.max_batch, max_seq=args.max_seq,
                            backends=tuple(b.strip() for b in backend.split(",") if b.strip()), out=args.out,
                            artifact=args.artifact, force=args.force, sign=Path(args.sign) if args.sign else None,
@@ -204,6 +205,50 @@ def _chat_prompt(artifact, text: str, enable_thinking: bool) -> list[int]:
     return tokenizer.encode(rendered, add_special_tokens=False).ids
 
 
+class CallTimer:
+    """A decoder or sampler with each call's wall-clock span recorded, in call order, its other attributes passed
+    through: `run --json` times the run it makes around the calls, inside no engine. Calls are the object's own
+    (a generation.Step, a sampler) and its `prefill` / `decode` methods (a generation.SlotDecoder)."""
+
+    TIMED_METHODS = ("prefill", "decode")
+
+    def __init__(self, fn):
+        self.fn, self.spans = fn, []
+
+    def _timed(self, fn, *args, **kwargs):
+        from time import perf_counter
+
+        t0 = perf_counter()
+        out = fn(*args, **kwargs)
+        self.spans.append((t0, perf_counter()))
+        return out
+
+    def __call__(self, *args, **kwargs):
+        return self._timed(self.fn, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        attr = getattr(self.fn, name)
+        if name in self.TIMED_METHODS and callable(attr):
+            return lambda *args, **kwargs: self._timed(attr, *args, **kwargs)
+        return attr
+
+
+def run_timing(step: CallTimer, sampler: CallTimer, end: float) -> dict[str, Any]:
+    """`run --json`'s timing of a generation whose decoder steps and sampler calls were timed, ended at `end`
+    (perf_counter): prefill = the first decoder call (the prompt); decode = from the first token (prefill and its
+    sampling) to the last, N - 1 tokens each through a decoder step and the sampling graph, as the user waits."""
+    n = len(sampler.spans)
+    first_token = sampler.spans[0][1]
+    decode_s = end - first_token
+    steps = [b - a for a, b in step.spans[1:]]
+    return {"prefill_ms": round((step.spans[0][1] - step.spans[0][0]) * 1e3, 3),
+            "time_to_first_token_ms": round((first_token - step.spans[0][0]) * 1e3, 3),
+            "new_tokens": n, "decode_s": round(decode_s, 6),
+            "decode_tokens_per_s": round((n - 1) / decode_s, 3) if n > 1 else None,
+            "decoder_step_ms": round(sum(steps) / len(steps) * 1e3, 3) if steps else None,
+            "sampling_ms_per_token": round(sum(b - a for a, b in sampler.spans) / n * 1e3, 3)}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -246,11 +291,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                          "shorten one of them or rebuild with a larger --max-seq")
     graph, session = sampling_pair(artifact, args.threads, engine)
     stop = () if args.no_stop else engine.spec.eos_token_ids
-    new, state = sample_generate(engine, engine.empty_cache(1), session, ids, params.to_tensors(1),
-                                 initial_state([ids], graph.vocab), args.max_new_tokens,
-                                 np.random.default_rng(args.seed), stop)
+    empty, state0, rng = engine.empty_cache(1), initial_state([ids], graph.vocab), np.random.default_rng(args.seed)
+    step, sampler = CallTimer(engine), CallTimer(session)
+    new, state = sample_generate(step, empty, sampler, ids, params.to_tensors(1), state0, args.max_new_tokens, rng,
+                                 stop)
+    from time import perf_counter
+
+    timing = run_timing(step, sampler, perf_counter())
     payload: dict[str, Any] = {"tokens": new, "thinking_tokens": int(state["think_spent"][0]),
-                               "params": params.__dict__}
+                               "params": params.__dict__, "timing": timing}
     text = " ".join(map(str, new))
     if "tokenizer.json" in artifact.manifest["sampling"].get("tokenizer_files", []):
         from .chat import load_tokenizer
@@ -504,7 +553,13 @@ def make_parser(tune: bool = True) -> argparse.ArgumentParser:
                         "activations (sm_89+); default none")
     b.add_argument("--group-size", type=int_in(1, INT32_MAX),
                    help="--quant int4 group size along the input dimension (default 128)")
-    b.add_argument("--quantize-lm-head", action="store_true", help="quantize the lm_head as well (default: keep it)")
+    b.add_argument("--quantize-lm-head", action=argparse.BooleanOptionalAction, default=None,
+                   help="quantize the lm_head as well (default: yes for --quant int4, as ONNX Runtime GenAI does; no "
+                        "for int8 / fp8); --no-quantize-lm-head keeps it fp32")
+    b.add_argument("--int4-accuracy", type=int, choices=(0, 4), default=None,
+                   help="--quant int4: MatMulNBits accuracy level, 4 = activations quantized to int8 per block inside "
+                        "the op (fast CPU path; the parity gate emulates it), 0 = fp32 activations (default: 4 for "
+                        "target cpu, 0 for GPU targets, whose CUDA MatMulNBits ignores it)")
     b.add_argument("--tp", type=int_in(1, 1024), default=1,
                    help="tensor-parallel degree: one engine part per rank (default 1)")
     b.add_argument("--ep", type=int_in(1, 1024), default=1, help="expert-parallel degree (MoE models; default 1)")

@@ -104,6 +104,44 @@ def test_tiny_build_runs_like_transformers(tiny_build, tmp_path, capsys):
     assert json.loads(out)["tokens"] == hf_generate(folder, [5, 6, 7], 20)
 
 
+@pytest.mark.parametrize("sampler_delay_s", [0.0, 0.005])
+def test_run_json_timing(tiny_build, sampler_delay_s, monkeypatch, capsys):
+    """`run --json` times the run it made: prefill, decode tok/s as the user waits (decoder step + sampling graph
+    per token) and the sampling graph's share; a sampler made slower by a known delay shows it there."""
+    import time
+
+    from qwen3export.graphs.sampling import SamplingSession
+
+    call = SamplingSession.__call__
+
+    def slow_call(self, *inputs):
+        time.sleep(sampler_delay_s)
+        return call(self, *inputs)
+
+    monkeypatch.setattr(SamplingSession, "__call__", slow_call)
+    n = 12
+    t0 = time.perf_counter()
+    code, out, _ = cli(capsys, "run", tiny_build, "--prompt-ids", "5,6,7,8", "--max-new-tokens", n, "--greedy",
+                       "--no-stop", "--json")
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    assert code == 0
+    result = json.loads(out)
+    t = result["timing"]
+    assert len(result["tokens"]) == t["new_tokens"] == n
+    assert {"prefill_ms", "decode_tokens_per_s", "sampling_ms_per_token"} <= set(t)
+    assert all(t[k] > 0 for k in ("prefill_ms", "decode_tokens_per_s", "sampling_ms_per_token", "decoder_step_ms",
+                                  "decode_s", "time_to_first_token_ms"))
+    assert t["decode_tokens_per_s"] == pytest.approx((n - 1) / t["decode_s"], rel=1e-3)
+    # the parts fit inside the whole: prefill + first sampling <= first token; decode spans the other n - 1
+    # decoder steps and their sampling; everything inside the wall time of the command
+    assert t["prefill_ms"] <= t["time_to_first_token_ms"]
+    assert (n - 1) * t["decoder_step_ms"] + (n - 1) * t["sampling_ms_per_token"] <= t["decode_s"] * 1e3 * 1.01 + \
+        t["sampling_ms_per_token"]
+    assert t["time_to_first_token_ms"] + t["decode_s"] * 1e3 <= wall_ms
+    assert t["sampling_ms_per_token"] >= sampler_delay_s * 1e3
+
+
+
 def test_build_from_transformers_moe_checkpoint(hf_moe_folder, tmp_path, capsys):
     out_dir = tmp_path / "moe-art"
     code, out, err = cli(capsys, "build", "--model", hf_moe_folder, "--target", "cpu", "--artifact", out_dir, "--json")
