@@ -16,6 +16,7 @@ from .backends import aoti, onnx as onnx_backend, tensorrt as trt_backend
 from .backends.kernel_pack import emit_kernel_pack, tuned_kernels_record
 from .errors import TargetError
 from .lowering import lower_program, lowering_record, unlowered_record
+from .manifest import Manifest, QuantizationRecord, VariantFields
 from .model import build_module, is_prequantized
 from .options import BuildPlan, Output
 from .quant import QuantizedSource, build_quantized
@@ -32,7 +33,7 @@ def load_decoder(spec: ModelSpec, source, qcfg) -> torch.nn.Module:
     return build_quantized(spec, qsource, qcfg, torch.float32)
 
 
-def quantization_record(module, spec: ModelSpec) -> dict[str, Any]:
+def quantization_record(module, spec: ModelSpec) -> QuantizationRecord:
     """The manifest's `quantization`: mode, group size, lm_head, scheme (rtn / awq / gptq), what was replaced,
     and the bytes of weights the engine stores: quantized tensors (codes, scales, zero points) plus the fp32
     tensors left (embedding, norms, routers, an unquantized lm_head; a tied one once), beside the fp32 model's."""
@@ -41,19 +42,20 @@ def quantization_record(module, spec: ModelSpec) -> dict[str, Any]:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             fp += t.numel() * t.element_size()
-    rec = dict(module.quantization)
+    rec = QuantizationRecord(**module.quantization)
     rec.update({"weight_bytes": rec["quantized_bytes"] + fp, "fp_weight_bytes": fp,
                 "fp32_model_bytes": 4 * spec.param_count()})
     return rec
 
 
 def emit_engine(backend: str, ep, sampling_ep, spec: ModelSpec, folder: Path, plan: BuildPlan,
-                flavour: str | None = None, quantization: dict[str, Any] | None = None) -> dict[str, Any]:
+                flavour: str | None = None, quantization: QuantizationRecord | None = None) -> dict[str, Any]:
     quantized = quantization is not None
+    level = quantization.get("accuracy_level", 0) if quantized else 0  # MatMulNBits' (QuantConfig.accuracy_level)
     if backend == "onnx":
-        return onnx_backend.emit_decoder(ep, spec, folder, flavour=flavour, quantized=quantized)
+        return onnx_backend.emit_decoder(ep, spec, folder, flavour=flavour, quantized=quantized, accuracy_level=level)
     if backend == "tensorrt":
-        entry = onnx_backend.emit_decoder(ep, spec, folder, flavour=flavour, quantized=quantized)
+        entry = onnx_backend.emit_decoder(ep, spec, folder, flavour=flavour, quantized=quantized, accuracy_level=level)
         trt_backend.write_settings(folder, trt_backend.settings(spec, plan.target, plan.dtype,
                                                                 plan.serving["max_batch"], plan.serving["max_seq"]))
         missing = trt_backend.missing_requirements()
@@ -106,24 +108,24 @@ class InMemorySteps:
         # GPU targets: the tuned kernel configs (measured / measured-public / modelled / default)
         self.kernels = tuned_kernels_record(spec, plan.target, plan.dtype, self.quantization)
 
-    def manifest_fields(self, output: Output) -> dict[str, Any]:
+    def manifest_fields(self, output: Output) -> VariantFields:
         record = dict(self.lowering) if output.onnx_flavour else unlowered_record(output.backend, self.plan.lower)
         record["onnx_ops"] = output.onnx_flavour
-        fields = {"dtype": "fp32" if output.backend == "kernels" else self.engine_dtype, "lowering": record}
+        fields = VariantFields(dtype="fp32" if output.backend == "kernels" else self.engine_dtype, lowering=record)
         if self.kernels is not None:
             fields["kernels"] = self.kernels
         if self.quantization is not None:
             fields["quantization"] = self.quantization
         return fields
 
-    def emit(self, stages: Stages, output: Output, folder: Path, manifest: dict[str, Any], sampling_ep) -> None:
+    def emit(self, stages: Stages, output: Output, folder: Path, manifest: Manifest, sampling_ep) -> None:
         program = self.lowered if output.onnx_flavour else self.program
         flavour = output.onnx_flavour
         what = f"{output.backend} engine{f' ({flavour} ONNX ops)' if flavour else ''} -> {output.folder}"
         manifest["engine"] = stages.run("emit", what, lambda: emit_engine(
             output.backend, program, sampling_ep, self.plan.spec, folder, self.plan, flavour, self.quantization))
 
-    def verify(self, stages: Stages, output: Output, folder: Path, manifest: dict[str, Any],
+    def verify(self, stages: Stages, output: Output, folder: Path, manifest: Manifest,
                progress: Progress) -> dict[str, Any]:
         plan = self.plan
         if output.backend == "kernels":

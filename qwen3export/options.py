@@ -24,7 +24,7 @@ from .memory_plan import (PlanOptions, available_memory_bytes, check_parallelism
                           serving_limits)
 from .model import is_prequantized, resolve
 from .quant import check_quantizable
-from .quant_format import QuantConfig
+from .quant_format import ACCURACY_LEVELS, QuantConfig
 from .synthetic_weights import DEFAULT_WEIGHT_STATS
 
 DEFAULT_SEED = 0
@@ -37,7 +37,13 @@ VARIANTS = ("in-memory", "streamed", "sharded")
 class QuantOptions:
     mode: str = "none"  # none | int8 | int4 | fp8 (quant.py)
     group_size: int | None = None  # int4 only; None: DEFAULT_GROUP_SIZE
-    quantize_lm_head: bool = False  # quantize the lm_head too (the embedding and norms never are)
+    # quantize the lm_head too (the embedding and norms never are); None: yes for int4 (as ONNX Runtime GenAI's CPU
+    # int4 does), no for int8 / fp8. What it costs, measured (benchmarks/quant_quality.py --lm-head-both, trained
+    # statistics, fp32 reference, 2 prompts x 32 tokens): see LM_HEAD_COST below.
+    quantize_lm_head: bool | None = None
+    # MatMulNBits accuracy_level of the int4 linears (quant_format.ACCURACY_LEVELS); None: per target
+    # (default_accuracy_level)
+    int4_accuracy: int | None = None
 
 
 @dataclass(frozen=True)
@@ -81,11 +87,12 @@ class BuildOptions:
 
     @classmethod
     def of(cls, **flags: Any) -> "BuildOptions":
-        """From the CLI's flat flag names (quant, group_size, quantize_lm_head, tp, ep, max_batch, max_seq,
-        backends, out, artifact, force, sign, onnx_ops, lower, dump_ir, stream, verify, and the top-level
+        """From the CLI's flat flag names (quant, group_size, quantize_lm_head, int4_accuracy, tp, ep, max_batch,
+        max_seq, backends, out, artifact, force, sign, onnx_ops, lower, dump_ir, stream, verify, and the top-level
         fields); a name that is neither is a TypeError, as for any constructor."""
         groups: dict[str, dict[str, Any]] = {"quant": {}, "parallel": {}, "serving": {}, "emit": {}}
-        names = {"quant": {"quant": "mode", "group_size": "group_size", "quantize_lm_head": "quantize_lm_head"},
+        names = {"quant": {"quant": "mode", "group_size": "group_size", "quantize_lm_head": "quantize_lm_head",
+                           "int4_accuracy": "int4_accuracy"},
                  "parallel": {"tp": "tp", "ep": "ep"}, "serving": {"max_batch": "max_batch", "max_seq": "max_seq"},
                  "emit": {k: k for k in EmitOptions.__dataclass_fields__}}
         top = {}
@@ -258,6 +265,19 @@ REFUSALS: tuple[Refusal, ...] = (
             lambda o, t: "--quantize-lm-head needs --quant int8, int4 or fp8"),
     Refusal("an unknown --quant", lambda o, t: o.quant.mode not in ("none", "int8", "int4", "fp8"),
             lambda o, t: f"unknown --quant {o.quant.mode!r}; choose one of none, int8, int4, fp8"),
+    Refusal("an unknown --int4-accuracy", lambda o, t: o.quant.int4_accuracy not in (None, *ACCURACY_LEVELS),
+            lambda o, t: f"unknown --int4-accuracy {o.quant.int4_accuracy!r}; choose one of "
+                         f"{', '.join(map(str, ACCURACY_LEVELS))} (MatMulNBits accuracy_level: 0 fp32 activations, "
+                         "4 int8 activations)"),
+    Refusal("--int4-accuracy without --quant int4", lambda o, t: o.quant.int4_accuracy is not None
+            and o.quant.mode != "int4",
+            lambda o, t: f"--int4-accuracy sets MatMulNBits' accuracy level of --quant int4 engines, not --quant "
+                         f"{o.quant.mode}; drop --int4-accuracy"),
+    Refusal("--int4-accuracy 4 on a GPU target", lambda o, t: o.quant.int4_accuracy == 4 and t.kind != "cpu",
+            lambda o, t: f"--int4-accuracy 4 is ONNX Runtime's CPU int8-activation path; on {t.name} the CUDA "
+                         "MatMulNBits ignores accuracy_level (and TensorRT / the kernel pack keep fp activations), "
+                         "so the engine would not compute what its parity gate checked; drop --int4-accuracy "
+                         "(GPU targets build at 0) or use --target cpu", TargetError),
     Refusal("--quant fp8 before sm_89", lambda o, t: o.quant.mode == "fp8" and t.kind == "gpu"
             and "fp8" not in t.dtypes,
             lambda o, t: f"target {t.name} ({t.arch}) cannot run --quant fp8: fp8 e4m3 needs sm_89 or newer; use "
@@ -313,6 +333,17 @@ MODEL_REFUSALS: tuple[ModelRefusal, ...] = (
                  lambda o, t, s, src: _prequantized(src) is not None and o.quant.quantize_lm_head
                  and not _prequantized(src).quantize_lm_head,
                  lambda o, t, s, src: f"{s.name}'s lm_head is not quantized in the checkpoint; drop --quantize-lm-head"),
+    ModelRefusal("--int4-accuracy 4 on a pre-quantized checkpoint",
+                 lambda o, t, s, src: _prequantized(src) is not None and o.quant.int4_accuracy == 4,
+                 lambda o, t, s, src: f"{s.name} is a pre-quantized ({_prequantized(src).scheme}) checkpoint, built "
+                                      "at MatMulNBits accuracy level 0 (its parity reference has no int8-activation "
+                                      "emulation yet); drop --int4-accuracy"),
+    ModelRefusal("--int4-accuracy 4 with --onnx-ops standard on a MoE model",
+                 lambda o, t, s, src: o.quant.int4_accuracy == 4 and o.emit.onnx_ops == "standard"
+                 and bool(s.moe_layers),
+                 lambda o, t, s, src: f"--int4-accuracy 4 with --onnx-ops standard: {s.name}'s experts are "
+                                      "dequantized there and run fp32 activations while its linears would run int8 "
+                                      "ones; use --onnx-ops ort (QMoE at level 4) or --int4-accuracy 0"),
     ModelRefusal("a pre-quantized checkpoint with aoti",
                  lambda o, t, s, src: _prequantized(src) is not None and "aoti" in o.backends,
                  lambda o, t, s, src: "--backend aoti cannot take a quantized model (its qwen3export:: quantized ops "
@@ -386,6 +417,31 @@ def onnx_flavour(backend: str, target, requested: str | None) -> str | None:
     return requested or ("ort" if target.kind == "cpu" else "standard")
 
 
+# What quantizing the lm_head costs with int4 g128 RTN at accuracy level 4, measured with
+# `benchmarks/quant_quality.py --lm-head-both` (trained statistics, the fp32 eager model as reference, the parity
+# prompts, 32 greedy tokens): LM_HEAD_COST_MEASURED. The peer (ONNX Runtime GenAI) quantizes it by default; decode
+# reads V x H weights per token for it (a third of Qwen3-0.6B's bytes in fp32), so int4 is the default, and
+# --no-quantize-lm-head keeps it fp32.
+def quantize_lm_head(quant: QuantOptions) -> bool:
+    """--quantize-lm-head / --no-quantize-lm-head as given, else int4's default (yes) and int8 / fp8's (no)."""
+    return quant.mode == "int4" if quant.quantize_lm_head is None else quant.quantize_lm_head
+
+
+def accuracy_level(quant: QuantOptions, target, onnx_ops: str | None = None) -> int:
+    """MatMulNBits / QMoE accuracy_level of an int4 build: --int4-accuracy as given, else 4 on CPU targets with
+    the ort flavour (int8 activations per block: the peer's CPU int4, 2.3x its level-0 decode as
+    onnxruntime/mobius#402 measured, QMoE 5x here; the gate emulates it, quant_parity.py) and 0 otherwise: GPU
+    targets, whose CUDA MatMulNBits reads only K, N, bits and block_size (onnxruntime
+    contrib_ops/cuda/quantization/matmul_nbits.h), so 4 would record an arithmetic the GPU does not run; and
+    --onnx-ops standard, whose dequantized experts keep fp32 activations while ORT's DequantizeLinear + MatMul
+    fusion would quantize the linears' (asked for explicitly, a dense model takes 4 there). int8 / fp8: 0."""
+    if quant.mode != "int4":
+        return 0
+    if quant.int4_accuracy is not None:
+        return quant.int4_accuracy
+    return 4 if target.kind == "cpu" and (onnx_ops or "ort") == "ort" else 0
+
+
 def artifact_name(spec, target: str, backend: str) -> str:
     return f"{spec.name.lower()}-{target}-{backend}"
 
@@ -405,14 +461,16 @@ def plan_build(options: BuildOptions) -> BuildPlan:
     target = get_target(options.target)
     check_refusals(options, target)
     group_size = options.quant.group_size or DEFAULT_GROUP_SIZE
+    quant_args = dict(mode=options.quant.mode, group_size=group_size, quantize_lm_head=quantize_lm_head(options.quant),
+                      accuracy_level=accuracy_level(options.quant, target, options.emit.onnx_ops))
     if options.quant.mode != "none":
-        QuantConfig(options.quant.mode, group_size, options.quant.quantize_lm_head)  # the group-size rule
+        QuantConfig(**quant_args)  # the group-size rule
 
     spec, source, ref = resolve(options.model, options.seed, weight_stats=options.weight_stats, **options.overrides)
     check_model_refusals(options, target, spec, source)
     qcfg = _prequantized(source)
     if qcfg is None and options.quant.mode != "none":
-        qcfg = QuantConfig(options.quant.mode, group_size, options.quant.quantize_lm_head)
+        qcfg = QuantConfig(**quant_args)
         check_quantizable(spec, qcfg)
     tp, ep = options.parallel.tp, options.parallel.ep
     if options.variant == "sharded":

@@ -202,6 +202,55 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch
     return ((qw.codes().float() - zeros) * scales).to(dtype)
 
 
+MATMUL_NBITS_MAX_BLOCK = 256  # blocks above this gain nothing; MLAS's CPU kernels take 16..256 (2^k)
+# MatMulNBits accuracy levels this project builds and verifies (ContribOperators.md, MatMulNBits): 0 = A kept in
+# its own dtype (fp32 here), 4 = A quantized to int8 per block inside the op (MLAS CompInt8; emulated in the
+# parity reference by quantize_activation_int8_blocks). 1..3 (fp32 / fp16 / bf16 compute) are not offered.
+ACCURACY_LEVELS = (0, 4)
+
+
+def nbits_block(group_size: int, k: int, n_groups: int) -> int:
+    """MatMulNBits' / QMoE's block_size for a weight of `n_groups` groups over K: its group size when that is a
+    power of two in 16..256, else the largest power of two <= 256 dividing it (an int8 per-channel weight with
+    K = 3072 -> 256), the group's scale (and zero point) repeated over its blocks, which dequantizes to the same
+    values. A single group (int8 per channel, or K <= group size) takes any block, the last one partial: the
+    largest power of two in 16..256 not above K when its group size has none (K = 72 per channel -> 64).
+    At accuracy level 4 this is also the block over which MatMulNBits quantizes its input A."""
+    block = min(group_size & -group_size, MATMUL_NBITS_MAX_BLOCK)
+    if block < 16 and n_groups == 1:
+        block = min(MATMUL_NBITS_MAX_BLOCK, max(16, 1 << (k.bit_length() - 1)))
+    if block < 16:
+        raise InputError(f"MatMulNBits / QMoE need blocks of >= 16 (a power of two); group size {group_size} has "
+                         "none")
+    return block
+
+
+def qmoe_block(weights: list[tuple[int, int, int]]) -> int:
+    """One QMoE block_size for weights given as (group size, K, groups): nbits_block of the most constraining
+    one. A weight of several groups needs blocks inside its groups (a power of two dividing the group); one of a
+    single group takes any block, so it only constrains when no weight has several."""
+    several = [nbits_block(g, k, n) for g, k, n in weights if n > 1]
+    return min(several) if several else min(nbits_block(g, k, n) for g, k, n in weights)
+
+
+def quantize_activation_int8_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """What MatMulNBits at accuracy level 4 does to its input A on CPU, dequantized back: x [..., K] in blocks of
+    `block` along K (the op's block_size; the last one partial), per block scale = amax / 127 and codes
+    round-half-even(x * (127 / amax)) in int8 (0 for an all-zero block), returned as codes * scale in x's dtype.
+    Read from ONNX Runtime's MLAS, QuantizeARow_CompInt8_avx512 / _avx2 (sqnbitgemm_kernel_avx512.cpp, avx2.cpp):
+    `scale = maxScalar / 127.f`, `inverse_scale = 127.f / maxScalar`, `_mm512_roundscale_ps(v * inverse_scale,
+    _MM_ROUND_NEAREST)`; the kernel then sums integer products per block times both scales (and the zero-point
+    term as scale * sum(codes)), which is x_deq @ W_deq^T up to fp32 summation order. All in fp32 as MLAS does."""
+    k = x.shape[-1]
+    n_blocks = -(-k // block)
+    xf = torch.nn.functional.pad(x.float(), (0, n_blocks * block - k)).unflatten(-1, (n_blocks, block))
+    amax = xf.abs().amax(-1, keepdim=True)  # [..., blocks, 1]
+    scale = amax / 127.0
+    inverse = torch.where(amax != 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    codes = torch.round(xf * inverse)  # half to even, |codes| <= 127
+    return (codes * scale).flatten(-2)[..., :k].to(x.dtype)
+
+
 def quantize_activation_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token fp8: x [..., K] -> (float8_e4m3fn [..., K], fp32 scale [..., 1]), x ≈ codes * scale.
     A zero row gets scale 1 (its codes are zeros). kernels/fp8_matmul.py computes the same in its kernel."""
@@ -242,6 +291,9 @@ class QuantConfig:
     quantize_lm_head: bool = False
     scale_dtype: torch.dtype = torch.float16
     scheme: str = "rtn"  # how the weights were quantized: "rtn" (here, from the checkpoint) | "awq" | "gptq"
+    # MatMulNBits accuracy_level of the int4 linears (ACCURACY_LEVELS): 4 quantizes their activations to int8 per
+    # block inside the op (CPU's fast path), 0 keeps them fp32. int8 / fp8 builds keep 0.
+    accuracy_level: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in QUANT_MODES:
@@ -251,12 +303,15 @@ class QuantConfig:
         # a pre-quantized checkpoint may be per channel (group_size -1 in its quantization_config)
         if self.mode == "int4" and not (self.scheme != "rtn" and self.group_size == -1):
             check_group_size(self.group_size)
+        if self.accuracy_level not in ACCURACY_LEVELS or (self.accuracy_level and self.mode != "int4"):
+            raise InputError(f"MatMulNBits accuracy level {self.accuracy_level!r} for --quant {self.mode}: use "
+                             f"{' or '.join(map(str, ACCURACY_LEVELS))}, and 4 with --quant int4 only")
 
     def to_dict(self) -> dict:
         """The manifest's view (group size only where it means something: int4, or a checkpoint's own)."""
         group = self.group_size if self.mode == "int4" or self.scheme != "rtn" else None
         return {"mode": self.mode, "group_size": group, "quantize_lm_head": self.quantize_lm_head,
-                "scheme": self.scheme}
+                "scheme": self.scheme, "accuracy_level": self.accuracy_level}
         if self.scale_dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise InputError(f"quantization scales must be fp16, bf16 or fp32, got {self.scale_dtype}")
 

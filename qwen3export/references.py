@@ -17,7 +17,8 @@ def artifact_quant_config(artifact: art.Artifact):
 
     q = artifact.manifest["quantization"]
     return QuantConfig(q["mode"], q["group_size"] if q.get("group_size") is not None else 128,
-                       bool(q.get("quantize_lm_head")), scheme=q.get("scheme", "rtn"))
+                       bool(q.get("quantize_lm_head")), scheme=q.get("scheme", "rtn"),
+                       accuracy_level=q.get("accuracy_level", 0))
 
 
 def source_for(artifact: art.Artifact, model_override: str | None = None):

@@ -1,7 +1,9 @@
-"""Runner: loads an artifact's ONNX decoder into ONNX Runtime and steps it (prefill, then decode).
+"""Runner: loads an artifact's decoder into ONNX Runtime (or AOTInductor) and steps it.
 
-The engine step has the decoder's signature, so the generation loop (generation.py) drives eager
-PyTorch and engines alike.
+Two kinds of engine: `CacheEngine` (cache_engine.py; the ort flavour) owns its KV cache, one buffer per layer
+at the artifact's max batch x max sequence, updated in place, and steps slots: prefill(slots, prompts) /
+decode(slots, tokens). `OnnxEngine` (the standard flavour) and AOTInductor have the decoder's signature
+(ids, pos, mask, past) -> (logits, present) like eager PyTorch. The generation loop (generation.py) drives both.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import numpy as np
 import torch
 
 from .artifact import Artifact
+from .cache_engine import SEQLENS, CacheEngine
 from .errors import ArtifactError
+from .memory_plan import DEFAULT_SERVING_SEQ
 from .spec import ModelSpec
 
 
@@ -44,34 +48,46 @@ def _nvidia_driver() -> bool:
     return True
 
 
+def onnx_session(artifact: Artifact, threads: int | None = None):
+    """ONNX Runtime session over the artifact's decoder.onnx -> (session, providers)."""
+    import onnxruntime as ort
+
+    m = artifact.manifest
+    path = artifact.onnx_file(m["engine"]["file"])
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    # ORT fuses DequantizeLinear(int4/int8) + MatMul (the standard flavour) into MatMulNBits, at accuracy
+    # level 4 (activations quantized to int8) unless told otherwise: use the artifact's recorded level (quantization
+    # accuracy_level) so the engine computes what the parity gate checked (onnxruntime_session_options_config_keys.h)
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level",
+                                  str((m.get("quantization") or {}).get("accuracy_level", 0)))
+    providers = available_providers(m["target"]["ort_providers"])
+    try:
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types for an unloadable model
+        raise ArtifactError(f"ONNX Runtime cannot load {path.name} ({str(e).splitlines()[0]}); rebuild the "
+                            "artifact") from None
+    return session, providers
+
+
+def _dtypes(artifact: Artifact):
+    np_dtype = {"fp32": np.float32, "fp16": np.float16}.get(artifact.manifest["dtype"], np.float32)
+    return np_dtype, torch.from_numpy(np.zeros(0, np_dtype)).dtype
+
+
 class OnnxEngine:
-    """An ONNX Runtime session over an artifact's decoder.onnx."""
+    """An ONNX Runtime session over a decoder.onnx whose cache grows by concatenation (the standard flavour):
+    a generation.Step, (ids, pos, mask, past) -> (logits, present), fed numpy arrays each step."""
 
-    def __init__(self, artifact: Artifact, threads: int | None = None):
-        import onnxruntime as ort
-
+    def __init__(self, artifact: Artifact, threads: int | None = None, session=None):
         m = artifact.manifest
         self.spec = ModelSpec.from_dict(m["model"]["spec"])
-        engine = m["engine"]
-        path = artifact.onnx_file(engine["file"])
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
-        # ORT fuses DequantizeLinear(int4/int8) + MatMul (the standard flavour) into MatMulNBits, at accuracy
-        # level 4 (activations quantized to int8) unless told otherwise: keep them fp so the engine computes
-        # what the parity gate checked (onnxruntime_session_options_config_keys.h)
-        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-        self.providers = available_providers(m["target"]["ort_providers"])
-        try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
-        except Exception as e:  # onnxruntime raises its own exception types for an unloadable model
-            raise ArtifactError(f"ONNX Runtime cannot load {path.name} ({str(e).splitlines()[0]}); rebuild the "
-                                "artifact") from None
-        self.inputs, self.outputs = engine["inputs"], engine["outputs"]
-        self.np_dtype = {"fp32": np.float32, "fp16": np.float16}.get(m["dtype"], np.float32)
-        self.torch_dtype = torch.from_numpy(np.zeros(0, self.np_dtype)).dtype
+        self.session, self.providers = session or onnx_session(artifact, threads)
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.np_dtype, self.torch_dtype = _dtypes(artifact)
 
     def empty_cache(self, batch: int) -> tuple:
         s = self.spec
@@ -94,7 +110,13 @@ class OnnxEngine:
 def open_engine(artifact: Artifact, threads: int | None = None):
     """The artifact's decoder as a step callable: ONNX Runtime session or AOTInductor package."""
     if artifact.backend in ("onnx", "tensorrt"):  # a tensorrt artifact carries its verified fp32 ONNX
-        return OnnxEngine(artifact, threads)
+        session = onnx_session(artifact, threads)
+        if any(i.name == SEQLENS for i in session[0].get_inputs()):  # the ort flavour: backends/onnx.py share_kv_buffer
+            serving = artifact.manifest.get("serving") or {}
+            return CacheEngine(ModelSpec.from_dict(artifact.manifest["model"]["spec"]), *session,
+                               serving.get("max_batch", 1), serving.get("max_seq", DEFAULT_SERVING_SEQ),
+                               _dtypes(artifact)[0])
+        return OnnxEngine(artifact, threads, session)
     if artifact.backend == "aoti":
         from .backends.aoti import AotiEngine
 

@@ -42,6 +42,11 @@ EXAMPLES: dict[str, tuple[dict, str]] = {
     "a dtype the target cannot run": ({"dtype": "bf16"}, "target cpu cannot run dtype bf16"),
     "--quantize-lm-head without --quant": ({"quantize_lm_head": True}, "--quantize-lm-head needs --quant"),
     "an unknown --quant": ({"quant": "int3"}, "unknown --quant 'int3'"),
+    "an unknown --int4-accuracy": ({"quant": "int4", "int4_accuracy": 2}, "unknown --int4-accuracy 2"),
+    "--int4-accuracy without --quant int4": ({"quant": "int8", "int4_accuracy": 4},
+                                             "not --quant int8; drop --int4-accuracy"),
+    "--int4-accuracy 4 on a GPU target": ({"target": "a100", "quant": "int4", "int4_accuracy": 4},
+                                          "CUDA MatMulNBits ignores accuracy_level"),
     "--quant fp8 before sm_89": ({"model": "tiny", "target": "a100", "quant": "fp8"}, "fp8 e4m3 needs sm_89"),
     "--quant with aoti": ({"backends": ("aoti",), "quant": "int8"}, "cannot take a quantized model"),
     "--dtype bf16 with onnx": ({"target": "a100", "dtype": "bf16"}, "--dtype bf16 cannot go with --backend onnx"),
@@ -54,6 +59,9 @@ EXAMPLES: dict[str, tuple[dict, str]] = {
 }
 MODEL_EXAMPLES: dict[str, tuple[dict, str]] = {
     "--quant fp8 on a MoE model": ({"model": "tiny-moe", "quant": "fp8"}, "--quant fp8 covers dense models only"),
+    "--int4-accuracy 4 with --onnx-ops standard on a MoE model": (
+        {"model": "tiny-moe", "quant": "int4", "int4_accuracy": 4, "onnx_ops": "standard"},
+        "use --onnx-ops ort (QMoE at level 4) or --int4-accuracy 0"),
 }
 
 
@@ -119,3 +127,23 @@ def test_a_plan_holds_what_the_stages_need(tmp_path, monkeypatch):
     streamed = plan_build(BuildOptions.of(model="tiny", stream=True))
     assert streamed.variant == "streamed" and streamed.outputs[0].folder == Path("dist/tiny-cpu-onnx")
     assert not Path("o").exists() and not Path("dist").exists()  # planning writes nothing
+
+
+@pytest.mark.parametrize("target, flags, want", [
+    ("cpu", {"quant": "int4"}, (4, True)),  # the CPU default: int8 activations, lm_head quantized (as the peer)
+    ("cpu", {"quant": "int4", "int4_accuracy": 0, "quantize_lm_head": False}, (0, False)),
+    ("cpu", {"quant": "int4", "onnx_ops": "standard"}, (0, True)),  # its dequantized experts run fp32
+    ("cpu", {"quant": "int4", "onnx_ops": "standard", "int4_accuracy": 4}, (4, True)),  # a dense model may ask
+    ("a100", {"quant": "int4"}, (0, True)),  # CUDA MatMulNBits ignores accuracy_level: GPU targets build at 0
+    ("a100", {"quant": "int4", "int4_accuracy": 0}, (0, True)),
+    ("cpu", {"quant": "int8"}, (0, False)),  # int8 / fp8 keep fp activations and an fp lm_head unless asked
+    ("cpu", {"quant": "int8", "quantize_lm_head": True}, (0, True)),
+])
+def test_int4_accuracy_and_lm_head_defaults(target, flags, want, tmp_path, monkeypatch):
+    """The accuracy level and lm_head decision the plan hands to the stages (QuantConfig), per target and flags,
+    and what the manifest's quantization section then records (QuantConfig.to_dict)."""
+    monkeypatch.chdir(tmp_path)
+    plan = plan_build(BuildOptions.of(model="tiny", target=target, **flags))
+    assert (plan.quant.accuracy_level, plan.quant.quantize_lm_head) == want
+    record = plan.quant.to_dict()
+    assert (record["accuracy_level"], record["quantize_lm_head"]) == want

@@ -247,3 +247,57 @@ def test_quantized_source_loads_dequantized_weights(mode):
     load_into(module, spec, source, torch.float32)
     up = module.model.layers[1].mlp.experts.gate_up_proj[3, spec.moe_intermediate_size:]
     torch.testing.assert_close(up, source.get(name))
+
+
+def _matmul_nbits_session(qw: QuantizedWeight, level: int):
+    """One ONNX Runtime MatMulNBits node (backends/onnx_quant.py matmul_nbits) at accuracy `level`, CPU, 1 thread."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from qwen3export.backends.onnx_quant import matmul_nbits
+
+    nodes, inits = matmul_nbits("x", "y", qw, "w", accuracy_level=level)
+    n, k = qw.shape
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(
+        "com.microsoft", 1)], ir_version=10)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.log_severity_level = 1, 3
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("k,group,m", [(256, 32, 1), (256, 128, 5), (200, 32, 3), (96, 128, 4)])
+def test_int8_activation_emulation_is_what_matmul_nbits_level_4_computes(k, group, m):
+    """quant_format.quantize_activation_int8_blocks against ONNX Runtime's MatMulNBits at accuracy level 4 (MLAS
+    CompInt8) on activations with an outlier channel (Qwen3's massive activations): the emulated product matches
+    the op to fp32 summation order, while fp32 activations (what level 0 computes) are two orders further off.
+    A partial last block (200 = 6 x 32 + 8; 96 < 128) is quantized over its real columns only."""
+    from qwen3export.quant_format import nbits_block, quantize_activation_int8_blocks
+
+    g = torch.Generator().manual_seed(k + m)
+    qw = quantize_weight(torch.randn(48, k, generator=g) / k ** 0.5, "int4", group, torch.float32)
+    x = torch.randn(m, k, generator=g)
+    x[:, 3] *= 40.0  # one massive channel: its block's other codes get coarse
+    w = dequantize(qw)
+    block = nbits_block(group, k, qw.n_groups)
+    got = torch.from_numpy(_matmul_nbits_session(qw, 4).run(None, {"x": x.numpy()})[0])
+    emulated = quantize_activation_int8_blocks(x, block) @ w.t()
+    fp32 = x @ w.t()
+    scale = fp32.abs().max()
+    assert (got - emulated).abs().max() / scale < 2e-6
+    assert (got - fp32).abs().max() / scale > 100 * (got - emulated).abs().max() / scale
+    level0 = torch.from_numpy(_matmul_nbits_session(qw, 0).run(None, {"x": x.numpy()})[0])
+    assert (level0 - fp32).abs().max() / scale < 2e-6
+
+
+def test_int8_activation_codes():
+    """Per block: scale amax / 127, codes round half to even of x * 127 / amax, an all-zero block stays zero."""
+    from qwen3export.quant_format import quantize_activation_int8_blocks
+
+    x = torch.tensor([[127.0, 0.5, 1.5, -2.5, 0.0, 0.0, 0.0, 0.0] * 2 + [0.0] * 16])  # 3 blocks of 16 (one zero)
+    y = quantize_activation_int8_blocks(x, 16)
+    assert torch.equal(y[0, :4], torch.tensor([127.0, 0.0, 2.0, -2.0]))  # 0.5 -> 0, 1.5 -> 2, -2.5 -> -2
+    assert torch.equal(y[0, 16:], torch.zeros(16))
+    q = quantize_activation_int8_blocks(torch.tensor([[1.0, 0.3]]), 16)  # one partial block: amax over 2 columns
+    assert torch.allclose(q, torch.tensor([[1.0, round(0.3 * 127) / 127]]))

@@ -1,6 +1,10 @@
 """ONNX backend: the captured decoder as one ONNX graph (prefill and decode over an explicit KV cache),
 run by ONNX Runtime. Inputs and outputs follow the common decoder convention (Optimum / onnxruntime-genai):
 input_ids, position_ids, attention_mask, past_key_values.{i}.key|value -> logits, present.{i}.key|value.
+
+The "ort" flavour's interface differs in its cache (share_kv_buffer): past and present are one buffer
+[B, Hkv, max_seq, D] that GroupQueryAttention updates in place, rows right-padded with their lengths in
+seqlens_k / total_sequence_length instead of attention_mask, and logits only at logits_index.
 """
 
 from __future__ import annotations
@@ -10,13 +14,15 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.export import ExportedProgram
 
+from qwen3export.cache_engine import LOGITS_INDEX, SEQLENS, TOTAL_LENGTH  # the shared-buffer interface's inputs
 from qwen3export.spec import ModelSpec
 
 from .onnx_ops import bake_weight_layouts, custom_translation_table
-from .onnx_quant import OPSET as QUANT_OPSET, bake_quantized_weights, quant_translation_table
+from .onnx_quant import OPSET as QUANT_OPSET, bake_quantized_weights, quant_translation_table, set_accuracy_level
 
 OPSET = 18
 PROTOBUF_LIMIT = 2 * 1024**3  # a single ONNX protobuf cannot exceed 2 GB: larger models use external data
@@ -24,34 +30,46 @@ DECODER_FILE = "decoder.onnx"
 
 # symbolic dimension names of the engine's interface
 BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+MAX_SEQ, KEPT = "max_sequence_length", "kept_positions"
+SHARED_BUFFER, CONCAT = "shared_buffer", "concat"  # the engine entry's kv_cache
 
 
-def io_names(spec: ModelSpec) -> tuple[list[str], list[str]]:
+def io_names(spec: ModelSpec, kv_cache: str = CONCAT) -> tuple[list[str], list[str]]:
     n = spec.num_hidden_layers
     past = [f"past_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
-    return ["input_ids", "position_ids", "attention_mask", *past], ["logits", *present]
+    lengths = [SEQLENS, TOTAL_LENGTH, LOGITS_INDEX] if kv_cache == SHARED_BUFFER else ["attention_mask"]
+    return ["input_ids", "position_ids", *lengths, *past], ["logits", *present]
 
 
-def io_shapes(spec: ModelSpec) -> dict[str, list[str | int]]:
+def io_shapes(spec: ModelSpec, kv_cache: str = CONCAT) -> dict[str, list[str | int]]:
     """The interface's shapes with named symbolic dimensions (recorded in the manifest)."""
     hkv, d = spec.num_key_value_heads, spec.head_dim
-    shapes: dict[str, list[str | int]] = {
-        "input_ids": [BATCH, SEQ], "position_ids": [BATCH, SEQ], "attention_mask": [BATCH, TOTAL],
-        "logits": [BATCH, SEQ, spec.vocab_size],
-    }
+    shapes: dict[str, list[str | int]] = {"input_ids": [BATCH, SEQ], "position_ids": [BATCH, SEQ]}
+    if kv_cache == SHARED_BUFFER:
+        shapes.update({SEQLENS: [BATCH], TOTAL_LENGTH: [], LOGITS_INDEX: [BATCH, KEPT],
+                       "logits": [BATCH, KEPT, spec.vocab_size]})
+        past = present = [BATCH, hkv, MAX_SEQ, d]
+    else:
+        shapes.update({"attention_mask": [BATCH, TOTAL], "logits": [BATCH, SEQ, spec.vocab_size]})
+        past, present = [BATCH, hkv, PAST, d], [BATCH, hkv, TOTAL, d]
     for i in range(spec.num_hidden_layers):
         for kv in ("key", "value"):
-            shapes[f"past_key_values.{i}.{kv}"] = [BATCH, hkv, PAST, d]
-            shapes[f"present.{i}.{kv}"] = [BATCH, hkv, TOTAL, d]
+            shapes[f"past_key_values.{i}.{kv}"] = past
+            shapes[f"present.{i}.{kv}"] = present
     return shapes
+
+
+def kv_cache_kind(model) -> str:
+    """SHARED_BUFFER when the graph reads per-row lengths (share_kv_buffer ran), else CONCAT."""
+    return SHARED_BUFFER if any(v.name == SEQLENS for v in model.graph.inputs) else CONCAT
 
 
 def set_io_shapes(model, spec: ModelSpec) -> dict[str, list[str | int]]:
     """Name the symbolic dimensions of an exported decoder's inputs and outputs (io_shapes); returns them."""
     import onnx_ir as ir
 
-    shapes = io_shapes(spec)
+    shapes = io_shapes(spec, kv_cache_kind(model))
     for value in (*model.graph.inputs, *model.graph.outputs):
         value.shape = ir.Shape([ir.SymbolicDim(d) if isinstance(d, str) else d for d in shapes[value.name]])
     return shapes
@@ -65,8 +83,70 @@ def export_program(ep: ExportedProgram, spec: ModelSpec, table: dict | None, ops
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        return torch.onnx.export(ep, (), dynamo=True, opset_version=opset, input_names=inputs, output_names=outputs,
-                                 optimize=optimize, verbose=False, custom_translation_table=table)
+        program = torch.onnx.export(ep, (), dynamo=True, opset_version=opset, input_names=inputs,
+                                    output_names=outputs, optimize=optimize, verbose=False,
+                                    custom_translation_table=table)
+    share_kv_buffer(program.model)
+    return program
+
+
+def share_kv_buffer(model) -> bool:
+    """The ort flavour's interface (backends/onnx_ops.py ort_attention): rewire a decoder whose attention is
+    GroupQueryAttention so that each node's present outputs are the graph's present.{i}.key|value (the
+    Concat(past, new) the traced graph returns is dropped), its seqlens_k / total_sequence_length come from
+    inputs of those names (attention_mask goes), and the lm_head runs only at `logits_index` [B, N] (positions
+    within the step: generation asks for each row's last, parity for all). Returns False, and changes
+    nothing, for a graph without GroupQueryAttention."""
+    import onnx_ir as ir
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    graph = model.graph
+    nodes = [n for n in graph if (n.domain, n.op_type) == ("com.microsoft", "GroupQueryAttention")]
+    if not nodes:
+        return False
+    int32 = ir.TensorType(ir.DataType.INT32)
+    seqlens = ir.Value(name=SEQLENS, shape=ir.Shape([BATCH]), type=int32)
+    total = ir.Value(name=TOTAL_LENGTH, shape=ir.Shape([]), type=int32)
+    index = ir.Value(name=LOGITS_INDEX, shape=ir.Shape([BATCH, KEPT]), type=ir.TensorType(ir.DataType.INT64))
+    slot = {v.name: i for i, v in enumerate(graph.outputs)}
+    for node in nodes:
+        node.replace_input_with(5, seqlens)
+        node.replace_input_with(6, total)
+        for past, present in ((node.inputs[3], node.outputs[1]), (node.inputs[4], node.outputs[2])):
+            name = past.name.replace("past_key_values.", "present.", 1)
+            if past not in graph.inputs or name not in slot:
+                raise ValueError(f"GroupQueryAttention reads {past.name}, not a cache input of the decoder")
+            graph.outputs[slot[name]].name = f"{name}.concat"
+            present.name, present.type = name, past.type
+            graph.outputs[slot[name]] = present
+    _logits_at(graph, index)
+    mask = next(v for v in graph.inputs if v.name == "attention_mask")
+    RemoveUnusedNodesPass()(model)
+    if mask.uses():
+        raise ValueError("attention_mask is still read outside GroupQueryAttention; export with --onnx-ops standard")
+    at = list(graph.inputs).index(mask)
+    graph.inputs[at:at + 1] = [seqlens, total, index]
+    return True
+
+
+def _logits_at(graph, index) -> None:
+    """logits = lm_head(hidden[b, index[b, n]]): a GatherElements over the sequence axis before the lm_head's
+    MatMul (or MatMulNBits), so the head runs over N positions per row, not S."""
+    import onnx_ir as ir
+
+    logits = next(v for v in graph.outputs if v.name == "logits")
+    head = logits.producer()
+    hidden = head.inputs[0]
+    if head.op_type not in ("MatMul", "MatMulNBits") or hidden.shape is None or len(hidden.shape) != 3 \
+            or not isinstance(hidden.shape[2], int):
+        raise ValueError(f"logits come from {head.op_type} over {hidden.shape}, not the lm_head over [B, S, H]")
+    tape = ir.tape.Tape()
+    axes = tape.op("Constant", [], attributes={"value": ir.tensor(np.array([2], dtype=np.int64))})
+    width = tape.op("Constant", [], attributes={"value": ir.tensor(np.array([1, 1, hidden.shape[2]], np.int64))})
+    rows = tape.op("Expand", [tape.op("Unsqueeze", [index, axes]), width])  # [B, N, H]
+    kept = tape.op("GatherElements", [hidden, rows], attributes={"axis": 1})  # [B, N, H]
+    graph.insert_before(head, tape.nodes)
+    head.replace_input_with(0, kept)
 
 
 def weight_bytes(ep: ExportedProgram) -> int:
@@ -74,17 +154,17 @@ def weight_bytes(ep: ExportedProgram) -> int:
 
 
 def emit_decoder(ep: ExportedProgram, spec: ModelSpec, folder: Path, flavour: str | None = None,
-                 quantized: bool = False) -> dict[str, Any]:
+                 quantized: bool = False, accuracy_level: int = 0) -> dict[str, Any]:
     """Write `decoder.onnx` (+ `decoder.onnx.data` over 2 GB) into `folder`; return the engine entry.
 
     `flavour` ("ort" | "standard", backends/onnx_ops.py) translates the qwen3export:: ops of a lowered
     program; None exports an unlowered one (a custom op left in it fails the export). `quantized`: the
     program holds the quantized ops (graphs/quantized.py), translated by backends/onnx_quant.py at its
-    opset 21, their weight layouts baked into stored initializers."""
+    opset 21, their weight layouts baked into stored initializers, their MatMulNBits at `accuracy_level`
+    (the build's QuantConfig.accuracy_level)."""
 
     if quantized and flavour is None:
         raise ValueError("a quantized decoder needs an ONNX op flavour (ort | standard) for its quantized ops")
-    inputs, outputs = io_names(spec)
     table = custom_translation_table(flavour) if flavour is not None else None
     if quantized:
         table = {**table, **quant_translation_table(flavour)}
@@ -94,7 +174,11 @@ def emit_decoder(ep: ExportedProgram, spec: ModelSpec, folder: Path, flavour: st
     baked = bake_weight_layouts(program.model) if flavour == "ort" else 0
     # MatMulNBits / QMoE / DequantizeLinear read their weights in final layout, not through unpack chains
     baked += bake_quantized_weights(program.model) if quantized else 0
+    if quantized:
+        set_accuracy_level(program.model, accuracy_level)
     shapes = set_io_shapes(program.model, spec)
+    kv_cache = kv_cache_kind(program.model)
+    inputs, outputs = io_names(spec, kv_cache)
     external = weight_bytes(ep) > PROTOBUF_LIMIT - (64 << 20)
     path = folder / DECODER_FILE
     program.save(str(path), external_data=external)
@@ -104,6 +188,7 @@ def emit_decoder(ep: ExportedProgram, spec: ModelSpec, folder: Path, flavour: st
         "opset": opset,
         "onnx_ops": flavour,
         "baked_weights": baked,
+        "kv_cache": kv_cache,
         "inputs": inputs,
         "outputs": outputs,
         "shapes": shapes,

@@ -20,14 +20,14 @@ from onnx import NodeProto, TensorProto, helper
 from onnxscript import opset21 as op21
 
 from qwen3export.errors import InputError
-from qwen3export.quant_format import FP8_MAX, QuantizedWeight, pack_int4
+from qwen3export.quant_format import (ACCURACY_LEVELS, FP8_MAX, QuantizedWeight, nbits_block, pack_int4,
+                                      qmoe_block)
 
 from .onnx_ops import FLAVOURS, FLOAT, float_const, int64s, ort_op, static_dim, moe
 
 # DequantizeLinear's block_size and the INT4 / UINT4 types arrived in opset 21 (onnx Changelog, DequantizeLinear-21);
 # the quantized translations below are written against it, so a decoder holding them is exported at 21
 OPSET = 21
-MATMUL_NBITS_MAX_BLOCK = 256  # blocks above this gain nothing; MLAS's CPU kernels take 16..256 (2^k)
 ONNX_FLOAT = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16,
               torch.bfloat16: TensorProto.BFLOAT16}
 
@@ -37,21 +37,6 @@ def _check(qw: QuantizedWeight) -> tuple[int, int]:
         raise InputError(f"ONNX quantized linear: a 2-D int4/int8 weight is needed, got {qw.mode} {list(qw.shape)} "
                          "(fp8 and stacked experts take other translations)")
     return qw.shape
-
-
-def nbits_block(group_size: int, k: int, n_groups: int) -> int:
-    """MatMulNBits' / QMoE's block_size for a weight of `n_groups` groups over K: its group size when that is a
-    power of two in 16..256, else the largest power of two <= 256 dividing it (an int8 per-channel weight with
-    K = 3072 -> 256), the group's scale (and zero point) repeated over its blocks, which dequantizes to the same
-    values. A single group (int8 per channel, or K <= group size) takes any block, the last one partial: the
-    largest power of two in 16..256 not above K when its group size has none (K = 72 per channel -> 64)."""
-    block = min(_lowbit(group_size), MATMUL_NBITS_MAX_BLOCK)
-    if block < 16 and n_groups == 1:
-        block = min(MATMUL_NBITS_MAX_BLOCK, max(16, 1 << (k.bit_length() - 1)))
-    if block < 16:
-        raise InputError(f"MatMulNBits / QMoE need blocks of >= 16 (a power of two); group size {group_size} has "
-                         "none")
-    return block
 
 
 def matmul_nbits_block(qw: QuantizedWeight) -> int:
@@ -154,14 +139,6 @@ def dequantize_matmul(x: str, y: str, qw: QuantizedWeight, name: str, act_dtype:
     return nodes, inits
 
 
-def qmoe_block(weights: list[tuple[int, int, int]]) -> int:
-    """One QMoE block_size for weights given as (group size, K, groups): nbits_block of the most constraining
-    one. A weight of several groups needs blocks inside its groups (a power of two dividing the group); one of a
-    single group takes any block, so it only constrains when no weight has several."""
-    several = [nbits_block(g, k, n) for g, k, n in weights if n > 1]
-    return min(several) if several else min(nbits_block(g, k, n) for g, k, n in weights)
-
-
 def _check_even(bits: int, *ks: int) -> None:
     """QMoE packs int4 codes two a byte along K with no padding: ONNX Runtime refuses an odd hidden or
     intermediate size ("hidden_size must be divisible by pack_size", moe_helper.h)."""
@@ -246,10 +223,6 @@ def qmoe(x: str, router_logits: str, y: str, gate_up: QuantizedWeight, down: Qua
 # initializers (valid as they stand: ONNX Runtime folds them when a session loads); `bake_quantized_weights`
 # then stores the folded layouts as initializers, as INT4 where the standard flavour asks for it.
 
-def _lowbit(v: int) -> int:
-    return v & -v
-
-
 def _repeat_last(t, times: int, rank: int):
     """[..., G] -> [..., G * times], each value repeated `times` times (a group's scale over its blocks)."""
     if times == 1:
@@ -306,7 +279,7 @@ def _weight_dims(qweight, scales, bits: int) -> tuple[int, int, int]:
 # ---------------------------------------------------------------------- "ort": MatMulNBits, QMoE
 def ort_wq_linear(x, qweight, scales, zero_points=None, bits: int = 4, group_size: int = 128):
     """com.microsoft MatMulNBits (as `matmul_nbits`): B [N, ceil(K/block), blob], 1-D scales in x's dtype, packed
-    zero points only when asymmetric; accuracy_level 0 (A is not quantized: the parity gate's setting). The stored
+    zero points only when asymmetric; accuracy_level 0 here, set after export (set_accuracy_level). The stored
     rows cover whole groups; B takes the blocks that reach into K, the last one padded. Only a single group
     with no power-of-two block in it (int8 per channel, K = 72) needs B wider than stored: padded with the
     symmetric zero point, which MatMulNBits never reads against A (columns past K)."""
@@ -458,6 +431,34 @@ def quant_translation_table(flavour: str) -> dict[Any, Callable]:
     ops = torch.ops.qwen3export
     linear, experts = {"ort": (ort_wq_linear, ort_wq_moe), "standard": (wq_linear, wq_moe)}[flavour]
     return {ops.wq_linear.default: linear, ops.wq_moe.default: experts, ops.fp8_linear.default: fp8_linear}
+
+
+# ---------------------------------------------------------------------- after export: the accuracy level
+def set_accuracy_level(model: ir.Model, level: int) -> int:
+    """Set every MatMulNBits and QMoE node's accuracy_level to `level` (quant_format.ACCURACY_LEVELS; the build's
+    QuantConfig.accuracy_level, recorded in the manifest's quantization section). Returns how many nodes.
+
+    QMoE (ONNX Runtime 1.31 CPU, its schema: "Minimum accuracy level of the expert GEMMs on CPU, with the
+    MatMulNBits meaning") runs block-wise int4 experts through the MatMulNBits kernels when K is a multiple of
+    block_size, else it dequantizes and runs SGEMM on fp32 activations whatever the level
+    (moe_quantization_cpu.cc PrePackQNBitExperts warns so); quant_parity's reference follows the same rule.
+    Measured here (2 cores, AVX-512 VNNI; one QMoE layer of Qwen3-30B-A3B's shape, 128 experts, top-8, block
+    128; a one-node session, random codes, 2026-11-30): decode T=1 10.4 ms at level 0 -> 2.0 ms at level 4, prefill T=128 385 ->
+    126 ms. A decode-path gather of the routed experts' int4 codes into MatMulNBits is no alternative: a
+    MatMulNBits whose B is not an initializer is not prepacked, 40 ms for one [1536 x 2048] GEMV.
+
+    4 on CPU: MLAS quantizes A to int8 per block of block_size (quant_format.quantize_activation_int8_blocks) and
+    runs integer dot products (AVX-512 VNNI / AVX2 here), the path ONNX Runtime GenAI's CPU int4 models take.
+    ORT falls back to a more accurate level when a CPU lacks the kernel (matmul_nbits.cc GetAccuracyLevel),
+    which the parity gate would then catch as a mismatch against the emulated reference. ORT's CUDA
+    MatMulNBits reads only K, N, bits and block_size (contrib_ops/cuda/quantization/matmul_nbits.h): the
+    attribute means nothing there, so GPU targets build with 0 (options.plan_build)."""
+    if level not in ACCURACY_LEVELS:
+        raise InputError(f"MatMulNBits accuracy level {level!r}; choose one of {', '.join(map(str, ACCURACY_LEVELS))}")
+    nodes = [n for n in model.graph.all_nodes() if n.domain == "com.microsoft" and n.op_type in ("MatMulNBits", "QMoE")]
+    for node in nodes:
+        node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", level)
+    return len(nodes)
 
 
 # ---------------------------------------------------------------------- after export: bake the weight layouts
