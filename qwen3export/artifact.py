@@ -15,14 +15,16 @@ import itertools
 import json
 import os
 import shutil
+import typing
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from .errors import ArtifactError, InputError
+from .manifest import (SCHEMA, FileEntry, Manifest, ManifestShapeError, ModelRecord, TargetRecord, VariantFields,
+                       check_manifest)
 
-SCHEMA = "qwen3export.artifact/1"
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 22
 
@@ -55,7 +57,7 @@ class Artifact:
     """A verified artifact folder and its manifest."""
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
 
     def has_signature(self) -> bool:
         return (self.path / SIGNATURE_FILE).is_file()
@@ -104,36 +106,41 @@ class Artifact:
         write_manifest(self.path, self.manifest)
 
 
-def staged_artifact(folder: Path, manifest: dict[str, Any]) -> Artifact:
+def staged_artifact(folder: Path, manifest: Manifest) -> Artifact:
     """An artifact still being built (its staging folder, before `seal`): the files written so far are listed
     (without checksums) in a copy of the manifest, so `Artifact.file` can name them while the build verifies."""
     listed = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size} for p in sorted(Path(folder).rglob("*"))
               if p.is_file() and not p.is_symlink() and p.name not in (MANIFEST, MANIFEST + ".tmp", SIGNATURE_FILE)}
-    return Artifact(Path(folder), {**manifest, "files": listed})
+    staged = Manifest(**manifest)  # a copy: the build's own manifest gets checksums only at seal
+    staged["files"] = typing.cast(dict[str, FileEntry], listed)  # no sha256 yet: nothing reads it before seal
+    return Artifact(Path(folder), staged)
 
 
-def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    body: dict[str, Any] = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
     body["manifest_sha256"] = hashlib.sha256(_canonical(body)).hexdigest()
     tmp = folder / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(body, indent=2, sort_keys=True, allow_nan=False) + "\n")
     os.replace(tmp, folder / MANIFEST)
-    manifest.clear()
-    manifest.update(body)
+    manifest["manifest_sha256"] = body["manifest_sha256"]
 
 
-def file_entries(folder: Path) -> dict[str, dict[str, Any]]:
+def file_entries(folder: Path) -> dict[str, FileEntry]:
     """size and sha256 of every file in the folder except the manifest, by relative path."""
-    out = {}
+    out: dict[str, FileEntry] = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name not in (MANIFEST, MANIFEST + ".tmp", SIGNATURE_FILE):
             out[p.relative_to(folder).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
     return out
 
 
-def default_manifest(**fields: Any) -> dict[str, Any]:
+def new_manifest(model: ModelRecord, target: TargetRecord, backend: str, fields: VariantFields) -> Manifest:
+    """The manifest skeleton: schema, provenance, what was built; the pipeline's stages add the rest."""
     now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-    return {"schema": SCHEMA, "created": now, "versions": tool_versions(), **fields}
+    manifest = Manifest(schema=SCHEMA, created=now, versions=tool_versions(), model=model, target=target,
+                        backend=backend, dtype=fields["dtype"])
+    manifest.update(fields)
+    return manifest
 
 
 SIGNATURE_FILE = "manifest.sig"  # qwen3export.signing: a signature over manifest.json, outside the manifest
@@ -197,7 +204,7 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_partials(out: Path) -> list[Path]:
     """`.NAME.partial-PID` / `.NAME.old-PID` folders beside `out` whose build process is gone (a killed build
     leaves them): removed. Only names of exactly that form are touched."""
-    removed = []
+    removed: list[Path] = []
     if not out.parent.is_dir():
         return removed
     for p in out.parent.iterdir():
@@ -362,9 +369,15 @@ def staging(out: Path, force: bool = False) -> Iterator[Path]:
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
-def seal(folder: Path, manifest: dict[str, Any]) -> None:
-    """Record every file's size and checksum in the manifest and write it."""
+def seal(folder: Path, manifest: Manifest) -> None:
+    """Record every file's size and checksum in the manifest and write it. The manifest must match its definition
+    (manifest.py): a stage that writes a field of the wrong shape fails the build here, not a reader later."""
     manifest["files"] = file_entries(folder)
+    try:
+        check_manifest({**manifest, "manifest_sha256": ""})
+    except ManifestShapeError as e:
+        raise AssertionError(f"this build made a manifest that does not match qwen3export/manifest.py: {e} (a "
+                             "new field is declared there first)") from None
     write_manifest(folder, manifest)
 
 
@@ -398,7 +411,7 @@ def check_relative_path(folder: Path, rel: Any) -> None:
                             "inside the artifact; refusing to read it (rebuild the artifact)")
 
 
-def _named_paths(manifest: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+def _named_paths(manifest: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
     """The files a manifest names outside its `files` table (the engine and sampler a runner opens)."""
     for section, keys in (("engine", ("file", "sampling_file")), ("sampling", ("file",))):
         entry = manifest.get(section)
@@ -437,12 +450,12 @@ def check_layout(folder: Path, files: dict[str, Any]) -> None:
 
 
 _HEX = frozenset("0123456789abcdef")
-# the manifest fields every reader relies on, with their JSON types (deeper fields are read with .get or are
-# checked where used); a resealed manifest of the wrong shape is refused here in one line, not as a KeyError
-_MANIFEST_TYPES = {"backend": str, "dtype": str, "engine": dict, "model": dict, "target": dict}
 
 
-def check_manifest_types(mpath: Path, manifest: dict[str, Any]) -> None:
+def check_manifest_types(mpath: Path, manifest: dict[str, Any]) -> Manifest:
+    """The manifest's shape against its one definition (manifest.py), and the values every reader relies on
+    (a listed file's size and sha256, the named paths); a resealed manifest of the wrong shape is refused here in
+    one line, not as a KeyError later."""
     def bad(what: str) -> ArtifactError:
         return ArtifactError(f"{mpath} is malformed ({what}); rebuild the artifact")
 
@@ -454,17 +467,13 @@ def check_manifest_types(mpath: Path, manifest: dict[str, Any]) -> None:
                 and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64
                 and set(entry["sha256"]) <= _HEX):
             raise bad(f"the entry of {str(rel)[:80]!r} is not {{size, sha256}}")
-    for key, kind in _MANIFEST_TYPES.items():
-        if not isinstance(manifest.get(key), kind):
-            raise bad(f"'{key}' is not a JSON {'object' if kind is dict else 'string'}")
-    if not isinstance(manifest["model"].get("spec"), dict):
-        raise bad("'model.spec' is not a JSON object")
-    for key in ("sampling", "parity", "serving", "quantization", "kernels", "parallel", "lowering"):
-        if manifest.get(key) is not None and not isinstance(manifest[key], dict):
-            raise bad(f"'{key}' is not a JSON object")
     for where, rel in _named_paths(manifest):
         if not isinstance(rel, str):
             raise bad(f"'{where}' is not a path")
+    try:
+        return check_manifest(manifest)
+    except ManifestShapeError as e:
+        raise bad(str(e)) from None
 
 
 def load_artifact(path: str | Path, verify_checksums: bool = True) -> Artifact:
@@ -485,7 +494,7 @@ def load_artifact(path: str | Path, verify_checksums: bool = True) -> Artifact:
     if hashlib.sha256(_canonical(body)).hexdigest() != manifest.get("manifest_sha256"):
         raise ArtifactError(f"{mpath} was modified after the build (its hash does not match); rebuild the "
                             "artifact")
-    check_manifest_types(mpath, manifest)
+    manifest = check_manifest_types(mpath, manifest)
     files = manifest["files"]
     check_layout(folder, files)
     for where, rel in _named_paths(manifest):

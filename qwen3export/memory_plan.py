@@ -27,6 +27,7 @@ from typing import Any
 from .errors import InputError, TargetError
 from qwen3export.graphs.parallel import check_parallelism
 
+from .manifest import ServingRecord
 from .spec import ModelSpec
 
 QUANT_MODES = ("none", "int8", "int4", "fp8")
@@ -170,7 +171,7 @@ DEFAULT_SERVING_SEQ = 8192  # an engine's default --max-seq: min(model positions
 
 def serving_limits(spec: ModelSpec, target, dtype: str, quant: str = "none", group_size: int = 128,
                  quantize_lm_head: bool = False, tp: int = 1, ep: int = 1, max_batch: int = 1,
-                 max_seq: int | None = None) -> dict[str, Any]:
+                 max_seq: int | None = None) -> ServingRecord:
     """What a build records as the engine's serving limits (`--max-batch`, `--max-seq`) with the modelled
     memory of its KV cache at those limits: the manifest's `serving` entry, and what `run` enforces.
 

@@ -11,7 +11,9 @@ program's state_dict. The build holds one rank's shard at a time and never a who
 
 from __future__ import annotations
 
+import queue
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from qwen3export.graphs.rope import rope_parameters
 
 from .artifact import Artifact
 from .errors import ArtifactError, Qwen3ExportError
+from .manifest import ParallelRecord
 from .ranks import start_ranks
 from .spec import ModelSpec
 from .weights import parse_dtype
@@ -41,7 +44,7 @@ def part_folder(rank: int) -> str:
     return f"rank{rank}"
 
 
-def parallel_record(tp: int, ep: int) -> dict[str, Any]:
+def parallel_record(tp: int, ep: int) -> ParallelRecord:
     """The manifest's `parallel` entry."""
     return {"tp": tp, "ep": ep, "world": tp * ep, "rank_order": "rank = ep_rank * tp + tp_rank",
             "collectives": "torch.distributed functional collectives (_c10d_functional all_reduce, "
@@ -251,10 +254,7 @@ class ParallelEngine:
 
     def _collect(self, timeout_s: float):
         """Wait for one reply per rank -> rank 0's payload; a rank's error or death closes the engine."""
-        import queue
-        import time
-
-        deadline, replies = time.monotonic() + timeout_s, {}
+        deadline, replies = time.monotonic() + timeout_s, dict[int, Any]()
         while len(replies) < self.world:
             try:
                 rank, kind, payload = self._results.get(timeout=1.0)

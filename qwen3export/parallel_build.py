@@ -22,6 +22,7 @@ from qwen3export.graphs.parallel import layouts
 
 from . import artifact as art
 from .lowering import lowering_record
+from .manifest import Manifest, VariantFields
 from .model import build_module
 from .parallel_artifact import PROGRAM_RECORD, parallel_record, write_parts
 from .stages import Progress, Stages
@@ -46,13 +47,13 @@ class ShardedSteps:
     def prepare(self, stages: Stages, progress: Progress) -> None:
         self.progress = progress  # nothing to capture: each rank process re-captures its program at load
 
-    def manifest_fields(self, output) -> dict[str, Any]:
+    def manifest_fields(self, output) -> VariantFields:
         record = lowering_record(None)
         record["notes"] = ["the rank parts are the captured (unlowered) programs: torch runs them with their "
                            "collectives; the qwen3export:: lowering targets ONNX/Triton engines"]
-        return {"dtype": "fp32", "lowering": record, "parallel": parallel_record(self.plan.tp, self.plan.ep)}
+        return VariantFields(dtype="fp32", lowering=record, parallel=parallel_record(self.plan.tp, self.plan.ep))
 
-    def emit(self, stages: Stages, output, folder, manifest: dict[str, Any], sampling_ep) -> None:
+    def emit(self, stages: Stages, output, folder, manifest: Manifest, sampling_ep) -> None:
         plan, ranks = self.plan, self.ranks
         manifest["ranks"] = stages.run("emit", f"{len(ranks)} rank parts (weight shards; programs re-captured "
                                                f"from the spec at load) -> {output.folder}",
@@ -62,7 +63,7 @@ class ShardedSteps:
                               "weights": "rank<r>/weights.safetensors", "runner": "qwen3export.parallel_artifact."
                               "ParallelEngine (N gloo processes; `qwen3export run` starts them)"}
 
-    def verify(self, stages: Stages, output, folder, manifest: dict[str, Any], progress: Progress
+    def verify(self, stages: Stages, output, folder, manifest: Manifest, progress: Progress
                ) -> dict[str, Any]:
         if self.not_run is not None:
             return self.not_run

@@ -13,28 +13,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from qwen3export.graphs.sampling import capture_sampling
 
 from . import artifact as art
 from .describe import quality_line, summary_line
 from .in_memory import InMemorySteps
+from .manifest import Manifest, ModelRecord
 from .options import BuildOptions, BuildPlan, Output, plan_build
 from .parallel_build import ShardedSteps
 from .sampling_files import emit_sampling, sampling_graph_for
 from .signing import sign_artifact
-from .stages import Progress, Stages
+from .stages import Progress, Stages, VariantSteps
 from .streaming import StreamedSteps
 from .verify import parity_gate
 
-VARIANT_STEPS = {"in-memory": InMemorySteps, "streamed": StreamedSteps, "sharded": ShardedSteps}
+VARIANT_STEPS: dict[str, type[VariantSteps]] = {"in-memory": InMemorySteps, "streamed": StreamedSteps,
+                                                 "sharded": ShardedSteps}
 
 
 @dataclass
 class BuildResult:
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
 
 
 def build(options: BuildOptions, progress: Progress = lambda s: None) -> list[BuildResult]:
@@ -51,16 +52,16 @@ def build(options: BuildOptions, progress: Progress = lambda s: None) -> list[Bu
         return [write_artifact(plan, steps, output, stages, sampling_ep, progress) for output in plan.outputs]
 
 
-def model_record(plan: BuildPlan) -> dict[str, Any]:
+def model_record(plan: BuildPlan) -> ModelRecord:
     return {"ref": plan.ref.to_dict(), "spec": plan.spec.to_dict(), "param_count": plan.spec.param_count()}
 
 
-def write_artifact(plan: BuildPlan, steps, output: Output, stages: Stages, sampling_ep,
+def write_artifact(plan: BuildPlan, steps: VariantSteps, output: Output, stages: Stages, sampling_ep,
                    progress: Progress) -> BuildResult:
     """One artifact, in a staging folder renamed into place only when it is complete and has passed its gate."""
     with art.staging(output.folder, plan.force) as tmp:
-        manifest = art.default_manifest(model=model_record(plan), target=plan.target.to_dict(),
-                                        backend=output.backend, **steps.manifest_fields(output))
+        manifest = art.new_manifest(model_record(plan), plan.target.to_dict(), output.backend,
+                                    steps.manifest_fields(output))
         manifest["serving"] = plan.serving
         # the sampling graph (thinking control baked in) ships beside every decoder
         manifest["sampling"] = emit_sampling(plan.spec, plan.ref, tmp, sampling_ep)

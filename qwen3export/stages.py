@@ -4,9 +4,33 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+if TYPE_CHECKING:  # types only: the manifest's definition, and the plan's output (options imports torch)
+    from .manifest import Manifest, VariantFields
+    from .options import BuildPlan, Output
 
 Progress = Callable[[str], None]
+
+
+class VariantSteps(Protocol):
+    """What a build variant (in_memory.InMemorySteps, streaming.StreamedSteps, parallel_build.ShardedSteps) gives
+    the pipeline: how programs are obtained (prepare) and how weights reach each artifact (emit, verify)."""
+
+    gated: str  # what parity_gate names when the check fails ("engine", "streamed engine", ...)
+
+    def __init__(self, plan: "BuildPlan") -> None: ...
+
+    def stage_count(self) -> int: ...
+
+    def prepare(self, stages: "Stages", progress: Progress) -> None: ...
+
+    def manifest_fields(self, output: "Output") -> "VariantFields": ...
+
+    def emit(self, stages: "Stages", output: "Output", folder: Path, manifest: "Manifest", sampling_ep: Any) -> None: ...
+
+    def verify(self, stages: "Stages", output: "Output", folder: Path, manifest: "Manifest",
+               progress: Progress) -> dict[str, Any]: ...
 
 
 class Stages:

@@ -25,6 +25,7 @@ from .backends.onnx_ops import bake_weight_layouts, custom_translation_table
 from .errors import ConfigError
 from .graph_capture import META, capture_meta, meta_decoder
 from .lowering import lower_program, lowering_record
+from .manifest import Manifest, StreamingRecord, VariantFields
 from .memory_plan import available_memory_bytes
 from .model import build_module
 from .spec import ModelSpec
@@ -41,7 +42,10 @@ def parameter_loaders(spec: ModelSpec, source: WeightSource, dtype: torch.dtype
     loaders: dict[str, Callable[[], torch.Tensor]] = {}
     for pname, rows, stacked in module_assignments(spec):
         if not stacked:
-            loaders[pname] = (lambda name=rows[0][0]: source.get(name).to(dtype))
+            def read(name: str = rows[0][0]) -> torch.Tensor:
+                return source.get(name).to(dtype)
+
+            loaders[pname] = read
             continue
 
         def stack(rows=rows) -> torch.Tensor:
@@ -96,7 +100,7 @@ def bind_lazy_initializers(model, loaders: dict[str, Callable[[], torch.Tensor]]
     return bound
 
 
-def emission_bound(spec: ModelSpec, dtype: torch.dtype) -> dict[str, Any]:
+def emission_bound(spec: ModelSpec, dtype: torch.dtype) -> StreamingRecord:
     """The stated bound of emission's resident memory: 3 x the largest single parameter (in the output dtype)
     plus a fixed 2 GiB for the interpreter, torch, the exporter and the graph. Why 3: a tensor produced from an
     fp32 source (a preset's generator, an fp32 checkpoint) holds the fp32 read (2x a bf16 output) beside its
@@ -213,13 +217,13 @@ class StreamedSteps:
         self.record = dict(record, onnx_ops=plan.outputs[0].onnx_flavour)
         self.kernels = tuned_kernels_record(spec, plan.target, plan.dtype)
 
-    def manifest_fields(self, output) -> dict[str, Any]:
-        fields = {"dtype": self.plan.dtype, "lowering": self.record}
+    def manifest_fields(self, output) -> VariantFields:
+        fields = VariantFields(dtype=self.plan.dtype, lowering=self.record)
         if self.kernels is not None:
             fields["kernels"] = self.kernels
         return fields
 
-    def emit(self, stages: Stages, output, folder, manifest: dict[str, Any], sampling_ep) -> None:
+    def emit(self, stages: Stages, output, folder, manifest: Manifest, sampling_ep) -> None:
         # 3. emit: each initializer produced from the source by its loader while decoder.onnx.data is written
         spec, source = self.plan.spec, self.plan.source
         loaders = parameter_loaders(spec, source, self.dtype)
@@ -231,7 +235,7 @@ class StreamedSteps:
                                  "weight_bytes": (folder / (manifest["engine"]["file"] + ".data")).stat().st_size,
                                  **emission_bound(spec, self.dtype)}
 
-    def verify(self, stages: Stages, output, folder, manifest: dict[str, Any], progress: Progress
+    def verify(self, stages: Stages, output, folder, manifest: Manifest, progress: Progress
                ) -> dict[str, Any]:
         # 4. verify, when it can run: the eager model is built only now, after emission
         if self.not_run is not None:

@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 
-from qwen3export.artifact import Artifact, default_manifest, load_artifact, seal, staging
+from qwen3export.artifact import Artifact, load_artifact, new_manifest, seal, staging
 from qwen3export.errors import InputError
 from qwen3export.graphs.parallel import check_parallelism, layouts
-from qwen3export.parallel_artifact import BACKEND, ParallelEngine, parallel_record, write_parts
+from qwen3export.manifest import VariantFields
+from qwen3export.parallel_artifact import BACKEND, PROGRAM_RECORD, ParallelEngine, parallel_record, write_parts
 from qwen3export.ranks import spawn_ranks
 from qwen3export.spec import ModelSpec
 from qwen3export.targets import get_target
@@ -28,10 +29,12 @@ def write_parallel_artifact(out: str | Path, spec: ModelSpec, source: Any, tp: i
     ranks = layouts(spec, tp, ep)  # one-line InputError for a bad degree, before any work
     with staging(Path(out), force) as tmp:
         entries = write_parts(tmp, spec, source, ranks, dtype)
-        manifest = default_manifest(
-            model={"spec": spec.to_dict(), "ref": model_ref, "param_count": spec.param_count()}, backend=BACKEND,
-            dtype=dtype_name(dtype), parallel=parallel_record(tp, ep), ranks=entries,
-            target=get_target("cpu").to_dict(), engine={"status": "built", "parts": len(ranks)})
+        manifest = new_manifest({"spec": spec.to_dict(), "ref": model_ref or {}, "param_count": spec.param_count()},
+                                get_target("cpu").to_dict(), BACKEND,
+                                VariantFields(dtype=dtype_name(dtype), parallel=parallel_record(tp, ep)))
+        manifest["ranks"] = entries
+        manifest["engine"] = {"status": "built", "parts": len(ranks), "program": PROGRAM_RECORD,
+                              "weights": "rank<r>/weights.safetensors", "runner": "tests.parallel_helpers"}
         seal(tmp, manifest)
     return load_artifact(out)
 

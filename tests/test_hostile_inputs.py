@@ -380,7 +380,13 @@ def test_resigning_needs_the_old_signature_checked(signed, keys, tmp_path, capsy
     ("file_entry_string", "is not {size, sha256}"),
     ("file_entry_no_size", "is not {size, sha256}"),
     ("engine_file_list", "'engine.file' is not a path"),
-    ("no_backend", "'backend' is not a JSON string"),
+    ("no_backend", "'backend' is not present (it must be a JSON string)"),
+    ("backend_number", "'backend' is not a JSON string"),
+    ("unknown_backend", "'backend' is not one of onnx, tensorrt, aoti, kernels, torch-export"),
+    ("unknown_section", "'plugins' is not a field of this schema version"),
+    ("stop_ids_strings", "'sampling.early_stop_ids[0]' is not a JSON integer"),
+    ("passed_string", "'parity.passed' is not a JSON boolean"),
+    ("engine_no_inputs", "'engine.inputs' is not present"),
     ("spec_list", "'model.spec' is not a JSON object"),
     ("target_string", "'target' is not a JSON object"),
     ("deep_json", "not a valid manifest"),
@@ -393,6 +399,12 @@ def test_malformed_manifests_are_one_line(case, needle, built_artifact, tmp_path
              "file_entry_no_size": lambda m: m["files"]["decoder.onnx"].pop("size"),
              "engine_file_list": lambda m: m["engine"].update({"file": ["decoder.onnx"]}),
              "no_backend": lambda m: m.pop("backend"),
+             "backend_number": lambda m: m.update({"backend": 1}),
+             "unknown_backend": lambda m: m.update({"backend": "onnx-custom"}),
+             "unknown_section": lambda m: m.update({"plugins": {"exec": "payload.so"}}),
+             "stop_ids_strings": lambda m: m["sampling"].update({"early_stop_ids": ["151668"]}),
+             "passed_string": lambda m: m["parity"].update({"passed": "yes"}),
+             "engine_no_inputs": lambda m: m["engine"].pop("inputs"),
              "spec_list": lambda m: m["model"].update({"spec": [1]}),
              "target_string": lambda m: m.update({"target": "cpu"})}
     if case in edits:
@@ -429,7 +441,7 @@ def test_tensorrt_settings_and_kernel_pack_index_stay_inside(tmp_path):
 
     (tmp_path / "tensorrt").mkdir()
     (tmp_path / "decoder.onnx").write_bytes(b"x")
-    art.seal(tmp_path, art.default_manifest(backend="tensorrt"))
+    art.seal(tmp_path, {"schema": art.SCHEMA, "backend": "tensorrt"})  # type: ignore[typeddict-item]
     good = {"onnx": "decoder.onnx", "plan": "tensorrt/decoder.plan", "timing_cache": "tensorrt/timing.cache"}
     for change, needle in [({}, None), ({"plan": "../../.bashrc"}, "not a plain relative path"),
                            ({"timing_cache": "/etc/passwd"}, "not a plain relative path"),

@@ -143,8 +143,8 @@ def test_package_init_imports_nothing_heavy():
     """`import qwen3export` (and so --help, targets, inspect) stays light: the public API is lazy (PEP 562)."""
     heavy = {"torch", "triton", "onnx", "onnxruntime", "optuna", "numpy", "transformers"}
     for name in ("qwen3export", "qwen3export.cli", "qwen3export.describe", "qwen3export.artifact",
-                 "qwen3export.errors"):
+                 "qwen3export.errors", "qwen3export.manifest"):
         top = {m.split(".")[0] for m, _, is_top in _imports(name) if is_top}
         assert not top & heavy, (name, top & heavy)
         internal = {m for m, _, is_top in _imports(name) if is_top and m.startswith("qwen3export")}
-        assert internal <= {"qwen3export.errors", "qwen3export.describe"}, (name, internal)
+        assert internal <= {"qwen3export.errors", "qwen3export.describe", "qwen3export.manifest"}, (name, internal)

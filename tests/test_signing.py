@@ -10,10 +10,13 @@ import stat
 
 import pytest
 
-from qwen3export.artifact import MANIFEST, default_manifest, load_artifact, seal
+from qwen3export.artifact import MANIFEST, load_artifact, new_manifest, seal
 from qwen3export.errors import ArtifactError, InputError
+from qwen3export.manifest import VariantFields
 from qwen3export.signing import (SIGNATURE_FILE, check_signature, generate_keypair, key_fingerprint,
                                  sign_artifact)
+from qwen3export.spec import preset
+from qwen3export.targets import get_target
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,11 @@ def keys(tmp_path_factory):
 def make_artifact(folder):
     folder.mkdir()
     (folder / "engine.bin").write_bytes(bytes(range(256)))
-    seal(folder, default_manifest(backend="onnx", dtype="fp32", engine={}, target={}, model={"ref": "test", "spec": {}}))
+    spec = preset("tiny")
+    manifest = new_manifest({"ref": {}, "spec": spec.to_dict(), "param_count": spec.param_count()},
+                            get_target("cpu").to_dict(), "aoti", VariantFields(dtype="fp32"))
+    manifest["engine"] = {"file": "engine.bin", "sampling_file": "engine.bin", "device": "cpu", "torch": "test"}
+    seal(folder, manifest)
     return folder
 
 
@@ -83,7 +90,7 @@ def test_unsigned_and_wrong_key(tmp_path, keys):
 def _edit_manifest(folder):
     """Change a value and reseal: manifest_sha256 is recomputed, so only the signature can catch it."""
     m = json.loads((folder / MANIFEST).read_text())
-    m["backend"] = "aoti"
+    m["dtype"] = "fp16"
     seal(folder, m)
 
 

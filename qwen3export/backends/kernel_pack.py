@@ -31,9 +31,10 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from qwen3export.errors import ArtifactError, ParityError, TargetError
+from qwen3export.manifest import KernelsRecord
 from qwen3export.spec import ModelSpec
 
 PACK_DIR = "kernels"
@@ -80,7 +81,7 @@ QUANT_NOT_TUNED = ("no tuned table: the quantized kernels are not in autotune's 
 
 
 def quantized_selection(selection: list[dict[str, Any]], spec: ModelSpec, target,
-                        quantization: dict[str, Any] | None) -> list[dict[str, Any]]:
+                        quantization: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     """select_configs' entries for a quantized model: fused_moe gives way to fused_moe_wq (quantized experts),
     and the GEMM kernels the quantized linears run (wq_matmul for int4 / int8, fp8_matmul for fp8) join with
     their DEFAULT_CONFIG (source "default": no tuned table exists for them). Unchanged when not quantized."""
@@ -101,7 +102,7 @@ def quantized_selection(selection: list[dict[str, Any]], spec: ModelSpec, target
     return out
 
 
-def quant_compile_shapes(kernel: str, spec: ModelSpec, quantization: dict[str, Any]) -> list[tuple[str, dict]]:
+def quant_compile_shapes(kernel: str, spec: ModelSpec, quantization: Mapping[str, Any]) -> list[tuple[str, dict]]:
     """(label suffix, shape) per distinct binary a quantized kernel needs for this model: wq_matmul once per
     (group layout, zero points) over the quantized linears' K (q/k/v/gate/up and lm_head read hidden, o_proj
     heads * head_dim, a dense down_proj the intermediate size), fused_moe_wq once per zero-point variant,
@@ -124,7 +125,7 @@ def quant_compile_shapes(kernel: str, spec: ModelSpec, quantization: dict[str, A
         linears.append((spec.intermediate_size, spec.hidden_size))  # a dense layer's down_proj
     shapes: dict[tuple, tuple[str, dict]] = {}
     for k, n in linears:
-        g = k if per_channel else group
+        g = k if group is None or group == -1 else group  # per channel, or the group
         layout = g if k // g > 1 else "K"  # block_k_for: capped at the group only when there are several
         for zp in zero_points:
             shapes.setdefault((layout, zp), (f",bits={bits},group={layout},zp={zp}",
@@ -133,7 +134,7 @@ def quant_compile_shapes(kernel: str, spec: ModelSpec, quantization: dict[str, A
 
 
 def plan_jobs(selection: list[dict[str, Any]], spec: ModelSpec, dtype: str, cc: int,
-              quantization: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+              quantization: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """One compile job per (kernel, distinct config, compile shape, Triton function). moe_align is compiled
     once per BLOCK_M that the selected fused_moe / fused_moe_wq configs use (its sort tile must equal the
     expert GEMM's); the quantized kernels once per shape quant_compile_shapes names."""
@@ -237,7 +238,7 @@ def compile_jobs(jobs: list[dict[str, Any]], root: Path) -> list[dict[str, Any]]
 
 def emit_kernel_pack(spec: ModelSpec, target, dtype: str, folder: Path, tables: list[Path] | None = None,
                      progress: Callable[[str], None] = lambda s: None,
-                     quantization: dict[str, Any] | None = None) -> dict[str, Any]:
+                     quantization: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write the pack into `folder` (an artifact being staged); returns the manifest's `engine` entry.
     `quantization` (the manifest's record of a quantized build) adds the quantized GEMM kernels the model runs."""
     from qwen3export.autotune.tables import select_configs
@@ -512,8 +513,8 @@ if __name__ == "__main__":
         raise SystemExit(f"unknown command {command!r}")
 
 
-def tuned_kernels_record(spec: ModelSpec, target, dtype: str, quantization: dict[str, Any] | None = None
-                   ) -> dict[str, Any] | None:
+def tuned_kernels_record(spec: ModelSpec, target, dtype: str, quantization: Mapping[str, Any] | None = None
+                         ) -> KernelsRecord | None:
     """The manifest's `kernels` entry for a GPU target: per kernel the model runs, the config chosen for each
     shape bucket and how (measured / modelled, from the target's tuned table; default where no table has the
     model's shapes, with the `tune` command that would make one). None for CPU targets (no Triton kernels)."""
