@@ -73,6 +73,7 @@ class _OnnxEngineRequired(TypedDict):
 
 class OnnxEngineRecord(_OnnxEngineRequired, total=False):  # onnx, and tensorrt (its verified fp32 ONNX)
     status: str
+    kv_cache: str  # "shared_buffer" (the ort flavour: backends/onnx.py share_kv_buffer) | "concat"
     tensorrt: TensorRTRecord
 
 

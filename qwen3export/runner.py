@@ -8,11 +8,14 @@ decode(slots, tokens). `OnnxEngine` (the standard flavour) and AOTInductor have 
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from qwen3export.graphs.sampling import SamplingGraph, SamplingSession, SamplingVocab
 
 from .artifact import Artifact
 from .cache_engine import SEQLENS, CacheEngine
@@ -23,7 +26,7 @@ from .spec import ModelSpec
 
 def available_providers(wanted: list[str] | tuple[str, ...]) -> list[str]:
     """The target's ONNX Runtime providers that this installation has, CPU last as the fallback."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # lazy: onnxruntime loads only for ONNX artifacts (aoti runs skip it)
 
     have = set(ort.get_available_providers())
     if not _nvidia_driver():  # onnxruntime-gpu lists its CUDA/TensorRT providers whether or not a GPU exists
@@ -39,8 +42,6 @@ GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 def _nvidia_driver() -> bool:
     """Whether the NVIDIA driver library loads here (without it no CUDA provider can create a session, and
     trying prints pages of errors before ONNX Runtime falls back to the CPU)."""
-    import ctypes
-
     try:
         ctypes.CDLL("libcuda.so.1")
     except OSError:
@@ -50,7 +51,7 @@ def _nvidia_driver() -> bool:
 
 def onnx_session(artifact: Artifact, threads: int | None = None):
     """ONNX Runtime session over the artifact's decoder.onnx -> (session, providers)."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # lazy: onnxruntime loads only for ONNX artifacts (aoti runs skip it)
 
     m = artifact.manifest
     path = artifact.onnx_file(m["engine"]["file"])
@@ -118,7 +119,7 @@ def open_engine(artifact: Artifact, threads: int | None = None):
                                _dtypes(artifact)[0])
         return OnnxEngine(artifact, threads, session)
     if artifact.backend == "aoti":
-        from .backends.aoti import AotiEngine
+        from .backends.aoti import AotiEngine  # lazy: AOTInductor's package loader, for aoti artifacts only
 
         if threads:
             torch.set_num_threads(threads)
@@ -129,8 +130,6 @@ def open_engine(artifact: Artifact, threads: int | None = None):
 
 def sampling_pair(artifact: Artifact, threads: int | None = None, engine=None):
     """(torch SamplingGraph, the artifact's own sampler: ONNX Runtime session or AOTInductor package)."""
-    from qwen3export.graphs.sampling import SamplingGraph, SamplingSession, SamplingVocab
-
     entry = artifact.manifest["sampling"]
     spec = ModelSpec.from_dict(artifact.manifest["model"]["spec"])
     graph = SamplingGraph(SamplingVocab.from_spec(spec), entry["early_stop_ids"])

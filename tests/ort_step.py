@@ -7,6 +7,7 @@ import onnxruntime as ort
 import torch
 
 from qwen3export.backends.onnx import export_program, io_names
+from qwen3export.cache_engine import SEQLENS, CacheEngine
 
 PROMPTS = [[151644, 872, 198, 9707, 11, 151667], [5, 6, 7]]  # left padding in row 1
 
@@ -16,15 +17,24 @@ def export(ep, spec, table: dict, opset: int):
     return export_program(ep, spec, table, opset)
 
 
-class OrtStep:
-    """A decoder step over an ONNX Runtime CPU session, one thread; `config` adds session config entries."""
+def OrtStep(path, spec, config: dict[str, str] | None = None, max_batch: int = 2, max_seq: int = 64):  # noqa: N802
+    """The decoder over an ONNX Runtime CPU session, one thread (`config` adds session config entries), as the
+    runner steps it: a CacheEngine for a shared-buffer decoder (the ort flavour), else a concatenating step."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.log_severity_level = 1, 3
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    if any(i.name == SEQLENS for i in session.get_inputs()):
+        return CacheEngine(spec, session, ["CPUExecutionProvider"], max_batch, max_seq)
+    return ConcatStep(session, spec)
 
-    def __init__(self, path, spec, config: dict[str, str] | None = None):
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.log_severity_level = 1, 3
-        for key, value in (config or {}).items():
-            opts.add_session_config_entry(key, value)
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+class ConcatStep:
+    """A decoder step (ids, pos, mask, past) -> (logits, present) over a concatenating decoder's session."""
+
+    def __init__(self, session, spec):
+        self.session = session
         self.layers, self.outputs = spec.num_hidden_layers, io_names(spec)[1]
 
     def __call__(self, ids, pos, mask, past):

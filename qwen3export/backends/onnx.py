@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 import torch
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 from torch.export import ExportedProgram
 
 from qwen3export.cache_engine import LOGITS_INDEX, SEQLENS, TOTAL_LENGTH  # the shared-buffer interface's inputs
@@ -67,8 +69,6 @@ def kv_cache_kind(model) -> str:
 
 def set_io_shapes(model, spec: ModelSpec) -> dict[str, list[str | int]]:
     """Name the symbolic dimensions of an exported decoder's inputs and outputs (io_shapes); returns them."""
-    import onnx_ir as ir
-
     shapes = io_shapes(spec, kv_cache_kind(model))
     for value in (*model.graph.inputs, *model.graph.outputs):
         value.shape = ir.Shape([ir.SymbolicDim(d) if isinstance(d, str) else d for d in shapes[value.name]])
@@ -97,9 +97,6 @@ def share_kv_buffer(model) -> bool:
     inputs of those names (attention_mask goes), and the lm_head runs only at `logits_index` [B, N] (positions
     within the step: generation asks for each row's last, parity for all). Returns False, and changes
     nothing, for a graph without GroupQueryAttention."""
-    import onnx_ir as ir
-    from onnx_ir.passes.common import RemoveUnusedNodesPass
-
     graph = model.graph
     nodes = [n for n in graph if (n.domain, n.op_type) == ("com.microsoft", "GroupQueryAttention")]
     if not nodes:
@@ -132,8 +129,6 @@ def share_kv_buffer(model) -> bool:
 def _logits_at(graph, index) -> None:
     """logits = lm_head(hidden[b, index[b, n]]): a GatherElements over the sequence axis before the lm_head's
     MatMul (or MatMulNBits), so the head runs over N positions per row, not S."""
-    import onnx_ir as ir
-
     logits = next(v for v in graph.outputs if v.name == "logits")
     head = logits.producer()
     hidden = head.inputs[0]

@@ -24,7 +24,7 @@ FLOAT = ir.DataType.FLOAT
 
 def custom_translation_table(flavour: str) -> dict[Any, Callable]:
     """{torch.ops.qwen3export.<op>.default: onnxscript translation} for `flavour` ("ort" | "standard")."""
-    import qwen3export.kernels.ops  # noqa: F401  (registers the ops named below)
+    import qwen3export.kernels.ops  # noqa: F401  # lazy: registers the ops named below (loads triton)
 
     if flavour not in FLAVOURS:
         raise ValueError(f"unknown ONNX op flavour {flavour!r}; choose one of {', '.join(FLAVOURS)}")
@@ -41,7 +41,7 @@ def custom_translation_table(flavour: str) -> dict[Any, Callable]:
 def ort_op(name: str, domain: str = "com.microsoft", outputs: int | None = None) -> Op:
     """An onnxscript Op for an ONNX Runtime contrib op, with the schema ONNX Runtime itself registers
     (onnx.defs does not know them); `outputs` keeps only the first n outputs on the node."""
-    from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_c  # lazy: onnxruntime, ort flavour only
 
     found = [s for s in ort_c.get_all_operator_schema() if s.name == name and s.domain == domain]
     if not found:
@@ -179,34 +179,41 @@ def attention(q, k, v, attention_mask=None, kv_lens=None, scale: float = 1.0):
 
 
 def ort_attention(q, k, v, attention_mask=None, kv_lens=None, scale: float = 1.0):
-    """com.microsoft GroupQueryAttention over the explicit cache k, v [B, Hkv, L, D] = past ++ new.
+    """com.microsoft GroupQueryAttention over a KV cache buffer shared by past and present.
 
-    ORT's CPU GQA takes past and new keys apart, and refuses a multi-token step over a non-empty cache
-    when batch > 1 ("batch_size must be 1 when sequence_length > 1 and past context is given", ORT 1.31):
-    an If sends that case to MultiHeadAttention over K/V repeated to Hq heads. Prefill (P = 0), decode
-    (S = 1) and batch 1 take GQA. Every row is full length (seqlens_k = L - 1); padding is in the bias.
+    The graph hands the op k, v [B, Hkv, P + S, D] = Concat(past, new); GQA takes the two apart, so this
+    reads them from the Concat: the new keys as [B, S, Hkv*D], the cache input itself as past. The node's
+    present outputs are the cache (backends/onnx.py share_kv_buffer makes them the graph's present.* outputs
+    and feeds seqlens_k / total_sequence_length from inputs of those names; an engine binds past and present
+    to one [B, Hkv, max_seq, D] buffer, which GQA then updates in place: no copy of the cache per step).
+    Rows are right-padded, per-row lengths in seqlens_k (total length - 1; DESIGN §2, the runner's slots).
+    Until share_kv_buffer rewires them, seqlens_k / total come from the mask (every row full length).
     """
     if kv_lens is not None:
         raise NotImplementedError(NO_KV_LENS)
     hq, hkv, d = static_dim(q, 1), static_dim(k, 1), static_dim(q, 3)
-    b, s, length = op.Shape(q, start=0, end=1), op.Shape(q, start=2, end=3), op.Shape(k, start=2, end=3)
-    past = op.Sub(length, s)
-    bias = op.Expand(_key_bias(attention_mask, q, q, k), op.Concat(b, int64s(1), s, length, axis=0))  # [B, 1, S, L]
+    past_k, new_k = _cache_and_new(k)
+    past_v, new_v = _cache_and_new(v)
     query = op.Reshape(op.Transpose(q, perm=[0, 2, 1, 3]), int64s(0, 0, hq * d))  # [B, S, Hq*D]
 
     def bsh(x):  # new positions [B, Hkv, S, D] -> [B, S, Hkv*D]
-        return op.Reshape(op.Transpose(op.Slice(x, past, length, int64s(2)), perm=[0, 2, 1, 3]), int64s(0, 0, hkv * d))
+        return op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), int64s(0, 0, hkv * d))
 
-    seqlens = op.Cast(op.Expand(op.Sub(length, int64s(1)), b), to=ir.DataType.INT32)  # [B]
+    length = op.Shape(attention_mask, start=1, end=2)  # [1]: P + S
+    seqlens = op.Cast(op.Sub(op.ReduceSum(attention_mask, int64s(1), keepdims=0), int64s(1)), to=ir.DataType.INT32)
     total = op.Cast(op.Squeeze(length), to=ir.DataType.INT32)
-    past_k, past_v = op.Slice(k, int64s(0), past, int64s(2)), op.Slice(v, int64s(0), past, int64s(2))
-    gqa_in = (query, bsh(k), bsh(v), past_k, past_v, seqlens, total)
-    fast = op.Or(op.Or(op.Equal(b, int64s(1)), op.Equal(s, int64s(1))), op.Equal(past, int64s(0)))
-    repeated = op.Concat(b, int64s(hq), length, int64s(d), axis=0)  # K/V repeated to the query heads: [B, Hq, L, D]
-    out = op.If(op.Squeeze(fast), then_branch=_branch(_gqa_graph, gqa_in + (bias,), hq, hkv, scale),
-                else_branch=_branch(_mha_graph, (query, k, v, bias, int64s(1, 1, hq // hkv, 1, 1),
-                                                 repeated, int64s(2)), hq, scale))
-    return op.Transpose(op.Reshape(out, int64s(0, 0, hq, d)), perm=[0, 2, 1, 3])
+    out, _, _ = ort_op("GroupQueryAttention", outputs=3)(query, bsh(new_k), bsh(new_v), past_k, past_v, seqlens,
+                                                          total, num_heads=hq, kv_num_heads=hkv, scale=float(scale))
+    return op.Transpose(op.Reshape(out, int64s(0, 0, hq, d)), perm=[0, 2, 1, 3])  # [B, Hq, S, D]
+
+
+def _cache_and_new(x):
+    """(past cache, new keys) of the decoder's k/v = Concat(past, new) along the sequence axis."""
+    node = x.producer()
+    if node is None or node.op_type != "Concat" or len(node.inputs) != 2:
+        raise ValueError(f"the ort flavour's attention reads the KV cache from Concat(past, new); {x.name} is "
+                         f"made by {node.op_type if node else 'no node'}: export with --onnx-ops standard")
+    return node.inputs[0], node.inputs[1]
 
 
 def _branch(build, inputs, *args) -> ir.Graph:
@@ -214,22 +221,6 @@ def _branch(build, inputs, *args) -> ir.Graph:
     tape = ir.tape.Tape()
     out = build(tape, *inputs, *args)
     return ir.Graph(inputs=[], outputs=[out], nodes=tape.nodes, name=build.__name__.strip("_"))
-
-
-def _gqa_graph(tape, query, key, value, past_k, past_v, seqlens, total, bias, hq, hkv, scale):
-    outs = tape.op_multi_out("GroupQueryAttention", [query, key, value, past_k, past_v, seqlens, total, None, None,
-                                                     None, bias],
-                             attributes={"num_heads": hq, "kv_num_heads": hkv, "scale": float(scale)},
-                             domain="com.microsoft", num_outputs=3)
-    return outs[0]
-
-
-def _mha_graph(tape, query, k, v, bias, groups, repeated, axis, hq, scale):
-    def repeat(x):  # [B, Hkv, L, D] -> [B, Hq, L, D], query head h reads kv head h // G
-        return tape.op("Reshape", [tape.op("Expand", [tape.op("Unsqueeze", [x, axis]), groups]), repeated])
-
-    return tape.op("MultiHeadAttention", [query, repeat(k), repeat(v), None, None, bias],
-                   attributes={"num_heads": hq, "scale": float(scale)}, domain="com.microsoft")
 
 
 # ---------------------------------------------------------------------- MoE
