@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from qwen3export.graphs.passes import DEFAULT_PASSES, PATTERNS, UnloweredSiteWarning, run_passes
@@ -42,8 +43,6 @@ def lower_program(ep, progress: Progress = lambda s: None, passes=None):
     """Run the lowering passes (default graphs/passes DEFAULT_PASSES); -> (lowered program, manifest record).
     A site a pass cannot prove equal to its op stays in plain ATen ops (correct, unfused): its warning goes
     to progress and into the record's notes."""
-    import warnings
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UnloweredSiteWarning)
         lowered, results = run_passes(ep, passes or DEFAULT_PASSES, progress=progress)

@@ -11,6 +11,8 @@ from torch.export import ExportedProgram
 
 from .fuse_add_rms_norm import PATTERNS as ADD_RMS_NORM_PATTERNS
 from .fuse_add_rms_norm import fuse_add_rms_norm
+from .fuse_projections import PATTERNS as PROJECTION_PATTERNS
+from .fuse_projections import fuse_projections
 from .fuse_qk_norm_rope import PATTERNS as QK_NORM_ROPE_PATTERNS
 from .fuse_qk_norm_rope import fuse_qk_norm_rope
 from .fuse_rms_norm import PATTERNS as RMS_NORM_PATTERNS
@@ -33,6 +35,9 @@ DEFAULT_PASSES: tuple[Pass, ...] = (
     # 3. the residual stream: hidden-size norms, then the residual add folded into the norm after it
     fuse_rms_norm,
     fuse_add_rms_norm,
+    # 4. the GEMMs: q/k/v and gate/up, each group reading one normed input, -> one linear + split (last, so
+    #    that the attention and norm patterns above see the projections as the model wrote them)
+    fuse_projections,
 )
 
 # pass name -> the (pattern, check) entries it tries at each candidate node, first match wins
@@ -42,6 +47,7 @@ PATTERNS: dict[str, tuple[Pattern, ...]] = {
     "moe": MOE_PATTERNS,
     "rms_norm": RMS_NORM_PATTERNS,
     "add_rms_norm": ADD_RMS_NORM_PATTERNS,
+    "projections": PROJECTION_PATTERNS,
 }
 
 
@@ -63,7 +69,8 @@ def run_passes(ep: ExportedProgram, passes: Sequence[Pass] = DEFAULT_PASSES,
 def lower(ep: ExportedProgram, passes: Sequence[Pass] = DEFAULT_PASSES,
           progress: Callable[[str], None] | None = None) -> tuple[ExportedProgram, dict[str, int]]:
     """-> (lowered program, {pass name: sites replaced}), e.g. for tiny-moe
-    {"qk_norm_rope": 3, "attention": 3, "moe": 2, "rms_norm": 7, "add_rms_norm": 6}.
+    {"qk_norm_rope": 3, "attention": 3, "moe": 2, "rms_norm": 7, "add_rms_norm": 6, "projections": 4}
+    (q/k/v in every layer, gate/up in the dense layer 0).
 
     The input program is left as it was. A site that a pass cannot prove equal to its op stays in plain
     ATen ops and is warned about (UnloweredSiteWarning): the program is always the same function.

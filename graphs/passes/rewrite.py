@@ -1,7 +1,8 @@
 """What every lowering pass shares: copy the ExportedProgram's graph, replace matched sites with
 `qwen3export::` ops, prune what they orphaned, and rebuild the program around the same weights.
 
-The input program is never modified and no weight is copied: the new program shares its state_dict.
+The input program is never modified and no weight is copied: the new program shares its weights, plus
+those a pass adds (Rewrite.add_weight: fuse_projections' concatenated projections).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch import fx
 from torch._guards import detect_fake_mode
 from torch.export import ExportedProgram
-from torch.export.graph_signature import ExportGraphSignature, TensorArgument
+from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
 
 import qwen3export.kernels.ops  # noqa: F401  (registers the qwen3export:: ops that passes match and emit)
 
@@ -66,6 +67,7 @@ class Rewrite:
             self.graph: fx.Graph = copy.deepcopy(ep.graph_module.graph)  # node meta shared, not deep-copied
         self.sites = 0
         self.notes: list[str] = []
+        self.weights: dict[str, tuple[InputSpec, torch.Tensor]] = {}  # placeholder name -> new weight (add_weight)
         placeholders = [n.meta.get("val") for n in self.graph.nodes if n.op == "placeholder"]
         self.fake_mode = detect_fake_mode(placeholders)
 
@@ -104,6 +106,25 @@ class Rewrite:
             if like is not None and key in like.meta:
                 node.meta[key] = like.meta[key]
         return node
+
+    def add_weight(self, target: str, tensor: torch.Tensor, like: fx.Node) -> fx.Node:
+        """A new weight of the program: a placeholder before `like` (a weight placeholder of the same kind,
+        parameter or persistent buffer) holding `tensor`, under the state_dict name `target`."""
+        spec = self.input_spec(like)
+        prefix = "p_" if spec.kind is InputKind.PARAMETER else "b_"
+        with self.graph.inserting_before(like):
+            node = self.graph.placeholder(prefix + target.replace(".", "_"))
+        node.meta["val"] = self.fake_mode.from_tensor(tensor, static_shapes=True)
+        persistent = True if spec.kind is InputKind.BUFFER else None
+        self.weights[node.name] = (InputSpec(spec.kind, TensorArgument(node.name), target, persistent), tensor)
+        return node
+
+    def input_spec(self, node: fx.Node) -> InputSpec | None:
+        """The input spec of placeholder `node` (None for other nodes and for a weight this pass added)."""
+        if node.op != "placeholder":
+            return None
+        return next((s for s in self.ep.graph_signature.input_specs
+                     if isinstance(s.arg, TensorArgument) and s.arg.name == node.name), None)
 
     def insertion_point(self, inputs: Sequence[Any], replaced: Sequence[fx.Node]) -> fx.Node | None:
         """The node before which an op reading `inputs` and replacing `replaced` can go: right after its
@@ -175,7 +196,7 @@ class Rewrite:
                    "patterns this pass knows; they stay in plain ATen ops (correct, unfused)")
             self.notes.append(msg)
             warnings.warn(msg, UnloweredSiteWarning, stacklevel=3)
-        program = rebuild(self.ep, self.graph)
+        program = rebuild(self.ep, self.graph, self.weights)
         log.info("%s: %d site(s) replaced", self.name, self.sites)
         return PassResult(self.name, program, self.sites, self.notes)
 
@@ -198,8 +219,12 @@ def prune(graph: fx.Graph) -> None:
             graph.erase_node(node)
 
 
-def rebuild(ep: ExportedProgram, graph: fx.Graph) -> ExportedProgram:
-    """A new ExportedProgram over `graph`, sharing `ep`'s weights, constants and range constraints."""
+def rebuild(ep: ExportedProgram, graph: fx.Graph,
+            weights: dict[str, tuple[InputSpec, torch.Tensor]] | None = None) -> ExportedProgram:
+    """A new ExportedProgram over `graph`, sharing `ep`'s weights, constants and range constraints; `weights`
+    (placeholder name -> (spec, tensor), Rewrite.add_weight) are added to its state_dict, and the weights
+    whose placeholders the graph no longer has are left out of it."""
+    weights = weights or {}
     gm = fx.GraphModule(ep.graph_module, graph)
     gm.meta.update(ep.graph_module.meta)
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
@@ -210,7 +235,15 @@ def rebuild(ep: ExportedProgram, graph: fx.Graph) -> ExportedProgram:
             spec = copy.copy(spec)
             spec.arg = TensorArgument(name=value.name)
         specs.append(spec)
-    signature = ExportGraphSignature(input_specs=list(ep.graph_signature.input_specs), output_specs=specs)
+    inputs, state_dict = list(ep.graph_signature.input_specs), None
+    if weights or len(inputs) != sum(n.op == "placeholder" for n in graph.nodes):
+        old = {s.arg.name: s for s in inputs if isinstance(s.arg, TensorArgument)}
+        inputs = [weights[n.name][0] if n.name in weights else old[n.name] for n in graph.nodes
+                  if n.op == "placeholder"]
+        kept = {s.target for s in inputs if s.kind in (InputKind.PARAMETER, InputKind.BUFFER)}
+        state_dict = {k: v for k, v in ep.state_dict.items() if k in kept}
+        state_dict.update({spec.target: tensor for spec, tensor in weights.values()})
+    signature = ExportGraphSignature(input_specs=inputs, output_specs=specs)
     with warnings.catch_warnings():  # deepcopy of the module call graph's pytree specs warns about LeafSpec
         warnings.simplefilter("ignore", FutureWarning)
-        return ep._update(gm, signature)
+        return ep._update(gm, signature, state_dict=state_dict)

@@ -13,11 +13,14 @@ from qwen3export.graph_capture import capture
 from qwen3export.graphs.passes import DEFAULT_PASSES, PATTERNS, lower, run_passes
 
 # sites per pass: q/k norm+RoPE and attention once per layer; MoE per sparse layer; every hidden norm
-# (2 per layer + final) becomes rms_norm, then all but the first layer's input norm take their residual add
+# (2 per layer + final) becomes rms_norm, then all but the first layer's input norm take their residual add;
+# projections: q/k/v per layer and gate/up per dense layer
 EXPECTED = {
-    "tiny": {"qk_norm_rope": 2, "attention": 2, "moe": 0, "rms_norm": 5, "add_rms_norm": 4},
-    "tiny-moe": {"qk_norm_rope": 3, "attention": 3, "moe": 2, "rms_norm": 7, "add_rms_norm": 6},  # layer 0 dense
-    "mixed": {"qk_norm_rope": 4, "attention": 4, "moe": 2, "rms_norm": 9, "add_rms_norm": 8},  # layers 1, 3 MoE
+    "tiny": {"qk_norm_rope": 2, "attention": 2, "moe": 0, "rms_norm": 5, "add_rms_norm": 4, "projections": 4},
+    "tiny-moe": {"qk_norm_rope": 3, "attention": 3, "moe": 2, "rms_norm": 7, "add_rms_norm": 6,
+                 "projections": 4},  # layer 0 dense
+    "mixed": {"qk_norm_rope": 4, "attention": 4, "moe": 2, "rms_norm": 9, "add_rms_norm": 8,
+              "projections": 6},  # layers 1, 3 MoE
 }
 
 
@@ -53,7 +56,7 @@ def test_run_passes_returns_each_pass_result_in_order(captured):
     _, ep = captured("tiny")
     lines = []
     lowered, results = run_passes(ep, progress=lines.append)
-    assert [r.name for r in results] == ["qk_norm_rope", "attention", "moe", "rms_norm", "add_rms_norm"]
+    assert [r.name for r in results] == ["qk_norm_rope", "attention", "moe", "rms_norm", "add_rms_norm", "projections"]
     assert list(PATTERNS) == [r.name for r in results]  # the registry names each pass's patterns
     assert len(results) == len(DEFAULT_PASSES) and results[-1].program is lowered
     assert lines[1] == "lower: attention: 2 site(s)"
@@ -65,6 +68,6 @@ def test_qwen3_30b_a3b_two_layers_lower_completely():
     ~7 GB in fp32 and a few minutes on 2 cores."""
     model = qwen3export.load_model("qwen3-30b-a3b", num_hidden_layers=2)
     lowered, report = lower(capture(model))
-    assert report == {"qk_norm_rope": 2, "attention": 2, "moe": 2, "rms_norm": 5, "add_rms_norm": 4}
+    assert report == {"qk_norm_rope": 2, "attention": 2, "moe": 2, "rms_norm": 5, "add_rms_norm": 4, "projections": 2}
     assert custom_op_counts(lowered) == {"qk_norm_rope": 2, "attention": 2, "moe": 2, "rms_norm": 1,
                                          "add_rms_norm": 4}
