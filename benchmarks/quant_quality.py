@@ -4,6 +4,8 @@ worse, on presets drawn with the "trained" weight statistics (synthetic_weights.
 
     python benchmarks/quant_quality.py [--models qwen3-0.6b,qwen3-30b-a3b:num_hidden_layers=2,...]
                                        [--modes int8,int4:128,int4:32] [--layers N] [--margin 2] [--threads 1]
+    python benchmarks/quant_quality.py --models qwen3-0.6b --layers 4 \
+        --modes int4:128,int4:128:a4,int4:128:a4:head,int4:32    # what level 4 and the int4 lm_head cost
 
 Models are given as in precision.py (NAME[:field=value,...][@small]); --layers sets qwen3-0.6b's
 num_hidden_layers (default: all 28). Per model, the preset's weights are written once as a Hugging Face folder
@@ -75,12 +77,18 @@ class NoisedSource:
 
 
 def parse_mode(text: str):
-    """`int8` | `int4:32` -> (row name, QuantConfig)."""
+    """`int8` | `int4:32` | `int4:128:a4:head` -> (row name, QuantConfig). After the mode, colon-separated: a
+    group size, `a4` (MatMulNBits accuracy level 4: int8 activations, emulated as the build's gate does,
+    quant_parity.emulate_int8_activations) and `head` (the lm_head quantized too)."""
     from qwen3export.quant_format import QuantConfig
 
-    mode, _, group = text.partition(":")
-    config = QuantConfig(mode, int(group)) if group else QuantConfig(mode)
-    return (f"{mode}_g{config.group_size}" if mode == "int4" else mode), config
+    mode, *extras = text.split(":")
+    group = next((int(e) for e in extras if e.isdigit()), None)
+    level = 4 if "a4" in extras else 0
+    head = "head" in extras
+    config = QuantConfig(mode, group or 128, quantize_lm_head=head, accuracy_level=level)
+    row = f"{mode}_g{config.group_size}" if mode == "int4" else mode
+    return row + ("_a4" if level else "") + ("_head" if head else ""), config
 
 
 def routed(model, moe: str):
@@ -192,6 +200,9 @@ def bench_model(text: str, args) -> dict:
                                                                                   "hidden_err_max")},
             "int4_g128_over_int4_g32": {k: ratio("int4_g128", "int4_g32", k) for k in ("kl_mean", "hidden_err_max")},
             "int4_g32_over_int8": {k: ratio("int4_g32", "int8", k) for k in ("kl_mean", "hidden_err_max")},
+            # what quantizing the lm_head adds (options.QuantOptions.quantize_lm_head's default for int4)
+            "head_over_no_head_a4": {k: ratio("int4_g128_a4_head", "int4_g128_a4", k) for k in ("kl_mean", "kl_max")},
+            "a4_over_a0": {k: ratio("int4_g128_a4", "int4_g128", k) for k in ("kl_mean", "kl_max")},
         },
         "control_top1_agreement": control.get("top1_agreement"),
     }
@@ -201,7 +212,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=DEFAULT_MODELS, help="models separated by commas, each "
                     f"NAME[:field=value,...][@small] (default {DEFAULT_MODELS})")
-    ap.add_argument("--modes", default=DEFAULT_MODES, help=f"int8 | int4:GROUP, comma-separated (default "
+    ap.add_argument("--modes", default=DEFAULT_MODES, help=f"int8 | int4:GROUP[:a4][:head], comma-separated (default "
                     f"{DEFAULT_MODES}); int4:32 sets the control's bounds")
     ap.add_argument("--layers", type=int, default=None, help="num_hidden_layers of qwen3-0.6b (default: all 28)")
     ap.add_argument("--margin", type=float, default=2.0, help="bounds = int4 g32's error x this (default 2)")

@@ -44,6 +44,15 @@ THRESHOLDS: dict[str, dict[str, Any]] = {
     # dense folder (trained statistics, ORT CPU; top-1 agreement 0.944..0.984 over its draws); a wrong scale or
     # layout gives errors of order 1 and top-1 near chance.
     "fp8": {"logits_scaled": 1e-1, "greedy_match": False, "top1_agreement": 0.9},
+    # int4 engines at MatMulNBits / QMoE accuracy level 4 quantize activations to int8 per block; the reference
+    # emulates that (quant_parity.py), and an fp32 difference of an ulp before the rounding moves an element to the
+    # next code (1/127 of its block's absmax), so a few rows differ by such flips (more through the KV cache when
+    # it hits an attention-sink position). Measured (ORT 1.31 CPU, trained statistics, tiny / tiny-moe, g32 /
+    # g128, seeds 0-2): median row 3.6e-7..5.7e-7, as tight as fp32, worst row 6.8e-7..8.7e-3, greedy 32/32; an
+    # engine computing something else (fp32 activations, or int8 per row instead of per block) is off at every
+    # row: median 1.5e-2..2.1e-2, worst 1.9e-2..4.8e-2. So the median is gated at the fp32 bound (5 orders of
+    # magnitude apart) and the worst row at 2e-2 (2.3x the worst flip measured), greedy tokens must match.
+    "int8_activations": {"logits_scaled": 2e-2, "logits_scaled_median": 1e-4, "greedy_match": True},
 }
 NEW_TOKENS = 32
 PROMPT_LENGTHS = (16, 9)
@@ -60,11 +69,13 @@ def logits_errors(got: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
     got, ref = got.double(), ref.double()
     finite = {"engine": bool(torch.isfinite(got).all()), "reference": bool(torch.isfinite(ref).all())}
     if not all(finite.values()):  # NaN compares False against every bound: report it, never a number
-        return {"max_abs": None, "max_rel": None, "scaled": None, "top1_agreement": 0.0, "finite": finite}
+        return {"max_abs": None, "max_rel": None, "scaled": None, "scaled_median": None, "top1_agreement": 0.0,
+                "finite": finite}
     diff = (got - ref).abs()
     abs_err = diff.max().item()
-    scaled = (diff.amax(-1) / ref.abs().amax(-1).clamp(min=1.0)).max().item()
-    return {"max_abs": abs_err, "max_rel": abs_err / max(ref.abs().max().item(), 1e-30), "scaled": scaled,
+    rows = (diff.amax(-1) / ref.abs().amax(-1).clamp(min=1.0)).flatten()  # the scaled error of each row
+    return {"max_abs": abs_err, "max_rel": abs_err / max(ref.abs().max().item(), 1e-30), "scaled": rows.max().item(),
+            "scaled_median": torch.quantile(rows, 0.5).item(),
             "top1_agreement": (got.argmax(-1) == ref.argmax(-1)).double().mean().item(), "finite": finite}
 
 
@@ -97,6 +108,10 @@ def check_parity(engine: Step, engine_cache: tuple, eager: Step, eager_cache: tu
             failures.append(f"the {side}'s logits hold NaN or Inf")
     if worst_scaled is not None and worst_scaled > bound:
         failures.append(f"logits scaled error {worst_scaled:.3g} > {bound:g} (max abs {worst_abs:.3g})")
+    worst_median = _worst(prefill["scaled_median"], decode["scaled_median"])
+    if th.get("logits_scaled_median") is not None and worst_median is not None \
+            and worst_median > th["logits_scaled_median"]:
+        failures.append(f"median logits scaled error {worst_median:.3g} > {th['logits_scaled_median']:g}")
     if th.get("greedy_match") and n_same != new_tokens:
         failures.append(f"greedy tokens differ from step {n_same}")
     top1 = min(prefill["top1_agreement"], decode["top1_agreement"])
@@ -112,6 +127,7 @@ def check_parity(engine: Step, engine_cache: tuple, eager: Step, eager_cache: tu
         "decode": decode,
         "metric": METRIC,
         "logits_scaled_err": worst_scaled,
+        "logits_scaled_median": worst_median,
         "logits_max_abs": worst_abs,
         "logits_max_rel": worst_rel,
         "top1_agreement": top1,

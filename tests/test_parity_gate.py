@@ -40,10 +40,10 @@ def eager():
         yield build_module(spec, source, torch.float32)
 
 
-def _check(eager, fn):
+def _check(eager, fn, dtype: str = "fp32"):
     with torch.no_grad():
         return check_parity(Skewed(eager, fn), eager.empty_cache(2), eager, eager.empty_cache(2),
-                            eager.spec.vocab_size, "fp32")
+                            eager.spec.vocab_size, dtype)
 
 
 def test_rounding_at_trained_scale_passes_where_an_absolute_gate_failed(eager):
@@ -79,8 +79,27 @@ def test_nan_and_inf_fail_with_their_own_message(eager):
         json.dumps(report, allow_nan=False)  # strict JSON: the manifest can hold it
 
 
+def test_int8_activation_gate_takes_isolated_flips_not_errors_in_every_row(eager):
+    """THRESHOLDS["int8_activations"] (level-4 int4 engines): one row off by a rounding flip's size (5e-3 of its
+    scale) passes there, not at fp32; the same error in every row fails on the median row."""
+    def one_row(x):
+        if x.shape[1] == 1:  # decode steps stay exact
+            return x
+        x = x.clone()
+        x[0, -1] += 5e-3 * x[0, -1].abs().max()  # the prefill's first row, last position
+        return x
+
+    assert not _check(eager, one_row)["passed"]
+    report = _check(eager, one_row, "int8_activations")
+    assert report["passed"], report["failures"]
+    assert report["logits_scaled_median"] < 1e-6 and report["logits_scaled_err"] > 1e-3
+    everywhere = _check(eager, lambda x: x * (1 + 5e-3), "int8_activations")
+    assert not everywhere["passed"] and everywhere["failures"] == [
+        f"median logits scaled error {everywhere['logits_scaled_median']:.3g} > 0.0001"]
+
+
 def test_thresholds_name_their_metric():
-    assert set(THRESHOLDS) == {"fp32", "fp16", "bf16", "fp8"}
+    assert set(THRESHOLDS) == {"fp32", "fp16", "bf16", "fp8", "int8_activations"}
     assert all("logits_scaled" in t for t in THRESHOLDS.values())
 
 
