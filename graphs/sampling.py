@@ -143,6 +143,104 @@ def inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return ((cum <= target) & (cum < total)).sum(-1)
 
 
+# Candidates of the top-k fast path: a row with 0 < top_k < TOPK_CANDIDATES is sampled from the TopK of its
+# scores, not from a sort of the whole vocabulary (Qwen3's recommended top_k is 20; transformers' default 50)
+TOPK_CANDIDATES = 128
+
+
+def topk_pick(scores: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+              min_p: torch.Tensor, uniforms: torch.Tensor, cand_s: torch.Tensor,
+              cand_ids: torch.Tensor) -> torch.Tensor:
+    """Token [B] int64 of filter_weights + inverse_cdf computed on the K = cand_s.shape[1] largest scores
+    only (cand_s [B, K] descending, cand_ids [B, K] their ids, in any order among ties); exact when
+    `topk_complete` holds for every sampling row.
+
+    Why it is the same token: the kept set lies inside the candidates (every token outside scores below
+    the k-th value), so the full path's sorted weights are these K followed by zeros: its top-p sums,
+    counts and thresholds are the same numbers from the same additions. Its inverse CDF adds the kept
+    weights in vocabulary order with zeros between them, which changes no partial sum, and picks the
+    first kept token whose cumulative weight exceeds u * total: here the candidates are put in id order
+    (ids are distinct, so that order does not depend on how TopK ordered ties) and the same rule picks
+    among them. A total of 0 (possible only with +-inf scores) picks token 0 as the full path does.
+    Greedy rows (weight 1 on each maximum, u = 0) get the first maximum in id order, as argmax does.
+    """
+    t = torch.where(temperature == 0, torch.ones_like(temperature), temperature)
+    x = cand_s / t[:, None]  # [B, K]: division by t > 0 is monotone, so still descending
+    k = x.shape[-1]
+    m = x[:, :1]
+    kth_pos = (top_k.clamp(min=1, max=k) - 1)[:, None]
+    kth = torch.where(top_k[:, None] > 0, x.gather(1, kth_pos), float("-inf"))
+    w = exp_f32(x - m)
+    keep = x >= kth
+    cum = torch.cumsum(torch.where(keep, w, 0.0).double(), dim=-1)
+    above = torch.cat((torch.zeros_like(cum[:, :1]), cum[:, :-1]), dim=-1)
+    n_p = (above < top_p.double()[:, None] * cum[:, -1:]).sum(-1, keepdim=True).clamp(min=1)
+    tp = x.gather(1, n_p - 1)
+    tp = torch.where(top_p[:, None] >= 1, float("-inf"), tp)
+    keep = keep & (x >= tp) & (w >= min_p[:, None])
+    w = torch.where(keep, w, 0.0)
+    w = torch.where((temperature == 0)[:, None], (x == m).to(w.dtype), w)
+    ids, order = torch.sort(cand_ids, dim=-1)  # distinct ids: a unique order, the vocabulary's
+    w = w.gather(1, order)
+    cum = torch.cumsum(w.double(), dim=-1)  # [B, K] the full path's partial sums at the kept tokens
+    total = cum[:, -1:]
+    u = torch.where(temperature == 0, torch.zeros_like(uniforms), uniforms)
+    target = u.clamp(0.0, 1.0).double()[:, None] * total
+    j = ((cum <= target) & (cum < total)).sum(-1, keepdim=True).clamp(max=k - 1)  # [B, 1]
+    return torch.where(total[:, 0] > 0, ids.gather(1, j)[:, 0], torch.zeros_like(ids[:, 0]))
+
+
+def topk_complete(cand_s: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                  vocab_size: int) -> torch.Tensor:
+    """[B] bool: the row's kept set lies inside its K candidates, so topk_pick gives the full path's token.
+
+    K is the whole vocabulary, or: a greedy row's last candidate scores strictly below its maximum (every
+    maximum is a candidate); a sampling row has 0 < top_k < K and its last candidate scores strictly
+    below the k-th (after temperature). Then no token outside the candidates ties with the threshold, so
+    none can be kept, whatever order TopK gave to ties.
+    """
+    k = cand_s.shape[-1]
+    greedy = temperature == 0
+    if k >= vocab_size:
+        return greedy | (top_k > 0)
+    t = torch.where(greedy, torch.ones_like(temperature), temperature)
+    x = cand_s / t[:, None]
+    kk = torch.where(greedy, torch.ones_like(top_k), top_k.clamp(min=1, max=k))
+    kth = x.gather(1, (kk - 1)[:, None])[:, 0]
+    return (greedy | ((top_k > 0) & (top_k < k))) & (x[:, -1] < kth)
+
+
+def _greedy(scores, temperature, top_k, top_p, min_p, uniforms):
+    return torch.argmax(scores, dim=-1)  # the first maximum, as the full path's greedy rule (u = 0)
+
+
+def _full(scores, temperature, top_k, top_p, min_p, uniforms):
+    w = filter_weights(scores, temperature, top_k, top_p, min_p)  # [B, V] f32
+    return inverse_cdf(w, torch.where(temperature == 0, torch.zeros_like(uniforms), uniforms))
+
+
+class _Sample(nn.Module):
+    """Sampling for a batch with at least one non-greedy row: the top-k fast path when every row allows
+    it (topk_complete), else the full-vocabulary path. Greedy rows get the first maximum on both."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.k = min(vocab_size, TOPK_CANDIDATES)
+
+    def forward(self, scores, temperature, top_k, top_p, min_p, uniforms):
+        cand_s, cand_ids = torch.topk(scores, self.k, dim=-1)  # [B, K] descending; tie order unspecified
+        ok = topk_complete(cand_s, temperature, top_k, self.vocab_size).all()
+
+        def fast(scores, temperature, top_k, top_p, min_p, uniforms, cand_s, cand_ids):
+            return topk_pick(scores, temperature, top_k, top_p, min_p, uniforms, cand_s, cand_ids)
+
+        def full(scores, temperature, top_k, top_p, min_p, uniforms, cand_s, cand_ids):
+            return _full(scores, temperature, top_k, top_p, min_p, uniforms)
+
+        return torch.cond(ok, fast, full, (scores, temperature, top_k, top_p, min_p, uniforms, cand_s, cand_ids))
+
+
 class SamplingGraph(nn.Module):
     """One sampling step for a batch; inputs and outputs in INPUT_NAMES / OUTPUT_NAMES order.
 
@@ -167,6 +265,7 @@ class SamplingGraph(nn.Module):
         else:
             ids = (0,)  # unused placeholder: no row can ever be inside thinking
         self.early_stop = ids
+        self.sample = _Sample(self.vocab_size)
         self.register_buffer("forced_ids", torch.tensor(ids, dtype=torch.int64), persistent=False)  # [L]
 
     def forward(self, logits, seen, generated, in_think, think_spent, forced_pos, temperature, top_k, top_p,
@@ -178,8 +277,9 @@ class SamplingGraph(nn.Module):
         if self.vocab.has_thinking:
             banned = (vocab == self.vocab.think_id)[None, :] & ~enable_thinking[:, None]  # [B, V]
             s = torch.where(banned, float("-inf"), s)
-        w = filter_weights(s, temperature, top_k, top_p, min_p)  # [B, V] f32
-        token = inverse_cdf(w, torch.where(temperature == 0, torch.zeros_like(uniforms), uniforms))  # [B]
+        # all rows greedy: argmax; else the top-k candidates when they suffice, else the whole vocabulary
+        token = torch.cond((temperature == 0).all(), _greedy, self.sample,
+                           (s, temperature, top_k, top_p, min_p, uniforms))  # [B] int64
 
         if self.vocab.has_thinking:
             budget = torch.where(enable_thinking, thinking_budget, torch.zeros_like(thinking_budget))
@@ -222,8 +322,8 @@ def io_shapes(vocab_size: int) -> dict[str, list[str | int]]:
 def emit_sampling_onnx(graph: SamplingGraph, path: Path, ep: ExportedProgram | None = None) -> dict[str, Any]:
     """Write the sampling graph as ONNX (opset 18) at `path`, check that ONNX Runtime's CPU provider loads
     it, and return its engine entry for the manifest. `ep`: the graph's capture, when already made."""
-    import onnx_ir as ir
-    import onnxruntime as ort
+    import onnx_ir as ir  # lazy: the ONNX toolchain, needed at export only
+    import onnxruntime as ort  # lazy: loads onnxruntime
 
     ep = capture_sampling(graph) if ep is None else ep
     with warnings.catch_warnings():
@@ -247,7 +347,7 @@ class SamplingSession:
 
     def __init__(self, path: Path, providers: Sequence[str] = ("CPUExecutionProvider",),
                  threads: int | None = None):
-        import onnxruntime as ort
+        import onnxruntime as ort  # lazy: loads onnxruntime
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3

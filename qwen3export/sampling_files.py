@@ -3,8 +3,11 @@ template and generation_config copied beside it."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
+
+from tokenizers import Tokenizer
 
 from qwen3export.graphs.sampling import (SAMPLING_FILE, SamplingGraph, SamplingVocab, early_stop_ids,
                                          emit_sampling_onnx, read_generation_config, sampling_defaults)
@@ -25,8 +28,6 @@ def sampling_graph_for(spec: ModelSpec, ref: ModelRef):
     src = _source_folder(ref)
     tokenizer = None
     if src is not None and (src / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
         tokenizer = Tokenizer.from_file(str(src / "tokenizer.json"))
     vocab = SamplingVocab.from_spec(spec)
     if not vocab.has_thinking:  # no <think>/</think> in this vocabulary: thinking control does not apply
@@ -37,8 +38,6 @@ def sampling_graph_for(spec: ModelSpec, ref: ModelRef):
 def emit_sampling(spec: ModelSpec, ref: ModelRef, folder: Path, sampling_ep) -> dict[str, Any]:
     """The sampling graph as sampling.onnx, plus the checkpoint's tokenizer, chat template and
     generation_config copied beside it; returns the manifest's `sampling` entry."""
-    import shutil
-
     src = _source_folder(ref)
     copied = [f for f in TOKENIZER_FILES if src is not None and (src / f).is_file()]
     for f in copied:
