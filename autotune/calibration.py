@@ -17,11 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import optuna
+
+from qwen3export.kernels.compile import compile_report
 from qwen3export.kernels.config import KernelConfig
 from qwen3export.targets import Target
 
 from .cost_model import UNCALIBRATED, Calibration, Resources, estimate, launch_seconds, resources_from_records
-from .public_tables import FP8, KERNEL, UNQUANTIZED, PublicTable, map_config
+from .public_tables import FP8, KERNEL, UNQUANTIZED, PublicTable, map_config, read_public_tables
 from .search import kept_space
 from .workloads import TOKEN_BUCKETS, Launch, launches
 
@@ -100,8 +103,6 @@ def compiled_space_resources(cache_dir: str | Path | None = None, workers: int =
     """Resources of every kept config from kernels/compile.py's cross-compile (disk-cached, bf16). fp8 twins
     reuse the bf16 compile with half the shared memory: their staged operand tiles are 1-byte (an
     approximation; the fp32 accumulators that set the registers are the same)."""
-    from qwen3export.kernels.compile import compile_report
-
     by_arch: dict[str, dict[str, dict[str, Resources]]] = {}
 
     def resources(target: Target, kernel: str, config: KernelConfig, dtype: str) -> dict[str, Resources]:
@@ -222,8 +223,6 @@ def fit(ranking: Ranking, train: list[Sample], trials: int = FIT_TRIALS, seed: i
     """Fit the Calibration on `train` samples: per-arch efficiency for the archs they cover (others take the
     geometric mean), overlap, memory latency, tensor warps, and Hopper's small-M efficiency if sm_90 is in
     them. Seeded TPE, the uncalibrated model as its first trial, so the fit never scores worse on `train`."""
-    import optuna
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     archs = sorted({s.target.arch for s in train})
     hopper = "sm_90" in archs
@@ -287,8 +286,6 @@ def fit_shipped(folder: str | Path, trials: int = FIT_TRIALS, seed: int = 0, pat
                 resources: ResourcesFn | None = None) -> Calibration:
     """Fit fused_moe's Calibration on every public table we can model (the held-out figures of the same
     procedure are in benchmarks/autotune.py) and write it where the tune stage reads it."""
-    from .public_tables import read_public_tables
-
     samples, _ = make_samples(read_public_tables(folder))
     ranking = Ranking(samples, resources or compiled_space_resources())
     calibration = fit(ranking, samples, trials=trials, seed=seed)

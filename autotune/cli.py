@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 def add_tune_parser(add: Callable[..., argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """Register `tune` with the CLI's `add(name, help, fn)` (which adds --json and --debug)."""
-    from .tune import DEFAULT_TRIALS
+    from .tune import DEFAULT_TRIALS  # lazy: tune imports optuna and Triton; `qwen3export --help` must not
 
     t = add("tune", "tune the Triton kernels' configs for a GPU target with optuna; write tuned tables", cmd_tune)
     t.add_argument("--target", required=True, help="GPU target name (see `qwen3export targets`)")
@@ -33,7 +33,7 @@ def add_tune_parser(add: Callable[..., argparse.ArgumentParser]) -> argparse.Arg
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from .tune import tune
+    from .tune import tune  # lazy: as above (optuna, Triton)
 
     summary = tune(args.target, kernel=args.kernel, model=args.model, trials=args.trials, storage=args.storage,
                    workers=args.workers, out_dir=args.out, progress=not args.json, dtype=args.dtype, seed=args.seed,

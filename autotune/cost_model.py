@@ -4,7 +4,6 @@ time = sum over the config's launches (autotune/workloads.py) of waves x rooflin
 with occupancy taken from the registers and shared memory the config really uses once compiled for the
 target's arch (kernels/compile.py compile_report). Assumptions (every figure below is a model, not a
 measurement; tables built from it are tagged "modelled"):
-
 1. Programs are spread over SMs first, then stacked up to the occupancy limit B (blocks per SM, from
    warps, registers with per-warp allocation rounding, shared memory plus the 1 KB per block CUDA
    reserves on cc 8.x/9.0, and the blocks-per-SM cap). A launch of P programs runs in ceil(P / (SMs x B))
@@ -43,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qwen3export.kernels.compile import compile_report
 from qwen3export.kernels.config import KernelConfig, arch_limits
 from qwen3export.targets import Target
 
@@ -147,8 +147,6 @@ def resources_from_records(records: list[dict[str, Any]]) -> dict[str, Resources
 def compiled_resources(target: Target, kernel: str, config: KernelConfig, dtype: str,
                        cache_dir: str | Path | None = None) -> dict[str, Resources]:
     """Cross-compile `config` for the target's arch (cached on disk by compile_report) and read its usage."""
-    from qwen3export.kernels.compile import compile_report
-
     records = compile_report(target.arch, [kernel], dtype, configs=[config], cache_dir=cache_dir)
     return resources_from_records(records)
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import triton.testing
 
+from qwen3export.kernels import (attention_decode, attention_prefill, fused_moe, moe_align, moe_routing, qk_norm_rope,
+                                 rms_norm)
 from qwen3export.kernels.config import KernelConfig
 from qwen3export.targets import Target
 
@@ -28,9 +31,6 @@ def device_matches(target: Target) -> bool:
 def make_case(kernel: str, shape: dict, dtype: str, device: str, seed: int = 0
               ) -> tuple[Callable[[KernelConfig | None], Any], Callable[[], Any]]:
     """(run(config), reference()) closures over random inputs of `shape` for `kernel`'s launcher."""
-    from qwen3export.kernels import (attention_decode, attention_prefill, fused_moe, moe_align, moe_routing,
-                                     qk_norm_rope, rms_norm)
-
     gen = torch.Generator(device="cpu").manual_seed(seed)
     dt = TORCH_DTYPES[dtype]
 
@@ -109,8 +109,6 @@ def check_config(kernel: str, shape: dict, dtype: str, config: KernelConfig, dev
 def measured_objective(target: Target, kernel: str, shape: dict, dtype: str
                        ) -> Callable[[KernelConfig], tuple[float | None, str]]:
     """Objective for search.trial_objective: inputs made once, each config checked then timed (median us)."""
-    import triton.testing
-
     run, reference = make_case(kernel, shape, dtype, "cuda")
     expected = reference()
 

@@ -11,11 +11,12 @@ import optuna
 def save_study_plots(study: optuna.Study, stem: Path) -> list[Path]:
     """`<stem>.history.png` and, when at least two parameters varied over complete trials,
     `<stem>.importance.png`; returns the files written. Needs matplotlib (Agg backend, no display)."""
+    # lazy: matplotlib only when a study is plotted, and its Agg backend (no display) is chosen before pyplot loads
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as optuna_plots
+    import matplotlib.pyplot as plt  # lazy: after use("Agg"), as above
+    from optuna.visualization import matplotlib as optuna_plots  # lazy: imports pyplot, as above
 
     stem.parent.mkdir(parents=True, exist_ok=True)
     written = []

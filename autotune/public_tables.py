@@ -23,6 +23,9 @@ from qwen3export.errors import ConfigError, InputError
 from qwen3export.kernels.config import KernelConfig
 from qwen3export.targets import Target, get_target
 
+from .search import kept_space
+from .tables import shape_key, table_entry
+
 KERNEL = "fused_moe"
 REPO = "vllm-project/vllm"
 CONFIGS_PATH = "vllm/model_executor/layers/fused_moe/configs"
@@ -197,9 +200,6 @@ def public_entries(tables: list[PublicTable], target: Target, dtype: str, shape:
     twin table measured on exactly this GPU (DEVICE_TARGETS; datasheet variants are other GPUs) at this
     shape, vLLM's config mapped onto our kept space. `usable(config)` says why our compiled kernel cannot run
     a config (spills, limits) or None; such a bucket is left to the model. Returns (entries, notes)."""
-    from .search import kept_space
-    from .tables import shape_key, table_entry
-
     entries, notes = {}, []
     twins = [t for t in tables if DEVICE_TARGETS.get(t.device_name) == target.name and is_twin_shape(t, shape, dtype)]
     if len(twins) > 1:

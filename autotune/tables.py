@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import json
 import os
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from qwen3export import __version__
 from qwen3export.errors import ConfigError, TargetError
-from qwen3export.kernels.selected_configs import nearest_bucket, parse_shape_key, shape_key  # noqa: F401 (re-exported)
 from qwen3export.kernels.compile import kernel_module
 from qwen3export.kernels.config import KernelConfig
+from qwen3export.kernels.selected_configs import nearest_bucket, parse_shape_key, shape_key  # noqa: F401 (re-exported)
 from qwen3export.spec import ModelSpec
 from qwen3export.targets import Target, get_target
 
@@ -80,13 +81,11 @@ def table_entry(config: KernelConfig, source: str, objective_us: float | None, t
                 evidence: dict[str, Any] | None = None) -> dict[str, Any]:
     """A table entry; objective_us is None only for "measured-public" (a public table holds no timings), and
     `triton` is then the version the public measurement recorded (None if it recorded none)."""
-    import triton
-
     if source not in SOURCES:
         raise ConfigError(f"table entry source {source!r} must be one of {SOURCES}")
     if (objective_us is None) != (source == "measured-public"):
         raise ConfigError(f"a {source} entry {'needs' if objective_us is None else 'has no'} objective_us")
-    version = (evidence or {}).get("triton") if source == "measured-public" else triton.__version__
+    version = (evidence or {}).get("triton") if source == "measured-public" else metadata.version("triton")
     entry = config_params(config) | {"source": source, "trials": int(trials), "triton": version,
                                      "qwen3export": __version__,
                                      "objective_us": None if objective_us is None else round(float(objective_us), 3)}

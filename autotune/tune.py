@@ -8,8 +8,12 @@ resumes where it stopped and `workers` local processes (or machines sharing a Po
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import multiprocessing
+import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -17,17 +21,23 @@ from pathlib import Path
 from typing import Any, Callable
 
 import optuna
+from sqlalchemy import event
+from tqdm.auto import tqdm
 
 from qwen3export.errors import InputError, TargetError
 from qwen3export.kernels.config import KernelConfig
 from qwen3export.spec import resolve_spec
-from qwen3export.targets import Target, get_target
+from qwen3export.targets import Target, get_target, gpu_targets
 
 from . import search
 from .calibration import load_calibration
 from .cost_model import UNCALIBRATED, Calibration, Resources, compiled_resources, estimate, lower_bound
-from .tables import config_params, parse_shape_key, shape_key, table_entry, table_filename, user_dir, write_table
-from .workloads import kernels_for, workload
+from .measure import device_matches, measured_objective
+from .plots import save_study_plots
+from .public_tables import KERNEL, public_entries, read_public_tables
+from .tables import (SHIPPED_DIR, choose_entry, config_params, parse_shape_key, read_table, shape_key, table_entry,
+                     table_filename, user_dir, write_table)
+from .workloads import WORKLOADS, kernels_for, workload
 
 DEFAULT_TRIALS = 32
 SHIPPED_MODELS = ("qwen3-0.6b", "qwen3-8b", "qwen3-30b-a3b", "qwen3-235b-a22b")
@@ -91,8 +101,6 @@ def _serialize_sqlite(engine) -> None:
     optuna claims an enqueued (WAITING) trial with SELECT ... FOR UPDATE, which SQLite ignores: two workers
     both read WAITING, both run the trial, and the second tell fails with "Cannot tell a COMPLETE trial"
     (seen with two spawned workers on one study). BEGIN IMMEDIATE makes the read-then-claim atomic."""
-    from sqlalchemy import event
-
     @event.listens_for(engine, "connect")
     def _connect(dbapi_connection, _record) -> None:
         dbapi_connection.isolation_level = None  # pysqlite emits no BEGIN of its own; SQLAlchemy's is below
@@ -106,8 +114,6 @@ def _serialize_sqlite(engine) -> None:
 
 def _postgres_driver(url: str) -> str:
     """SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; use psycopg2 (psycopg2-binary) when only it is here."""
-    import importlib.util
-
     if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
             and importlib.util.find_spec("psycopg2") is not None:
         return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
@@ -131,7 +137,6 @@ def study_source(source: str, kernel: str) -> str:
     calibration = load_calibration(kernel)
     if source != "modelled" or calibration == UNCALIBRATED:
         return source
-    import hashlib
 
     digest = hashlib.sha256(json.dumps(calibration.parameters, sort_keys=True).encode()).hexdigest()[:8]
     return f"modelled@{digest}"
@@ -154,8 +159,6 @@ def _objective(target: Target, task: Task, bucket: dict, dtype: str, source: str
     skip compiling configs that cannot beat the study's best."""
     shape = task.shape | bucket
     if source == "measured":
-        from .measure import measured_objective
-
         return measured_objective(target, task.kernel, shape, dtype), None
     calibration = load_calibration(task.kernel)
     bound = lambda config: lower_bound(target, task.kernel, shape, config, dtype, calibration).microseconds  # noqa: E731
@@ -191,7 +194,6 @@ def _worker_main(args: tuple) -> int:
 def _progress_bar(total: int, enabled: bool):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
 
     return tqdm(total=total, unit="trial", desc="tune", dynamic_ncols=True)
 
@@ -237,7 +239,6 @@ def tune(target: str, kernel: str | None = None, model: str | None = None, trial
         raise InputError(f"--trials ({trials}) and --workers ({workers}) must be at least 1")
     if storage == MEMORY and workers > 1:
         raise InputError(f"--storage {MEMORY} lives in one process; give a SQLite or PostgreSQL URL for --workers")
-    from .measure import device_matches
 
     source = source or ("measured" if device_matches(tgt) else "modelled")
     if source not in ("modelled", "measured"):
@@ -296,8 +297,6 @@ def tune(target: str, kernel: str | None = None, model: str | None = None, trial
     results, tables = _write_tables(tgt, dtype, source, studies, out)
     pngs = []
     if plots:
-        from .plots import save_study_plots
-
         for key, (task, bucket, study) in studies.items():
             table = out / table_filename(tgt.name, task.kernel, dtype, task.shape)
             pngs += save_study_plots(study, table.with_name(table.name.removesuffix(".json") + f",{shape_key(bucket)}"))
@@ -325,14 +324,6 @@ def regenerate_shipped(targets: list[str] | None = None, dtypes: tuple[str, ...]
     without it the replaced table's measured-public entries are kept), else the model's. Run as
     `python -m qwen3export.autotune.tune [--dtype=fp16] [--kernel=fused_moe] [--public=DIR] [target ...]`; each
     kernel searches SHIPPED_SPACE_FRACTIONS of its space (default SHIPPED_SPACE_FRACTION)."""
-    import shutil
-    import tempfile
-
-    from qwen3export.targets import gpu_targets
-
-    from .tables import SHIPPED_DIR
-    from .workloads import WORKLOADS
-
     summaries = []
     for dtype in dtypes:
         for name in targets or [t.name for t in gpu_targets()]:
@@ -363,9 +354,6 @@ def _best_evidence(target: Target, dtype: str, fresh: Path, shipped: Path, publi
     """Overlay the freshly modelled tables in `fresh` with better evidence, bucket by bucket: our measured
     entries from the shipped table being replaced, then vLLM's public measurements (fused_moe). Returns per
     table the source of each bucket and the public importer's notes."""
-    from .public_tables import KERNEL, public_entries, read_public_tables
-    from .tables import choose_entry, read_table
-
     tables = read_public_tables(public_dir) if public_dir is not None else []
 
     def usable(config: KernelConfig) -> str | None:

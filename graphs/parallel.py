@@ -149,6 +149,8 @@ def init_parallel_groups(layout: RankLayout) -> None:
     Uses torch's name registry (`_register_process_group`), the lookup functional collectives resolve
     group names through; it is private API (torch 2.13), so this is the one place that touches it.
     """
+    # lazy: rank processes only (the graphs build and trace without a process group), and torch's private
+    # c10d registry is touched nowhere else
     import torch.distributed as dist
     from torch._C._distributed_c10d import _register_process_group, _resolve_process_group, _unregister_process_group
 

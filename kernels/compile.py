@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.language import standard
 
 from qwen3export.errors import InputError, TargetError
 from qwen3export.kernels.config import ArchLimits, CompileSpec, KernelConfig, arch_limits
@@ -61,8 +64,6 @@ def parse_resource_usage(text: str) -> dict[str, dict[str, int]]:
 def ast_source(spec: CompileSpec):
     """The triton ASTSource of one spec: signature, constexprs and divisibility hints as the runtime specialises.
     A kernel pack rebuilds the same source to relaunch its cubins (qwen3export/backends/kernel_pack.py)."""
-    from triton.compiler import ASTSource
-
     fn = as_jit(spec.fn)
     signature, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
@@ -82,8 +83,6 @@ def ast_source(spec: CompileSpec):
 
 def cross_compile(spec: CompileSpec, cc: int):
     """triton.compile of one spec for compute capability `cc` (no GPU needed); returns triton's CompiledKernel."""
-    from triton.backends.compiler import GPUTarget
-
     # enable_fp_fusion given explicitly: Triton 3.9 warns that its default (on) changes in 3.10
     options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages, "enable_fp_fusion": True}
     return triton.compile(ast_source(spec), target=GPUTarget("cuda", cc, 32), options=options)
@@ -175,8 +174,6 @@ def _spec_of(job: dict[str, Any]) -> CompileSpec:
 
 
 def _interpreting() -> bool:
-    from triton.language import standard
-
     return type(standard.sum).__name__ == "InterpretedFunction"
 
 

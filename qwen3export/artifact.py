@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import errno
+import fcntl
 import hashlib
 import itertools
 import json
 import os
+import platform
 import shutil
 import typing
 from dataclasses import dataclass
@@ -42,8 +44,6 @@ def _canonical(d: dict[str, Any]) -> bytes:
 
 
 def tool_versions() -> dict[str, str]:
-    import platform
-
     out = {"python": platform.python_version()}
     for dist in ("qwen3export", "torch", "onnx", "onnxscript", "onnxruntime-gpu", "onnxruntime", "triton",
                  "optuna", "safetensors", "tokenizers", "numpy"):
@@ -76,7 +76,7 @@ class Artifact:
     def onnx_file(self, name: str) -> Path:
         """`file(name)` for an ONNX model, after checking that every external-data location it names is a listed
         file of this artifact (an ONNX file can point its weights at any path on the machine)."""
-        import onnx
+        import onnx  # lazy: onnx (0.1 s to import) for ONNX engines only; locks, staging, `inspect` stay light
 
         path = self.file(name)
         try:
@@ -247,8 +247,6 @@ def check_replaceable(out: Path, force: bool, check_lock: bool = True) -> None:
 
 def _locked(out: Path) -> bool:
     """Whether a running build holds `out`'s lock (checked before any work; build_lock takes it for real)."""
-    import fcntl
-
     path = out.parent / f".{out.name}{_LOCK}"
     if path in _HELD:  # this build's own lock
         return False
@@ -308,8 +306,6 @@ def build_lock(out: Path) -> Iterator[None]:
     instead of silently replacing the first one's result. Re-entrant within this process (staging inside a build
     that already holds it). The lock file is removed on release; a build that opened it just before that holds
     a lock on the removed file, which the rename-into-place check (check_replaceable) still covers."""
-    import fcntl
-
     path = out.parent / f".{out.name}{_LOCK}"
     if path in _HELD:
         yield

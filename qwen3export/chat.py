@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
 from .artifact import Artifact
 from .errors import ArtifactError, InputError
 
 
 def load_tokenizer(artifact: Artifact):
-    from tokenizers import Tokenizer
-
     if not artifact.has("tokenizer.json"):
         raise InputError(f"artifact {artifact.path.name} has no tokenizer.json (built from a preset?): use "
                          "--prompt-ids, or build from a checkpoint folder with a tokenizer")
@@ -34,9 +36,6 @@ def chat_template(artifact: Artifact) -> str:
 
 
 def render_chat(artifact: Artifact, messages: list[dict[str, Any]], enable_thinking: bool) -> str:
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     def raise_exception(message: str):
         raise InputError(f"chat template refused the conversation: {message}")
 

@@ -8,14 +8,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import traceback
 from collections import Counter
 from pathlib import Path
+from time import perf_counter
 from typing import Any
 
+from qwen3export.autotune.cli import add_tune_parser
+from qwen3export.targets import TARGETS, get_target
+
+from .artifact import SIGNATURE_FILE, load_artifact, seal
+from .backends import BACKENDS, tensorrt as trt_backend
+from .chat import load_tokenizer, render_chat
+from .describe import engine_lines, engine_record, engine_status, quality_line, quantization_lines, summary_line
 from .errors import InputError, Qwen3ExportError
+from .signing import check_signature, generate_keypair, load_private_key, sign_artifact
 
 EXIT_ERROR = 2
 
@@ -65,8 +75,6 @@ def int_in(lo: int, hi: int, what: str = ""):
 
 def finite_float(text: str) -> float:
     """An argparse type: a finite float (nan and inf refused; each flag's own range is checked by SamplingParams)."""
-    import math
-
     try:
         value = float(text)
     except ValueError:
@@ -82,12 +90,8 @@ finite_float.__name__ = "number"
 def _open_artifact(args: argparse.Namespace):
     """load_artifact, after checking manifest.sig against --trust KEY when given (before any file is read or
     loaded: an artifact signed by another key, unsigned, or changed after signing is refused in one line)."""
-    from .artifact import load_artifact
-
     record = None
     if getattr(args, "trust", None):
-        from .signing import check_signature
-
         record = check_signature(args.artifact, args.trust)
     artifact = load_artifact(args.artifact)
     if record is not None and record["manifest_sha256"] != artifact.manifest["manifest_sha256"]:
@@ -97,16 +101,14 @@ def _open_artifact(args: argparse.Namespace):
 
 # ------------------------------------------------------------------------- commands
 def cmd_build(args: argparse.Namespace) -> int:
-    from qwen3export.graphs.rope import parse_rope_flag
+    from qwen3export.graphs.rope import parse_rope_flag  # lazy: loads torch
 
-    from .options import BuildOptions
-    from .pipeline import build
+    from .options import BuildOptions  # lazy: loads torch
+    from .pipeline import build  # lazy: loads torch, onnx, Triton
 
     # a tp x ep build's parts are torch.export programs (parallel_build.py): its default backend
     backend = args.backend or ("torch-export" if args.tp * args.ep > 1 else "onnx")
     if args.sign:
-        from .signing import load_private_key
-
         load_private_key(args.sign)  # a bad key is refused now, not after the build
     overrides = {"rope_scaling": parse_rope_flag(args.rope_scaling)} if args.rope_scaling else {}
     opts = BuildOptions.of(model=args.model, target=args.target, dtype=args.dtype, seed=args.seed,
@@ -120,9 +122,6 @@ def cmd_build(args: argparse.Namespace) -> int:
                            dump_ir=Path(args.dump_ir) if args.dump_ir else None, stream=args.stream,
                            verify=not args.no_verify)
     results = build(opts, progress=_eprint)
-    from .describe import engine_status, quantization_lines
-    from .describe import summary_line
-
     payload = {"artifacts": [{"path": str(r.path), "backend": r.manifest["backend"], "status": engine_status(r.manifest),
                               "lowering": r.manifest["lowering"], "kernels": r.manifest.get("kernels"),
                               "parity": r.manifest["parity"], "quantization": r.manifest.get("quantization")}
@@ -138,15 +137,14 @@ def cmd_build(args: argparse.Namespace) -> int:
                          "(see `qwen3export inspect`)")
     pending = [r for r in results if r.manifest["engine"].get("tensorrt", {}).get("status") == "pending"]
     for r in pending:
-        lines.append(f"tensorrt plan pending for {r.path}: missing {'; '.join(r.manifest['engine']['tensorrt']['missing'])}"
-                     f"; run `qwen3export finish {r.path}` on the target machine")
+        missing = "; ".join(r.manifest["engine"]["tensorrt"]["missing"])
+        lines.append(f"tensorrt plan pending for {r.path}: missing {missing}; run `qwen3export finish {r.path}` on "
+                     "the target machine")
     _emit(args, payload, "\n".join(lines))
     if pending:
-        from .backends.tensorrt import EXIT_PENDING
-
         _eprint(f"qwen3export: pending: {len(pending)} TensorRT plan(s) need TensorRT and an NVIDIA GPU; every "
-                f"other step is done and verified (exit {EXIT_PENDING})")
-        return EXIT_PENDING
+                f"other step is done and verified (exit {trt_backend.EXIT_PENDING})")
+        return trt_backend.EXIT_PENDING
     return 0
 
 
@@ -163,7 +161,7 @@ def _lowering_line(record: dict[str, Any] | None) -> str:
 def onnx_op_counts(graph) -> Counter:
     """domain::op_type counts over an ONNX graph and its subgraphs (If branches hold the attention ops);
     standard ops by their bare name."""
-    import onnx
+    import onnx  # lazy: loads onnx
 
     counts: Counter = Counter()
     for n in graph.node:
@@ -177,9 +175,6 @@ def onnx_op_counts(graph) -> Counter:
 
 def cmd_finish(args: argparse.Namespace) -> int:
     """Build the pending TensorRT plan of an artifact on the target machine."""
-    from .artifact import seal
-    from .backends import tensorrt as trt_backend
-
     _check_resign(args)
     artifact = _open_artifact(args)
     entry = artifact.manifest["engine"].get("tensorrt")
@@ -198,8 +193,6 @@ def cmd_finish(args: argparse.Namespace) -> int:
 
 def _chat_prompt(artifact, text: str, enable_thinking: bool) -> list[int]:
     """Apply the checkpoint's own chat template (rendered with jinja2, as transformers does) and tokenize."""
-    from .chat import render_chat, load_tokenizer
-
     tokenizer = load_tokenizer(artifact)
     rendered = render_chat(artifact, [{"role": "user", "content": text}], enable_thinking)
     return tokenizer.encode(rendered, add_special_tokens=False).ids
@@ -216,8 +209,6 @@ class CallTimer:
         self.fn, self.spans = fn, []
 
     def _timed(self, fn, *args, **kwargs):
-        from time import perf_counter
-
         t0 = perf_counter()
         out = fn(*args, **kwargs)
         self.spans.append((t0, perf_counter()))
@@ -250,14 +241,13 @@ def run_timing(step: CallTimer, sampler: CallTimer, end: float) -> dict[str, Any
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
+    import numpy as np  # lazy: loads numpy
+    import torch  # lazy: loads torch
 
-    from qwen3export.graphs.sampling import SamplingParams, initial_state
+    from qwen3export.graphs.sampling import SamplingParams, initial_state  # lazy: loads torch
 
-    from .generation import check_token_ids, sample_generate
-    from .runner import sampling_pair
-    from .runner import open_engine
+    from .generation import check_token_ids, sample_generate  # lazy: loads torch
+    from .runner import open_engine, sampling_pair  # lazy: loads torch, onnxruntime
 
     if (args.prompt is None) == (args.prompt_ids is None):
         raise InputError("give exactly one of --prompt-ids 1,2,3 or --prompt \"text\"")
@@ -273,7 +263,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                         thinking_budget=args.thinking_budget, **flags)
     ids = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else _chat_prompt(artifact, args.prompt, thinking)
     if "parallel" in artifact.manifest:  # tp x ep rank parts: N gloo processes stepped as one decoder
-        from .parallel_artifact import ParallelEngine
+        from .parallel_artifact import ParallelEngine  # lazy: loads torch
 
         engine = ParallelEngine(artifact, args.threads)
     else:
@@ -295,15 +285,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     step, sampler = CallTimer(engine), CallTimer(session)
     new, state = sample_generate(step, empty, sampler, ids, params.to_tensors(1), state0, args.max_new_tokens, rng,
                                  stop)
-    from time import perf_counter
 
     timing = run_timing(step, sampler, perf_counter())
     payload: dict[str, Any] = {"tokens": new, "thinking_tokens": int(state["think_spent"][0]),
                                "params": params.__dict__, "timing": timing}
     text = " ".join(map(str, new))
     if "tokenizer.json" in artifact.manifest["sampling"].get("tokenizer_files", []):
-        from .chat import load_tokenizer
-
         payload["text"] = load_tokenizer(artifact).decode(new, skip_special_tokens=True)
         text = payload["text"]
     _emit(args, payload, text)
@@ -311,8 +298,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .describe import summary_line
-    from .verify import verify_artifact
+    from .verify import verify_artifact  # lazy: loads torch, onnxruntime
 
     _check_resign(args)
     artifact = _open_artifact(args)
@@ -325,7 +311,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
         artifact.manifest["parity"] = report
         artifact.save_manifest()
         _resign(artifact, args)
-    from .describe import quality_line
 
     text = summary_line(report) + (f"\n{quality_line(report['quantization'])}" if "quantization" in report else "")
     _emit(args, report, text)
@@ -333,10 +318,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    import onnx
-
-    from .describe import engine_lines, engine_record, quantization_lines
-    from .describe import summary_line
+    import onnx  # lazy: loads onnx
 
     artifact = _open_artifact(args)
     m = artifact.manifest
@@ -380,7 +362,6 @@ def _check_resign(args: argparse.Namespace) -> None:
             raise InputError(f"--sign re-signs the artifact, so it needs --trust PUBLIC_KEY too (the signature it "
                              f"replaces is checked first): `qwen3export {args.command} ARTIFACT --trust KEY.pub "
                              "--sign KEY`")
-        from .signing import load_private_key
 
         load_private_key(args.sign)
 
@@ -388,11 +369,7 @@ def _check_resign(args: argparse.Namespace) -> None:
 def _resign(artifact, args: argparse.Namespace) -> None:
     """After a command rewrote a manifest: sign it again with --sign KEY (checked by _check_resign first); a stale
     signature is removed (it would no longer match) and said so."""
-    from .artifact import SIGNATURE_FILE
-
     if getattr(args, "sign", None):
-        from .signing import sign_artifact
-
         sign_artifact(artifact.path, args.sign)
     elif (artifact.path / SIGNATURE_FILE).is_file():
         (artifact.path / SIGNATURE_FILE).unlink()
@@ -401,16 +378,12 @@ def _resign(artifact, args: argparse.Namespace) -> None:
 
 def _signature_record(artifact, args: argparse.Namespace) -> dict[str, Any]:
     """inspect's view of manifest.sig: absent, present (unchecked), or checked against --trust."""
-    import json as _json
-
-    from .artifact import SIGNATURE_FILE
-
     if not artifact.has_signature():
         return {"signed": False}
     if getattr(args, "trust", None):
         return {"signed": True, "checked": True, "trusted_key": args.trust}
     try:
-        fp = _json.loads((artifact.path / SIGNATURE_FILE).read_text()).get("public_key_fingerprint")
+        fp = json.loads((artifact.path / SIGNATURE_FILE).read_text()).get("public_key_fingerprint")
     except (OSError, ValueError, AttributeError):
         fp = None
     return {"signed": True, "checked": False, "fingerprint": fp if isinstance(fp, str) else None}
@@ -426,8 +399,6 @@ def _signature_line(rec: dict[str, Any]) -> str:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     """Make an Ed25519 key pair for build --sign (private) and run/verify/inspect --trust (public)."""
-    from .signing import generate_keypair
-
     rec = generate_keypair(args.private, args.public)
     _emit(args, rec, f"private key {rec['private']} (keep it secret; build --sign)\npublic key  {rec['public']} "
                      f"(give to users; --trust)\nfingerprint {rec['fingerprint']}")
@@ -435,8 +406,6 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
-    from qwen3export.targets import TARGETS
-
     payload = {"targets": [t.to_dict() for t in TARGETS.values()]}
     lines = [f"{t.name:10s} {t.arch or '-':7s} dtypes {','.join(t.dtypes):16s} backends {','.join(t.backends):12s} "
              f"{t.description}" for t in TARGETS.values()]
@@ -445,11 +414,10 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from qwen3export.graphs.rope import parse_rope_flag
-    from qwen3export.targets import get_target
+    from qwen3export.graphs.rope import parse_rope_flag  # lazy: loads torch
 
-    from .spec import resolve_spec
-    from .memory_plan import PlanOptions, memory_plan_summary, plan_for_target
+    from .memory_plan import PlanOptions, memory_plan_summary, plan_for_target  # lazy: loads torch
+    from .spec import resolve_spec  # lazy: loads torch
 
     target = get_target(args.target)
     overrides = {"rope_scaling": parse_rope_flag(args.rope_scaling)} if args.rope_scaling else {}
@@ -464,9 +432,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_kernels_compile(args: argparse.Namespace) -> int:
-    from qwen3export.kernels.compile import compile_report, compile_summary
-    from qwen3export.targets import TARGETS, get_target
-
+    from qwen3export.kernels.compile import compile_report, compile_summary  # lazy: loads Triton
     arch = args.target
     if not (arch.lower().startswith("sm") or arch[:1].isdigit()):
         target = get_target(arch)
@@ -500,8 +466,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def make_parser(tune: bool = True) -> argparse.ArgumentParser:
-    from .backends import BACKENDS
-
     p = _Parser(prog="qwen3export", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -608,7 +572,6 @@ def make_parser(tune: bool = True) -> argparse.ArgumentParser:
     add("targets", "list the known targets", cmd_targets)
 
     if tune:  # autotune imports torch and Triton: registered in full only when `tune` runs
-        from qwen3export.autotune.cli import add_tune_parser
 
         add_tune_parser(add)
     else:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from qwen3export.kernels.config import KernelConfig
+
 
 def engine_status(manifest: dict[str, Any]) -> str:
     """"built" or "pending" (a TensorRT plan that needs TensorRT and the GPU to finish)."""
@@ -58,8 +60,6 @@ def engine_lines(manifest: dict[str, Any]) -> list[str]:
 
 
 def _label(config: dict[str, Any]) -> str:
-    from qwen3export.kernels.config import KernelConfig
-
     return KernelConfig.from_dict(config).label
 
 

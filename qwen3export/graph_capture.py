@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch.export import Dim, ExportedProgram
+from torch.utils._sympy.value_ranges import bound_sympy
 
 from qwen3export.graphs.decoder import Qwen3Decoder
 from qwen3export.graphs.parallel import RankDecoder
@@ -60,8 +61,6 @@ def widen_derived_ranges(ep: ExportedProgram) -> None:
     ep.module() refuse a one-token prefill (past 0 + seq 1). The graph itself is valid for any sum of
     valid parts, so the derived range is the sum of the parts' declared ranges.
     """
-    from torch.utils._sympy.value_ranges import bound_sympy
-
     rc = ep.range_constraints
     symbols = {k: v for k, v in rc.items() if k.is_Symbol}
     for expr in [k for k in rc if not k.is_Symbol]:

@@ -11,6 +11,9 @@ program's state_dict. The build holds one rank's shard at a time and never a who
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing as mp
+import os
 import queue
 import re
 import time
@@ -19,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch.export.passes import move_to_device_pass
 
 from qwen3export.graph_capture import capture_rank
 from qwen3export.graphs.parallel import (TP_GROUP, WORLD_GROUP, RankLayout, init_parallel_groups, layouts,
@@ -57,8 +63,6 @@ def write_parts(folder: Path, spec: ModelSpec, source: Any, ranks: list[RankLayo
                 progress=lambda s: None) -> list[dict[str, Any]]:
     """Each rank's weight shard into `folder` (one full source tensor read at a time, sliced); no program:
     the runner re-captures it (load_rank_program). -> the manifest's `ranks` entries."""
-    from safetensors.torch import save_file
-
     entries = []
     for layout in ranks:
         part = folder / part_folder(layout.rank)
@@ -105,8 +109,6 @@ def check_parts(artifact: Artifact) -> list[RankLayout]:
 def _read_shard(path: Path, rel: str, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The shard's tensors, after its safetensors header (names, shapes, dtypes) matched `expected` (the
     re-captured program's state_dict, meta tensors); data-only: safetensors runs no code."""
-    from safetensors import SafetensorError, safe_open
-
     fix = "rebuild the artifact with this version of qwen3export"
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -132,8 +134,6 @@ def load_rank_program(artifact: Artifact, rank: int, device: str | torch.device 
     empty_cache). The program is re-captured here on meta from the manifest's spec and layout (nothing
     executable is read from the artifact); its weights, its RoPE constant and the device of the tensors it
     creates are all bound here (torch.export.passes.move_to_device_pass)."""
-    from torch.export.passes import move_to_device_pass
-
     layout = check_parts(artifact)[rank]
     m = artifact.manifest
     spec, dtype = ModelSpec.from_dict(m["model"]["spec"]), parse_dtype(m["dtype"])
@@ -174,9 +174,6 @@ class RankCache:
 
 def _next_command(commands, parent: int):
     """The parent's next message; None when it sends None or is gone (killed: no atexit ran to stop us)."""
-    import os
-    import queue
-
     while True:
         try:
             return commands.get(timeout=5.0)
@@ -187,8 +184,6 @@ def _next_command(commands, parent: int):
 
 def _serve_rank(rank: int, artifact: Artifact, commands: list, results) -> None:
     """A rank's process: bind its part, then run steps as the parent sends them until it sends None."""
-    import os
-
     parent, p = os.getppid(), artifact.manifest["parallel"]
     try:
         init_parallel_groups(RankLayout(p["tp"], p["ep"], rank))
@@ -222,9 +217,6 @@ class ParallelEngine:
     """
 
     def __init__(self, artifact: Artifact, threads: int | None = None, load_timeout_s: float = 600.0):
-        import atexit
-        import multiprocessing as mp
-
         m = artifact.manifest
         if m.get("backend") != BACKEND or "parallel" not in m:
             raise ArtifactError(f"{artifact.path} is not a parallel {BACKEND} artifact (backend {m.get('backend')!r})")

@@ -15,6 +15,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
 from .artifact import MANIFEST, SIGNATURE_FILE, load_artifact
 from .errors import ArtifactError, InputError
 
@@ -40,8 +44,6 @@ def _read_small(path: Path, what: str, error: type, fix: str) -> bytes:
 
 
 def _raw_public(public_key) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
     return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
@@ -52,10 +54,6 @@ def fingerprint_of(public_key) -> str:
 
 def load_public_key(path: str | Path):
     """An Ed25519 public key from a PEM (SubjectPublicKeyInfo) file; one-line InputError otherwise."""
-    from cryptography.exceptions import UnsupportedAlgorithm
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
     path = Path(path)
     data = _read_small(path, "public key file", InputError, _KEY_FIX)
     if b"PRIVATE KEY" in data:
@@ -77,10 +75,6 @@ def load_public_key(path: str | Path):
 
 def load_private_key(path: str | Path):
     """An Ed25519 private key from an unencrypted PEM (PKCS8) file; one-line InputError otherwise."""
-    from cryptography.exceptions import UnsupportedAlgorithm
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
     path = Path(path)
     data = _read_small(path, "private key file", InputError, _KEY_FIX)
     if b"PRIVATE KEY" not in data and b"PUBLIC KEY" in data:
@@ -122,9 +116,6 @@ def _create(path: Path, data: bytes, mode: int) -> None:
 def generate_keypair(private_path: str | Path, public_path: str | Path) -> dict[str, Any]:
     """A new Ed25519 key pair: the private key as PEM PKCS8 (unencrypted, mode 0600), the public key as PEM
     SubjectPublicKeyInfo (mode 0644). Refuses to overwrite either file. -> {fingerprint, private, public}."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
     private_path, public_path = Path(private_path), Path(public_path)
     if private_path.resolve() == public_path.resolve():
         raise InputError(f"the private and public key paths are both {private_path}; give two file names")
@@ -210,8 +201,6 @@ def check_signature(folder: str | Path, public_key_path: str | Path) -> dict[str
     against the manifest) and should compare that manifest's manifest_sha256 with the one returned here.
     -> {algorithm, fingerprint, manifest_sha256, signature_file}.
     """
-    from cryptography.exceptions import InvalidSignature
-
     folder = Path(folder)
     key = load_public_key(public_key_path)  # key errors first: they are the user's flag, not the artifact
     trusted = fingerprint_of(key)

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Tokenizer
+
 from qwen3export.graphs.rope import QWEN3_NATIVE_CONTEXT, normalise_rope_scaling, scaled_max_positions
 
-from .errors import ConfigError
 from . import tokens
+from .errors import ConfigError
 
 MODEL_TYPES = ("qwen3", "qwen3_moe")
 
@@ -426,7 +428,6 @@ def read_think_ids(folder: Path) -> tuple[int | None, int | None] | None:
     path = folder / "tokenizer.json"
     if not path.is_file():
         return None
-    from tokenizers import Tokenizer
 
     try:
         tok = Tokenizer.from_file(str(path))

@@ -13,7 +13,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import numpy as np
+import onnx_ir as ir
 import torch
+from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass
 
 from qwen3export.graphs.decoder import Qwen3Decoder
 from qwen3export.graphs.rope import rope_parameters
@@ -75,8 +77,6 @@ def bind_lazy_initializers(model, loaders: dict[str, Callable[[], torch.Tensor]]
 
     The torch ONNX exporter names initializers by the parameter/buffer's qualified name (FQN); an initializer
     whose name has no loader and no data is an error (nothing would be written for it)."""
-    import onnx_ir as ir
-
     bound = 0
     for name, value in model.graph.initializers.items():
         tensor = value.const_value
@@ -128,8 +128,6 @@ def emit_streamed_decoder(program: torch.export.ExportedProgram, spec: ModelSpec
     is off (constant folding would need the values), and the top-level Constant nodes' values are attached to
     their outputs so that bake_weight_layouts can still find the MoE fc1 interleave chain of the ort flavour and bake it
     lazily (one layer's experts at a time) instead of leaving it to every session load."""
-    from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass
-
     inputs, outputs = io_names(spec)
     table = custom_translation_table(flavour) if flavour is not None else None
     onnx_program = export_program(program, spec, table, OPSET, optimize=False)
@@ -152,8 +150,6 @@ def emit_streamed_decoder(program: torch.export.ExportedProgram, spec: ModelSpec
 
 def _attach_constant(node) -> None:
     """A Constant node's value as its output's const_value (what an optimized export's folding leaves)."""
-    import onnx_ir as ir
-
     attrs = node.attributes
     if "value" in attrs:
         node.outputs[0].const_value = attrs["value"].as_tensor()

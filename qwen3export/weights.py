@@ -12,6 +12,7 @@ from typing import Iterator, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from .errors import WeightsError
 from .spec import ModelSpec
@@ -284,8 +285,6 @@ def save_hf_checkpoint(spec: ModelSpec, source: WeightSource, folder: str | Path
     """Write `source` as a Hugging Face folder (config.json + safetensors, sharded with an index when
     max_shard_bytes is given), one shard in memory at a time. Used to hand a preset's random weights to
     other tools (transformers, benchmarks) bit for bit."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch_dtype = str(dtype).removeprefix("torch.")

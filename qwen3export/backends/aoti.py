@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch._inductor import aoti_load_package
 from torch.export import ExportedProgram
 
 from qwen3export.errors import TargetError
@@ -46,8 +47,6 @@ class AotiEngine:
     """The decoder package behind the same step signature as the ONNX engine."""
 
     def __init__(self, artifact, spec):
-        from torch._inductor import aoti_load_package
-
         self.spec = spec
         self.providers = ["AOTInductor (cpu)"]
         self.model = aoti_load_package(str(artifact.file(artifact.manifest["engine"]["file"])))

@@ -4,7 +4,6 @@ For every kernel the model runs (autotune/workloads.py kernels_for) and every di
 selects (autotune/tables.py select_configs; a kernel without a table gets its DEFAULT_CONFIG, tagged
 "default"), each @triton.jit function is compiled for the target's sm_XX with the model's own constants
 (head_dim, GQA group, experts, top-k, hidden sizes) and the pack keeps, per function, Triton's own files:
-
     kernels/<kernel>/<config label>/<function>.json    Triton's metadata (name, num_warps, shared, target, hash…)
     kernels/<kernel>/<config label>/<function>.cubin   the binary for the arch
     kernels/<kernel>/<config label>/<function>.ptx     PTX (newer GPUs JIT it)
@@ -16,9 +15,9 @@ from the cubin with the bundled cuobjdump. The manifest lists every file with it
 
 `load_kernel_pack` rebuilds Triton's CompiledKernel objects from those files (what Triton does on a cache hit)
 and `KernelPack.launch` runs one on a CUDA device of the pack's arch: the only GPU-only code here.
-Verification on this machine (`verify_kernel_pack`): every cubin is re-read (resources as recorded, within
-the arch's limits, no spills), every CompiledKernel is rebuilt from the pack, and the model is run with the
-pack's configs through Triton's interpreter against eager PyTorch (small models; see INTERPRET_MAX_PARAMS).
+Verification on this machine is in verify.py (`verify_kernel_pack`): every cubin is re-read (resources as
+recorded, within the arch's limits, no spills), every CompiledKernel is rebuilt from the pack, and the model is
+run with the pack's configs through Triton's interpreter against eager PyTorch (small models).
 """
 
 from __future__ import annotations
@@ -33,16 +32,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from qwen3export.errors import ArtifactError, ParityError, TargetError
+import torch
+import triton
+from triton.compiler import CompiledKernel
+
+from qwen3export.artifact import check_relative_path, read_json
+from qwen3export.autotune.tables import active_selection, select_configs
+from qwen3export.errors import ArtifactError, TargetError
+from qwen3export.kernels.compile import (ast_source, cross_compile, cuobjdump_path, kernel_module, parse_resource_usage,
+                                         supports, verdict)
+from qwen3export.kernels.config import KernelConfig, arch_limits
+from qwen3export.kernels.launch import INTERPRET_ENV, as_jit
 from qwen3export.manifest import KernelsRecord
 from qwen3export.spec import ModelSpec
 
 PACK_DIR = "kernels"
 PACK_INDEX = "kernels/pack.json"
 PACK_SUFFIXES = (".json", ".cubin", ".ptx", ".source")
-INTERPRET_MAX_PARAMS = 200_000_000  # the interpreter runs numpy per tile: larger models take too long to check
 WORKER_TIMEOUT_S = 1800
-INTERPRET_NEW_TOKENS = 8  # prefill + 8 greedy decode steps: every kernel (prefill and decode paths) runs
 
 
 def pack_dtype(target, dtype: str) -> str:
@@ -87,9 +94,6 @@ def quantized_selection(selection: list[dict[str, Any]], spec: ModelSpec, target
     their DEFAULT_CONFIG (source "default": no tuned table exists for them). Unchanged when not quantized."""
     if not quantization:
         return selection
-    from qwen3export.kernels.compile import kernel_module, supports
-    from qwen3export.kernels.config import arch_limits
-
     wanted = [k for k in QUANT_KERNELS[quantization["mode"]] if k != "fused_moe_wq" or spec.is_moe]
     out = [e for e in selection if not (e["kernel"] == "fused_moe" and spec.is_moe)]
     for kernel in wanted:
@@ -138,9 +142,6 @@ def plan_jobs(selection: list[dict[str, Any]], spec: ModelSpec, dtype: str, cc: 
     """One compile job per (kernel, distinct config, compile shape, Triton function). moe_align is compiled
     once per BLOCK_M that the selected fused_moe / fused_moe_wq configs use (its sort tile must equal the
     expert GEMM's); the quantized kernels once per shape quant_compile_shapes names."""
-    from qwen3export.kernels.compile import kernel_module
-    from qwen3export.kernels.config import KernelConfig
-
     block_ms = sorted({c["config"]["blocks"]["BLOCK_M"] for e in selection
                        if e["kernel"] in ("fused_moe", "fused_moe_wq") for c in e["configs"].values()}) or [None]
     jobs: list[dict[str, Any]] = []
@@ -166,9 +167,6 @@ def plan_jobs(selection: list[dict[str, Any]], spec: ModelSpec, dtype: str, cc: 
 
 
 def _spec(job: dict[str, Any]):
-    from qwen3export.kernels.compile import kernel_module
-    from qwen3export.kernels.config import KernelConfig
-
     return kernel_module(job["kernel"]).compile_specs(KernelConfig.from_dict(job["config"]), job["dtype"],
                                                       job["shape"])[job["index"]]
 
@@ -176,8 +174,6 @@ def _spec(job: dict[str, Any]):
 def _launch_signature(spec) -> list[dict[str, Any]]:
     """Every argument of the @triton.jit function in order: pointer (with element type), scalar or constexpr
     (with its compiled value). A launcher passes them all, constexprs included, as Triton's own launch does."""
-    from qwen3export.kernels.launch import as_jit
-
     out = []
     for name in as_jit(spec.fn).arg_names:
         if name in spec.constexprs:
@@ -195,8 +191,6 @@ def _launch_signature(spec) -> list[dict[str, Any]]:
 
 def _compile_job(job: dict[str, Any], root: Path) -> dict[str, Any]:
     """Compile one function for its arch, copy Triton's files into the pack, read the cubin's resources."""
-    from qwen3export.kernels.compile import cuobjdump_path, cross_compile, parse_resource_usage
-
     spec = _spec(job)
     compiled = cross_compile(spec, job["cc"])
     folder = root / job["dir"]
@@ -216,10 +210,8 @@ def _compile_job(job: dict[str, Any], root: Path) -> dict[str, Any]:
             "shared_bytes": usage["shared"] + compiled.metadata.shared, "signature": _launch_signature(spec)}
 
 
-def _clean_env() -> dict[str, str]:
+def clean_env() -> dict[str, str]:
     """An interpreter that imported triton in interpreter mode cannot compile: workers start without it."""
-    from qwen3export.kernels.launch import INTERPRET_ENV
-
     return {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", INTERPRET_ENV)}
 
 
@@ -229,7 +221,7 @@ def compile_jobs(jobs: list[dict[str, Any]], root: Path) -> list[dict[str, Any]]
         (Path(tmp) / "jobs.json").write_text(json.dumps(jobs))
         proc = subprocess.run([sys.executable, "-m", "qwen3export.backends.kernel_pack", "compile",
                                str(Path(tmp) / "jobs.json"), str(root), str(Path(tmp) / "out.json")],
-                              env=_clean_env(), capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+                              env=clean_env(), capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
         if proc.returncode != 0:
             tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise TargetError(f"cross-compiling the kernel pack failed: {tail}")
@@ -241,10 +233,6 @@ def emit_kernel_pack(spec: ModelSpec, target, dtype: str, folder: Path, tables: 
                      quantization: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write the pack into `folder` (an artifact being staged); returns the manifest's `engine` entry.
     `quantization` (the manifest's record of a quantized build) adds the quantized GEMM kernels the model runs."""
-    from qwen3export.autotune.tables import select_configs
-    from qwen3export.kernels.compile import verdict
-    from qwen3export.kernels.config import arch_limits
-
     if target.kind != "gpu":
         raise TargetError(f"--backend kernels cross-compiles for an NVIDIA GPU arch; target {target.name} has none")
     kdtype = pack_dtype(target, dtype)
@@ -287,14 +275,10 @@ def _kernel_summary(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def _label(config: dict[str, Any]) -> str:
-    from qwen3export.kernels.config import KernelConfig
-
     return KernelConfig.from_dict(config).label
 
 
 def _triton_version() -> str:
-    import triton
-
     return triton.__version__
 
 
@@ -311,8 +295,6 @@ class KernelPack:
 
     def selection(self) -> dict[str, dict[str, Any]]:
         """kernels/selected_configs.py's {kernel: {bucket: KernelConfig}} for these configs."""
-        from qwen3export.autotune.tables import active_selection
-
         return active_selection(self.index["selection"])
 
     def function(self, kernel: str, label: str, variant: str):
@@ -324,8 +306,6 @@ class KernelPack:
     def launch(self, kernel: str, label: str, variant: str, grid: tuple[int, ...], *args: Any) -> None:
         """Launch one packed function on the current CUDA device (which must be the pack's arch): every
         argument of the @triton.jit signature in order (pack.json `signature`), constexprs included."""
-        import torch
-
         if not torch.cuda.is_available():
             raise TargetError("launching a kernel pack needs a CUDA GPU; this machine has none")
         major, minor = torch.cuda.get_device_capability()
@@ -337,8 +317,6 @@ class KernelPack:
 def checked_index(folder: Path) -> dict[str, Any]:
     """The pack index, its file names kept inside the artifact: every function's files are plain relative paths
     (the artifact loader checks they are listed and checksummed), and its cubin is one of them."""
-    from qwen3export.artifact import check_relative_path, read_json
-
     fix = "rebuild the artifact"
     index = read_json(folder / PACK_INDEX, "kernel pack index", fix)
     functions = index.get("functions") if isinstance(index, dict) else None
@@ -358,10 +336,6 @@ def checked_index(folder: Path) -> dict[str, Any]:
 
 def load_kernel_pack(folder: str | Path) -> KernelPack:
     """Rebuild every packed function as a Triton CompiledKernel (no GPU needed until a launch)."""
-    from triton.compiler import CompiledKernel
-
-    from qwen3export.kernels.compile import ast_source
-
     folder = Path(folder)
     path = folder / PACK_INDEX
     if not path.is_file():
@@ -381,134 +355,11 @@ def load_kernel_pack(folder: str | Path) -> KernelPack:
 
 
 # ---------------------------------------------------------------------------------------------- verify
-def verify_kernel_pack(folder: Path, manifest: dict[str, Any], progress: Callable[[str], None] = lambda s: None
-                       ) -> dict[str, Any]:
-    """What can be proven without a GPU; `passed` is False if any check fails (the build then stops)."""
-    from qwen3export.kernels.compile import cuobjdump_path, parse_resource_usage
-
-    index = checked_index(folder)
-    failures: list[str] = []
-    pack = load_kernel_pack(folder)
-    for f in index["functions"]:
-        compiled = pack.compiled[(f["kernel"], f["config"], f["variant"])]
-        cubin = folder / f"{Path(f['files'][0]).parent}/{f['name']}.cubin"
-        run = subprocess.run([cuobjdump_path(), "--dump-resource-usage", str(cubin)], capture_output=True, text=True)
-        if run.returncode != 0:
-            failures.append(f"{f['kernel']} {f['name']}: cuobjdump cannot read its cubin ({run.stderr.strip()[:120]})")
-            continue
-        text = run.stdout
-        usage = parse_resource_usage(text).get(f["name"])
-        if usage is None or usage["registers"] != f["registers"] or usage["stack"] != f["spill_bytes"]:
-            failures.append(f"{f['kernel']} {f['name']}: cubin resources differ from the recorded report")
-        if compiled.metadata.num_warps != f["num_warps"] or compiled.metadata.target.arch != index["compute_capability"]:
-            failures.append(f"{f['kernel']} {f['name']}: metadata does not match the pack index")
-        if not f["valid"]:
-            failures.append(f"{f['kernel']} {f['name']}: {f['reason']}")
-    report: dict[str, Any] = {
-        "reference": "kernel pack: cubins re-read with cuobjdump; CompiledKernel rebuilt from the pack",
-        "functions": len(index["functions"]), "launched_on_gpu": False,
-        "gpu": "not run: no CUDA GPU of this arch here (the loader launches them on the target)"}
-    spec = ModelSpec.from_dict(manifest["model"]["spec"])
-    if spec.param_count() <= INTERPRET_MAX_PARAMS:
-        progress("running the model with the pack's configs through Triton's interpreter")
-        report["interpreter"] = interpreter_parity(folder, manifest)
-        if not report["interpreter"]["passed"]:
-            failures += [f"interpreter: {x}" for x in report["interpreter"]["failures"]]
-    else:
-        report["interpreter"] = {"passed": None, "not_run": f"{spec.param_count():,} parameters is over the "
-                                 f"interpreter check's {INTERPRET_MAX_PARAMS:,}; the kernels are checked against "
-                                 "their references by the test suite at representative shapes"}
-    report["failures"], report["passed"] = failures, not failures
-    return report
-
-
-def interpreter_parity(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """The eager model routed through the qwen3export:: custom ops with the pack's configs active, its kernels run
-    by Triton's interpreter on CPU (fp32), against the same model in plain PyTorch: prefill + greedy decode."""
-    from qwen3export.kernels.launch import INTERPRET_ENV
-
-    env = _clean_env() | {"TRITON_INTERPRET": "1", INTERPRET_ENV: "1"}
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "manifest.json").write_text(json.dumps(manifest))
-        proc = subprocess.run([sys.executable, "-m", "qwen3export.backends.kernel_pack", "interpret", str(folder),
-                               str(Path(tmp) / "manifest.json"), str(Path(tmp) / "out.json")], env=env,
-                              capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
-        if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise ParityError(f"the kernel pack's interpreter check crashed: {tail}")
-        return json.loads((Path(tmp) / "out.json").read_text())
-
-
-def _interpret_main(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
-    from qwen3export.artifact import staged_artifact
-    from qwen3export.kernels.selected_configs import use_selected_configs
-    from qwen3export.parity import check_parity
-    from qwen3export.references import eager_for
-
-    artifact = staged_artifact(folder, manifest | {"dtype": "fp32"})
-    if manifest.get("quantization"):
-        kernels, eager = _quantized_pair(artifact)
-    else:
-        eager = eager_for(artifact)
-        kernels = eager_for(artifact).use_custom_ops()
-    pack = load_kernel_pack(folder)
-    with torch.no_grad(), use_selected_configs(pack.selection()):
-        report = check_parity(kernels, kernels.empty_cache(2), eager, eager.empty_cache(2), eager.spec.vocab_size,
-                              "fp32", new_tokens=INTERPRET_NEW_TOKENS)
-    report["reference"] = ("eager PyTorch vs the same model through the qwen3export:: ops, Triton kernels run by "
-                           "the interpreter (fp32) with the pack's configs")
-    if manifest.get("quantization"):
-        report["reference"] += "; quantized: eager PyTorch on the same dequantized weights (fp8: op references)"
-    return report
-
-
-class _TorchReference:
-    """A decoder run with every qwen3export:: op on its pure-torch reference, even inside the interpreter
-    worker (kernels/launch.py ops_run_triton reads the environment at each call): the fp8 reference decoder
-    itself calls fp8_linear."""
-
-    def __init__(self, model):
-        self.model, self.spec = model, model.spec
-
-    def empty_cache(self, batch: int):
-        return self.model.empty_cache(batch)
-
-    def __call__(self, *args):
-        from qwen3export.kernels.launch import INTERPRET_ENV
-
-        saved = os.environ.pop(INTERPRET_ENV, None)
-        try:
-            return self.model(*args)
-        finally:
-            if saved is not None:
-                os.environ[INTERPRET_ENV] = saved
-
-
-def _quantized_pair(artifact):
-    """(the quantized decoder through the custom ops, its torch reference) for a quantized build's pack."""
-    from qwen3export.quant import build_quantized
-    from qwen3export.model import is_prequantized
-    from qwen3export.references import artifact_quant_config, source_for
-    from qwen3export.quant import QuantizedSource
-    from qwen3export.quant_parity import dequantized_reference
-
-    spec, source = source_for(artifact)
-    config = artifact_quant_config(artifact)
-    qsource = source if is_prequantized(source) else QuantizedSource(source, spec, config)
-    kernels = build_quantized(spec, qsource, config).use_custom_ops()
-    return kernels, _TorchReference(dequantized_reference(spec, qsource))
-
-
 if __name__ == "__main__":
     command = sys.argv[1]
     if command == "compile":  # jobs.json root out.json
         jobs_in = json.loads(Path(sys.argv[2]).read_text())
         Path(sys.argv[4]).write_text(json.dumps([_compile_job(j, Path(sys.argv[3])) for j in jobs_in]))
-    elif command == "interpret":  # folder manifest.json out.json
-        result = _interpret_main(Path(sys.argv[2]), json.loads(Path(sys.argv[3]).read_text()))
-        Path(sys.argv[4]).write_text(json.dumps(result))
     else:
         raise SystemExit(f"unknown command {command!r}")
 
@@ -520,7 +371,6 @@ def tuned_kernels_record(spec: ModelSpec, target, dtype: str, quantization: Mapp
     model's shapes, with the `tune` command that would make one). None for CPU targets (no Triton kernels)."""
     if target.kind != "gpu":
         return None
-    from qwen3export.autotune.tables import select_configs
 
     kdtype = pack_dtype(target, dtype)
     selected = quantized_selection(select_configs(target, spec, kdtype, missing="default"), spec, target,

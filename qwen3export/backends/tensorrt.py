@@ -26,13 +26,13 @@ def missing_requirements() -> list[str]:
     """What this machine lacks to build a TensorRT plan (empty when it can)."""
     missing = []
     try:
-        import tensorrt
+        import tensorrt  # lazy: optional; only on the target machine (no TensorRT can be installed here)
         usable = hasattr(tensorrt, "Builder")  # tensorrt-stubs alone leaves an empty namespace package
     except ImportError:
         usable = False
     if not usable:
         missing.append("the tensorrt Python package (pip install tensorrt-cu12 on the target machine)")
-    import torch
+    import torch  # lazy: the CLI's `finish` and build summary read this module's names without loading torch
 
     if not torch.cuda.is_available():
         missing.append("an NVIDIA GPU with CUDA")
@@ -110,7 +110,7 @@ def build_plan(folder: Path) -> dict[str, Any]:
     missing = missing_requirements()
     if missing:
         raise TargetError(f"TensorRT plan cannot be built here: missing {'; '.join(missing)}")
-    import tensorrt as trt
+    import tensorrt as trt  # lazy: optional, as above
 
     s = settings_paths_checked(folder)
     logger = trt.Logger(trt.Logger.WARNING)

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from qwen3export.autotune.tables import SHIPPED_DIR
-from qwen3export.backends.kernel_pack import (PACK_INDEX, emit_kernel_pack, load_kernel_pack, pack_dtype,
-                                              verify_kernel_pack)
+from qwen3export.backends.kernel_pack import PACK_INDEX, emit_kernel_pack, load_kernel_pack, pack_dtype
 from qwen3export.errors import TargetError
 from qwen3export.kernels.config import KernelConfig
 from qwen3export.model import ModelRef
 from qwen3export.spec import preset
 from qwen3export.targets import get_target
+from qwen3export.verify import verify_kernel_pack
 
 
 def _pack(spec, target: str, folder: Path):
@@ -63,8 +63,9 @@ def test_pack_uses_the_shipped_tables_with_their_tags(dense_pack):
 
 
 def test_packed_cubins_are_what_the_index_says(dense_pack):
-    from qwen3export.kernels.compile import cuobjdump_path, parse_resource_usage
     import subprocess
+
+    from qwen3export.kernels.compile import cuobjdump_path, parse_resource_usage
 
     folder, _ = dense_pack
     index = json.loads((folder / PACK_INDEX).read_text())
