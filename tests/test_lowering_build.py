@@ -171,3 +171,30 @@ def test_backends_without_the_lowered_program_say_why():
         record = lowering.unlowered_record(backend, requested=True)
         assert not record["enabled"] and set(record["passes"].values()) == {0} and len(record["notes"]) == 1
     assert lowering.unlowered_record("aoti", requested=False)["notes"] == []
+
+
+@pytest.mark.parametrize("argv", [("--model", "tiny", "--seed", "1"),
+                                  ("--model", "tiny-moe", "--quant", "int4", "--group-size", "32")])
+def test_decoder_has_fused_projections_no_rope_transposes_and_passes_parity(built_artifact, argv):
+    """graphs/passes/fuse_projections: one MatMul (MatMulNBits when int4) for q/k/v per layer and one for gate/up
+    per dense layer, each followed by a Split; backends/onnx_plumbing: RotaryEmbedding reads and writes
+    [B, S, N*D] (no Transposes around it), and no Reshape chain back to its own input is left. Parity as gated."""
+    folder = built_artifact(*argv)
+    m = manifest(folder)
+    spec = m["model"]["spec"]
+    layers = spec["num_hidden_layers"]
+    dense = sum(1 for i in range(layers) if not spec["num_experts"] or i in spec["mlp_only_layers"]
+                or (i + 1) % spec["decoder_sparse_step"])
+    assert m["lowering"]["passes"]["projections"] == layers + dense
+    ops = decoder_ops(folder)
+    # per layer qkv and o_proj, per dense layer gate_up and down_proj, and the lm_head
+    assert ops.get("MatMul", 0) + ops.get("com.microsoft::MatMulNBits", 0) == 2 * layers + 2 * dense + 1
+    assert ops["Split"] == layers + dense
+    assert ops["com.microsoft::RotaryEmbedding"] == 2 * layers
+    model = onnx.load(str(folder / "decoder.onnx"), load_external_data=False)
+    weights = {t.name for t in model.graph.initializer}  # a tied lm_head is the embedding transposed, folded at load
+    assert not [n.name for n in model.graph.node if n.op_type == "Transpose" and n.input[0] not in weights]
+    producers = {o: n for n in model.graph.node for o in n.output}
+    rope_inputs = [producers.get(n.input[0]) for n in model.graph.node if n.op_type == "RotaryEmbedding"]
+    assert all(p is not None and p.op_type == "Reshape" for p in rope_inputs)  # [B, S, N, D] normed -> [B, S, N*D]
+    assert m["parity"]["passed"] and m["parity"]["greedy_match"]

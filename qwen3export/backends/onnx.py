@@ -24,6 +24,7 @@ from qwen3export.cache_engine import LOGITS_INDEX, SEQLENS, TOTAL_LENGTH  # the 
 from qwen3export.spec import ModelSpec
 
 from .onnx_ops import bake_weight_layouts, custom_translation_table
+from .onnx_plumbing import remove_shape_plumbing
 from .onnx_quant import OPSET as QUANT_OPSET, bake_quantized_weights, quant_translation_table, set_accuracy_level
 
 OPSET = 18
@@ -87,6 +88,7 @@ def export_program(ep: ExportedProgram, spec: ModelSpec, table: dict | None, ops
                                     output_names=outputs, optimize=optimize, verbose=False,
                                     custom_translation_table=table)
     share_kv_buffer(program.model)
+    remove_shape_plumbing(program.model)  # the Reshape / Transpose chains ONNX Runtime's optimizer keeps
     return program
 
 
