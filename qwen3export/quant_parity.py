@@ -74,7 +74,8 @@ def emulate_int8_activations(model: Qwen3Decoder, group_size: int, lm_head: bool
             blocks = tuple(block if k % block == 0 else None for k in (h, i))
             module.forward = _emulated_moe(module, *blocks)
             hooked["expert_weights"] += sum(b is not None for b in blocks)
-        if not isinstance(module, torch.nn.Linear) or not (leaf in QUANTIZED_PROJECTIONS or lm_head and name == "lm_head"):
+        quantized = leaf in QUANTIZED_PROJECTIONS or lm_head and name == "lm_head"
+        if not isinstance(module, torch.nn.Linear) or not quantized:
             continue
         k = module.in_features
         block = nbits_block(group_size, k, -(-k // group_size))

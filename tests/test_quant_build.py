@@ -18,10 +18,12 @@ from qwen3export.cli import main
 from qwen3export.generation import greedy_generate, left_pad
 from qwen3export.quant import build_quantized
 from qwen3export.model import resolve
+from qwen3export.parity import THRESHOLDS
 from qwen3export.verify import verify_artifact
 from qwen3export.quant_format import QuantConfig
 from qwen3export.quant import QuantizedSource
 from qwen3export.quant_parity import dequantized_reference
+from qwen3export.references import artifact_quant_config
 from qwen3export.runner import open_engine
 from qwen3export.spec import preset
 
@@ -67,16 +69,30 @@ def test_int4_build_manifest_and_engine(int4_tiny):
     ops = op_counts(int4_tiny)
     assert ops["com.microsoft::MatMulNBits"] == 7 * spec.num_hidden_layers + 1  # lm_head too
     assert ops["::MatMul"] == 0
-    # gated: the engine against eager on the dequantized weights, at the fp32 thresholds
+    # the CPU default: MatMulNBits at accuracy level 4 (int8 activations), recorded in the quantization section
+    assert q["accuracy_level"] == 4 and set(accuracy_levels(int4_tiny)) == {4}
+    # gated: the engine against eager on the dequantized weights with the int8 activations emulated (the median
+    # row at the fp32 bound, rounding flips allowed in a few: parity.THRESHOLDS); the parity says which reference ran
     p = m["parity"]
-    assert p["passed"] and p["greedy_match"] and p["logits_max_abs"] < 1e-4
-    assert "dequantized" in p["reference"]
+    assert p["passed"] and p["greedy_match"] and p["logits_scaled_median"] < 1e-4
+    assert p["thresholds"] == THRESHOLDS["int8_activations"]
+    assert "dequantized" in p["reference"] and "emulated" in p["reference"]
+    gate = p["quant_gate"]
+    assert (gate["kind"], gate["accuracy_level"], gate["linears"]) == ("emulated-int8-activations", 4,
+                                                                        7 * spec.num_hidden_layers + 1)
     # reported, not gated: what int4 g32 costs against the unquantized model, in a plausible range
     quality = p["quantization"]
     assert quality["gated"] is False and quality["quantization"]["mode"] == "int4"
     # the bounds that correct int4 passes and wrong weights fail (tests/test_quant_parity.py's negative control)
     assert quality["logits_kl"]["mean"] > 0 and all(e > 0 for e in quality["hidden_state_rel_error"])
     assert violated(quality, BOUNDS["int4"]) == []
+
+
+def accuracy_levels(artifact) -> list[int]:
+    """accuracy_level of every MatMulNBits / QMoE node of the artifact's decoder."""
+    model = onnx.load(str(artifact.file("decoder.onnx")), load_external_data=False)
+    return [next(a.i for a in n.attribute if a.name == "accuracy_level") for n in model.graph.node
+            if n.op_type in ("MatMulNBits", "QMoE")]
 
 
 def _linear_shapes(spec):
@@ -89,16 +105,19 @@ def _linear_shapes(spec):
 
 def test_int4_engine_runs_like_eager_on_the_dequantized_weights(int4_tiny, capsys):
     spec, source, _ = resolve("tiny")
-    config = QuantConfig("int4", 32, quantize_lm_head=True)
+    config = QuantConfig("int4", 32, quantize_lm_head=True, accuracy_level=4)
     reference = dequantized_reference(spec, QuantizedSource(source, spec, config))
     ids, mask = left_pad([[5, 6, 7, 8, 9, 10], [11, 12]])
     want = greedy_generate(reference, reference.empty_cache(2), ids, mask, 6)[0]
     engine = open_engine(int4_tiny)
     got = greedy_generate(engine, engine.empty_cache(2), ids, mask, 6)[0]
     assert torch.equal(got, want)
-    # the quantized decoder computes the same (graphs/quantized.py)
-    qmodel = build_quantized(spec, source, config)
-    assert torch.equal(greedy_generate(qmodel, qmodel.empty_cache(2), ids, mask, 6)[0], want)
+    # the quantized decoder computes what the fp32-activation reference does (graphs/quantized.py)
+    fp_config = QuantConfig("int4", 32, quantize_lm_head=True)
+    fp_reference = dequantized_reference(spec, QuantizedSource(source, spec, fp_config))
+    qmodel = build_quantized(spec, source, fp_config)
+    assert torch.equal(greedy_generate(qmodel, qmodel.empty_cache(2), ids, mask, 6)[0],
+                       greedy_generate(fp_reference, fp_reference.empty_cache(2), ids, mask, 6)[0])
     # `run` and `verify` on the artifact
     code, out, _ = cli(capsys, "run", int4_tiny.path, "--prompt-ids", "5,6,7,8,9,10", "--max-new-tokens", "6",
                           "--greedy")
@@ -130,17 +149,18 @@ def test_int4_build_of_a_checkpoint_whose_hidden_size_is_off_the_group(tmp_path,
     spec, source, _ = resolve("tiny", hidden_size=72)
     folder = save_hf_checkpoint(spec, source, tmp_path / "tiny-h72")
     code, _, err = cli(capsys, "build", "--model", folder, "--quant", "int4", "--group-size", "32",
-                       "--quantize-lm-head", "--artifact", tmp_path / "a")
+                       "--artifact", tmp_path / "a")  # the lm_head quantized and level 4: int4's CPU defaults
     assert code == 0, err
     a = load_artifact(tmp_path / "a")
     q, p = a.manifest["quantization"], a.manifest["parity"]
     assert (q["mode"], q["group_size"], q["linears"]) == ("int4", 32, 7 * spec.num_hidden_layers + 1)
-    assert p["passed"] and p["greedy_match"] and p["logits_max_abs"] < 1e-4
+    assert p["passed"] and p["greedy_match"] and p["logits_scaled_median"] < 1e-4
     nbits = [n for n in onnx.load(str(a.file("decoder.onnx")), load_external_data=False).graph.node
              if n.op_type == "MatMulNBits"]
     assert len(nbits) == 7 * spec.num_hidden_layers + 1 and {72, 128} <= {
         next(at.i for at in n.attribute if at.name == "K") for n in nbits}
-    _greedy_against_the_dequantized_model(a, folder, QuantConfig("int4", 32, quantize_lm_head=True))
+    # 72 = 2 x 32 + 8: MatMulNBits quantizes the partial last block of A over its 8 real columns
+    _greedy_against_the_dequantized_model(a, folder, QuantConfig("int4", 32, quantize_lm_head=True, accuracy_level=4))
 
 
 @pytest.mark.parametrize("onnx_ops", ["ort", "standard"])
@@ -155,15 +175,84 @@ def test_int4_moe_build_with_partial_groups(onnx_ops, tmp_path):
                                  onnx_ops=onnx_ops, artifact=tmp_path / "moe"))
     a = load_artifact(result.path)
     p = a.manifest["parity"]
-    assert p["passed"] and p["greedy_match"] and p["logits_max_abs"] < 1e-4
+    assert p["passed"] and p["greedy_match"] and p["logits_scaled_median"] < 1e-4
     spec = preset("tiny-moe")
     ops = op_counts(a)
+    level = 4 if onnx_ops == "ort" else 0  # the CPU default per flavour (options.accuracy_level)
+    assert a.manifest["quantization"]["accuracy_level"] == level
     if onnx_ops == "ort":
         assert ops["com.microsoft::QMoE"] == len(spec.moe_layers)
-    else:
+        # 72 and 40 are not multiples of the block (32): QMoE dequantizes, fp32 activations in the experts
+        assert p["quant_gate"]["expert_weights"] == 0 and set(accuracy_levels(a)) == {4}
+    else:  # the lm_head quantized too (int4's default)
         assert ops["::DequantizeLinear"] == 7 * spec.num_hidden_layers - 3 * len(spec.moe_layers) + 2 * len(
-            spec.moe_layers)
-    _greedy_against_the_dequantized_model(a, "tiny-moe", QuantConfig("int4", 32), **overrides)
+            spec.moe_layers) + 1
+    _greedy_against_the_dequantized_model(a, "tiny-moe", QuantConfig("int4", 32, quantize_lm_head=True,
+                                                                     accuracy_level=level), **overrides)
+
+
+def _fails(artifact, reference) -> dict:
+    """check_engine_parity of the artifact's engine against `reference`, expected to fail: the report."""
+    from qwen3export.quant_parity import check_engine_parity
+
+    engine = open_engine(artifact)
+    report = check_engine_parity(engine, engine.empty_cache(2), reference)
+    # the plain reference is gated at the fp32 bound, an emulating one on its median row: every row is off
+    assert not report["passed"] and any("logits scaled error" in f for f in report["failures"]), report["failures"]
+    assert report["logits_scaled_median"] > 1e-3
+    return report
+
+
+def test_int4_level_4_gate_fails_when_the_reference_computes_something_else(int4_tiny, monkeypatch):
+    """The emulation is what makes the level-4 engine pass: against the same weights with fp32 activations, or
+    with the activations quantized per row instead of per MatMulNBits block (a wrong scale), the gate fails."""
+    import qwen3export.quant_parity as qp
+
+    spec, source, _ = resolve("tiny")
+    qsource = QuantizedSource(source, spec, QuantConfig("int4", 32, quantize_lm_head=True))  # level 0
+    assert dequantized_reference(spec, qsource).quant_gate["kind"] == "dequantized-weights"
+    _fails(int4_tiny, dequantized_reference(spec, qsource))
+    per_row = qp.quantize_activation_int8_blocks
+    monkeypatch.setattr(qp, "quantize_activation_int8_blocks", lambda x, block: per_row(x, x.shape[-1]))
+    level4 = QuantizedSource(source, spec, artifact_quant_config(int4_tiny))
+    _fails(int4_tiny, dequantized_reference(spec, level4))
+
+
+def test_int4_level_0_and_fp_lm_head_opt_out(built_artifact):
+    """`--int4-accuracy 0 --no-quantize-lm-head`: MatMulNBits at level 0 without the lm_head, recorded so, gated
+    against the plain dequantized reference; and that engine fails against the level-4 (emulating) reference."""
+    a = load_artifact(built_artifact("--model", "tiny", "--quant", "int4", "--group-size", "32", "--int4-accuracy", "0",
+                                     "--no-quantize-lm-head"))
+    spec = preset("tiny")
+    q, p = a.manifest["quantization"], a.manifest["parity"]
+    assert (q["accuracy_level"], q["quantize_lm_head"], q["linears"]) == (0, False, 7 * spec.num_hidden_layers)
+    assert set(accuracy_levels(a)) == {0} and len(accuracy_levels(a)) == 7 * spec.num_hidden_layers
+    assert p["passed"] and p["quant_gate"]["kind"] == "dequantized-weights" and "emulated" not in p["reference"]
+    spec, source, _ = resolve("tiny")
+    emulating = QuantizedSource(source, spec, QuantConfig("int4", 32, accuracy_level=4))
+    _fails(a, dequantized_reference(spec, emulating))
+
+
+def test_int4_moe_level_4_experts_run_int8_activations(built_artifact):
+    """tiny-moe int4 g32 on CPU: H 64 and I 32 are multiples of QMoE's block (32), so QMoE runs its experts
+    through the MatMulNBits int8 kernels at level 4; the gate's reference quantizes the experts' inputs too
+    (realistic, trained-statistics weights), and with the experts left fp32 the gate fails."""
+    from qwen3export.graphs.decoder import SparseMoeBlock
+
+    a = load_artifact(built_artifact("--model", "tiny-moe", "--quant", "int4", "--group-size", "32"))
+    spec = preset("tiny-moe")
+    p = a.manifest["parity"]
+    assert a.manifest["quantization"]["accuracy_level"] == 4 and set(accuracy_levels(a)) == {4}
+    assert op_counts(a)["com.microsoft::QMoE"] == len(spec.moe_layers)
+    assert p["passed"] and p["greedy_match"] and p["logits_scaled_median"] < 1e-4
+    assert (p["quant_gate"]["kind"], p["quant_gate"]["expert_weights"]) == ("emulated-int8-activations",
+                                                                             2 * len(spec.moe_layers))
+    spec, source, _ = resolve("tiny-moe")
+    reference = dequantized_reference(spec, QuantizedSource(source, spec, artifact_quant_config(a)))
+    for m in reference.modules():
+        if isinstance(m, SparseMoeBlock):
+            del m.forward  # the class's forward again: the linears still emulated, the experts fp32
+    _fails(a, reference)
 
 
 def test_moe_int8_standard_flavour(tmp_path, capsys):

@@ -153,11 +153,14 @@ def test_moe_kernel_pack_interpreter_parity(folders, tmp_path, capsys):
     assert inner["new_tokens"] >= 8
 
 
+# `run` is compared with transformers on the dequantized weights, which computes fp32 activations: int4 at
+# MatMulNBits accuracy level 0 here (level 4, the CPU default, is gated against its emulation: test_quant_build.py)
 QUANT = {
     "dense-int8": ("dense", ["--quant", "int8"]),
-    "dense-int4-g32": ("dense", ["--quant", "int4", "--group-size", "32"]),  # 200 = 6 x 32 + 8: a partial group
-    "dense-int4-g128-lm-head": ("dense", ["--quant", "int4", "--quantize-lm-head"]),  # 96 < 128: one partial group
-    "moe-int4-g32": ("moe", ["--quant", "int4", "--group-size", "32"]),  # QMoE; 80 = 2 x 32 + 16
+    "dense-int4-g32": ("dense", ["--quant", "int4", "--group-size", "32", "--int4-accuracy", "0",
+                                 "--no-quantize-lm-head"]),  # 200 = 6 x 32 + 8: a partial group
+    "dense-int4-g128-lm-head": ("dense", ["--quant", "int4", "--quantize-lm-head", "--int4-accuracy", "0"]),  # 96 < 128
+    "moe-int4-g32": ("moe", ["--quant", "int4", "--group-size", "32", "--int4-accuracy", "0"]),  # QMoE; 80 = 64 + 16
     "moe-int8-standard": ("moe", ["--quant", "int8", "--onnx-ops", "standard"]),
 }
 

@@ -443,8 +443,8 @@ def set_accuracy_level(model: ir.Model, level: int) -> int:
     block_size, else it dequantizes and runs SGEMM on fp32 activations whatever the level
     (moe_quantization_cpu.cc PrePackQNBitExperts warns so); quant_parity's reference follows the same rule.
     Measured here (2 cores, AVX-512 VNNI; one QMoE layer of Qwen3-30B-A3B's shape, 128 experts, top-8, block
-    128; a one-node session, random codes, 2026-11-30): decode T=1 10.4 ms at level 0 -> 2.0 ms at level 4, prefill T=128 385 ->
-    126 ms. A decode-path gather of the routed experts' int4 codes into MatMulNBits is no alternative: a
+    128; a one-node session, random codes, 2026-11-30): decode T=1 10.4 ms at level 0 -> 2.0 ms at level 4,
+    prefill T=128 385 -> 126 ms. A decode-path gather of the routed experts' int4 codes into MatMulNBits is no alternative: a
     MatMulNBits whose B is not an initializer is not prepacked, 40 ms for one [1536 x 2048] GEMV.
 
     4 on CPU: MLAS quantizes A to int8 per block of block_size (quant_format.quantize_activation_int8_blocks) and
