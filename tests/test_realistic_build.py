@@ -160,7 +160,8 @@ QUANT = {
     "dense-int4-g32": ("dense", ["--quant", "int4", "--group-size", "32", "--int4-accuracy", "0",
                                  "--no-quantize-lm-head"]),  # 200 = 6 x 32 + 8: a partial group
     "dense-int4-g128-lm-head": ("dense", ["--quant", "int4", "--quantize-lm-head", "--int4-accuracy", "0"]),  # 96 < 128
-    "moe-int4-g32": ("moe", ["--quant", "int4", "--group-size", "32", "--int4-accuracy", "0"]),  # QMoE; 80 = 64 + 16
+    "moe-int4-g32": ("moe", ["--quant", "int4", "--group-size", "32", "--int4-accuracy", "0",
+                             "--no-quantize-lm-head"]),  # QMoE; 80 = 2 x 32 + 16
     "moe-int8-standard": ("moe", ["--quant", "int8", "--onnx-ops", "standard"]),
 }
 
