@@ -24,19 +24,20 @@ from qwen3export.errors import InputError
 
 from .sampling_params import (PARAM_DTYPES, PARAM_NAMES, QWEN3_DEFAULTS, SamplingParams, check_params,
                               read_generation_config, sampling_defaults, stack_params)
-from .sampling_state import (EARLY_STOP_TEXT, STATE_NAMES, SamplingVocab, check_early_stop, check_logits,
-                             early_stop_ids, initial_state)
+from .sampling_state import (EARLY_STOP_TEXT, PAD_ID, STATE_NAMES, SamplingVocab, check_early_stop, check_logits,
+                             early_stop_ids, initial_state, mask_ids, pad_ids)
 
 __all__ = [
     "EARLY_STOP_TEXT", "INPUT_NAMES", "OUTPUT_NAMES", "PARAM_NAMES", "QWEN3_DEFAULTS", "STATE_NAMES",
     "SamplingGraph", "SamplingParams", "SamplingSession", "SamplingVocab", "capture_sampling",
     "check_logits", "check_params", "draw_uniforms", "early_stop_ids", "emit_sampling_onnx",
-    "initial_state", "read_generation_config", "sample_step", "sampling_defaults", "stack_params",
+    "initial_state", "mask_ids", "pad_ids", "PAD_ID", "read_generation_config", "sample_step", "sampling_defaults", "stack_params",
 ]
 
 OPSET = 18
 SAMPLING_FILE = "sampling.onnx"
 MAX_BATCH = 1024  # as the decoder's capture (capture.py)
+MAX_IDS = 1 << 22  # longest seen/generated id list (prompt + output tokens) the capture allows
 BATCH = "batch_size"  # symbolic batch dimension of the ONNX interface (as the decoder's)
 INPUT_NAMES = ("logits", *STATE_NAMES, *PARAM_NAMES, "uniforms")
 OUTPUT_NAMES = ("next_token", *(f"new_{n}" for n in STATE_NAMES))
@@ -76,18 +77,32 @@ def exp_f32(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d >= EXP_FLOOR, p * scale, 0.0)
 
 
-def penalize(logits: torch.Tensor, seen: torch.Tensor, generated: torch.Tensor,
-             repetition_penalty: torch.Tensor, presence_penalty: torch.Tensor) -> torch.Tensor:
-    """Penalised scores [B, V] f32 from logits [B, V] f32, masks [B, V] bool and penalties [B].
+def _scatter_ids(scores: torch.Tensor, ids: torch.Tensor, update) -> torch.Tensor:
+    """scores [B, V] with update(value) written at each id of ids [B, N] (PAD_ID = -1 pads; duplicates fine).
 
-    Repetition penalty over prompt + output tokens (`seen`) exactly as transformers'
+    Pads are pointed at token 0 and write what any real entry for token 0 writes (update(value) when the
+    row lists 0, the value unchanged otherwise), so the result does not depend on the order in which
+    ScatterElements/scatter apply duplicate indices.
+    """
+    lists_zero = (ids == 0).any(dim=-1, keepdim=True)  # [B, 1]
+    idx = ids.clamp(min=0)  # [B, N]
+    val = scores.gather(1, idx)  # [B, N]
+    return scores.scatter(1, idx, torch.where((ids >= 0) | lists_zero, update(val), val))
+
+
+def penalize(logits: torch.Tensor, seen_ids: torch.Tensor, generated_ids: torch.Tensor,
+             repetition_penalty: torch.Tensor, presence_penalty: torch.Tensor) -> torch.Tensor:
+    """Penalised scores [B, V] f32 from logits [B, V] f32, id lists [B, S] / [B, G] int64 (-1 pads, repeats
+    allowed) and penalties [B]; only the listed tokens are read and written.
+
+    Repetition penalty over prompt + output tokens (`seen_ids`) exactly as transformers'
     RepetitionPenaltyLogitsProcessor (negative scores times the penalty, others divided by it); then the
-    presence penalty subtracted from output tokens (`generated`), vLLM's apply_penalties order and rule
+    presence penalty subtracted from output tokens (`generated_ids`), vLLM's apply_penalties order and rule
     (vllm/model_executor/layers/utils.py; the OpenAI API's definition).
     """
     rp = repetition_penalty[:, None]  # [B, 1]
-    s = torch.where(seen, torch.where(logits < 0, logits * rp, logits / rp), logits)  # [B, V]
-    return torch.where(generated, s - presence_penalty[:, None], s)
+    s = _scatter_ids(logits, seen_ids, lambda x: torch.where(x < 0, x * rp, x / rp))
+    return _scatter_ids(s, generated_ids, lambda x: x - presence_penalty[:, None])
 
 
 def filter_weights(scores: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -268,15 +283,14 @@ class SamplingGraph(nn.Module):
         self.sample = _Sample(self.vocab_size)
         self.register_buffer("forced_ids", torch.tensor(ids, dtype=torch.int64), persistent=False)  # [L]
 
-    def forward(self, logits, seen, generated, in_think, think_spent, forced_pos, temperature, top_k, top_p,
+    def forward(self, logits, seen_ids, generated_ids, in_think, think_spent, forced_pos, temperature, top_k, top_p,
                 min_p, repetition_penalty, presence_penalty, enable_thinking, thinking_budget, uniforms):
         """logits [B, V] f32; state as STATE_NAMES; params [B] as PARAM_DTYPES; uniforms [B] f32 in [0, 1)
         -> (next_token [B] int64, *new state)."""
-        vocab = torch.arange(self.vocab_size, device=logits.device)  # [V]
-        s = penalize(logits, seen, generated, repetition_penalty, presence_penalty)  # [B, V] f32
-        if self.vocab.has_thinking:
-            banned = (vocab == self.vocab.think_id)[None, :] & ~enable_thinking[:, None]  # [B, V]
-            s = torch.where(banned, float("-inf"), s)
+        s = penalize(logits, seen_ids, generated_ids, repetition_penalty, presence_penalty)  # [B, V] f32
+        if self.vocab.has_thinking:  # thinking off: <think> gets -inf (one column written)
+            think = torch.full_like(think_spent, self.vocab.think_id)[:, None]  # [B, 1]
+            s = s.scatter(1, think, torch.where(enable_thinking[:, None], s.gather(1, think), float("-inf")))
         # all rows greedy: argmax; else the top-k candidates when they suffice, else the whole vocabulary
         token = torch.cond((temperature == 0).all(), _greedy, self.sample,
                            (s, temperature, top_k, top_p, min_p, uniforms))  # [B] int64
@@ -291,15 +305,17 @@ class SamplingGraph(nn.Module):
             end = token == self.vocab.end_think_id
             think_spent = think_spent + (in_think & ~forcing & ~end).to(torch.int64)
             in_think = (in_think | (token == self.vocab.think_id)) & ~end
-        hit = vocab[None, :] == token[:, None]  # [B, V]
-        return token, seen | hit, generated | hit, in_think, think_spent, forced_pos
+        new = token[:, None]  # [B, 1] appended to both id lists
+        return (token, torch.cat((seen_ids, new), dim=1), torch.cat((generated_ids, new), dim=1), in_think,
+                think_spent, forced_pos)
 
 
 # ---------------------------------------------------------------------- capture and emit
 def sampling_example_inputs(graph: SamplingGraph, batch: int = 2) -> tuple[torch.Tensor, ...]:
     """Tracing inputs; batch >= 2 so that the dimension is not specialised."""
     g = torch.Generator().manual_seed(0)
-    state = initial_state([[0]] * batch, graph.vocab)
+    state = initial_state([[0, 1, 2, 3, 4]] * batch, graph.vocab)  # 5 seen ids, 3 generated: no size is
+    state["generated_ids"] = torch.tensor([[0, -1, 2]] * batch)  # 0 or 1, none equals another (dynamic)
     params = SamplingParams().to_tensors(batch)
     return (torch.randn(batch, graph.vocab_size, generator=g), *(state[n] for n in STATE_NAMES),
             *(params[n] for n in PARAM_NAMES), torch.rand(batch, generator=g))
@@ -308,15 +324,17 @@ def sampling_example_inputs(graph: SamplingGraph, batch: int = 2) -> tuple[torch
 def capture_sampling(graph: SamplingGraph) -> ExportedProgram:
     """torch.export of the sampling graph with a dynamic batch (vocabulary fixed by the model)."""
     batch = Dim("batch", min=1, max=MAX_BATCH)
-    shapes = ({0: batch},) * len(INPUT_NAMES)
+    lists = {"seen_ids": Dim("seen", min=1, max=MAX_IDS), "generated_ids": Dim("generated", min=1, max=MAX_IDS)}
+    shapes = tuple({0: batch, 1: lists[n]} if n in lists else {0: batch} for n in INPUT_NAMES)
     with torch.no_grad():
         return torch.export.export(graph.eval(), sampling_example_inputs(graph), dynamic_shapes=shapes, strict=False)
 
 
 def io_shapes(vocab_size: int) -> dict[str, list[str | int]]:
     """The ONNX interface's shapes with the symbolic batch dimension."""
-    wide = {"logits", "seen", "generated", "new_seen", "new_generated"}
-    return {n: [BATCH, vocab_size] if n in wide else [BATCH] for n in (*INPUT_NAMES, *OUTPUT_NAMES)}
+    second = {"logits": vocab_size, "seen_ids": "seen_len", "generated_ids": "generated_len",
+              "new_seen_ids": "new_seen_len", "new_generated_ids": "new_generated_len"}
+    return {n: [BATCH, second[n]] if n in second else [BATCH] for n in (*INPUT_NAMES, *OUTPUT_NAMES)}
 
 
 def emit_sampling_onnx(graph: SamplingGraph, path: Path, ep: ExportedProgram | None = None) -> dict[str, Any]:

@@ -19,12 +19,16 @@ if TYPE_CHECKING:
     from qwen3export.spec import ModelSpec
 
 # State tensors, in the graph's input order (the graph returns them updated, same order):
-#   seen        [B, V] bool  token appeared in the prompt or the output (repetition penalty)
-#   generated   [B, V] bool  token appeared in the output only (presence penalty)
-#   in_think    [B]    bool  inside an open <think> block
-#   think_spent [B]    int64 tokens the model sampled inside <think> in this generation (forced ones excluded)
-#   forced_pos  [B]    int64 position of the next forced early-stop token, -1 when not forcing
-STATE_NAMES = ("seen", "generated", "in_think", "think_spent", "forced_pos")
+#   seen_ids      [B, S] int64  ids that appeared in the prompt (each once) or the output (each step appends
+#                               its token), -1 as padding; the repetition penalty gathers/scatters these only
+#   generated_ids [B, G] int64  ids of the output (each step appends its token), -1 as padding, G >= 1; the
+#                               presence penalty
+#   in_think      [B]    bool   inside an open <think> block
+#   think_spent   [B]    int64  tokens the model sampled inside <think> in this generation (forced ones excluded)
+#   forced_pos    [B]    int64  position of the next forced early-stop token, -1 when not forcing
+STATE_NAMES = ("seen_ids", "generated_ids", "in_think", "think_spent", "forced_pos")
+PAD_ID = -1
+
 
 # Qwen's documented early stop for a thinking budget (Qwen3 model card, "thinking budget"; DESIGN §6):
 # at the budget, append this text and continue generating.
@@ -115,14 +119,14 @@ def initial_state(prompts: Sequence[Sequence[int]], spec_or_vocab: "ModelSpec | 
     if not prompts:
         raise InputError("initial_state needs at least one prompt")
     b = len(prompts)
-    seen = torch.zeros(b, v, dtype=torch.bool)  # [B, V]
+    seen: list[list[int]] = []
     in_think = torch.zeros(b, dtype=torch.bool)  # [B]
     for row, prompt in enumerate(prompts):
         ids = torch.as_tensor(list(prompt), dtype=torch.int64)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= v):
             bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
             raise InputError(f"prompt {row}: token id {bad} is out of range: ids must be in 0..{v - 1}")
-        seen[row, ids] = True
+        seen.append(torch.unique(ids).tolist())
         if vocab.has_thinking:
             opens = (ids == vocab.think_id).nonzero()
             closes = (ids == vocab.end_think_id).nonzero()
@@ -130,12 +134,25 @@ def initial_state(prompts: Sequence[Sequence[int]], spec_or_vocab: "ModelSpec | 
             last_close = int(closes[-1]) if len(closes) else -1
             in_think[row] = last_open > last_close
     return {
-        "seen": seen,
-        "generated": torch.zeros(b, v, dtype=torch.bool),  # [B, V]
+        "seen_ids": pad_ids(seen),  # [B, S]
+        "generated_ids": torch.full((b, 1), PAD_ID, dtype=torch.int64),  # [B, 1]: nothing generated yet
         "in_think": in_think,
         "think_spent": torch.zeros(b, dtype=torch.int64),  # [B]
         "forced_pos": torch.full((b,), -1, dtype=torch.int64),  # [B]
     }
+
+
+def pad_ids(rows: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Rows of token ids -> [B, max(1, longest)] int64, padded with PAD_ID (the state's id-list layout)."""
+    out = torch.full((len(rows), max(1, *(len(r) for r in rows))), PAD_ID, dtype=torch.int64)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.as_tensor(list(r), dtype=torch.int64)
+    return out
+
+
+def mask_ids(mask: torch.Tensor) -> torch.Tensor:
+    """A [B, V] bool mask of tokens -> its ids as the state's [B, N] padded id list (pad_ids)."""
+    return pad_ids([torch.nonzero(row).flatten().tolist() for row in mask])
 
 
 def check_logits(logits: torch.Tensor, vocab_size: int | None = None) -> None:

@@ -14,8 +14,8 @@ from transformers.generation.logits_process import (MinPLogitsWarper, Repetition
 from qwen3export import tokens
 from qwen3export.graphs.sampling import (INPUT_NAMES, OUTPUT_NAMES, PARAM_NAMES, STATE_NAMES, SamplingGraph,
                                          SamplingSession, SamplingVocab, capture_sampling, emit_sampling_onnx,
-                                         exp_f32, filter_weights, initial_state, inverse_cdf,
-                                         penalize)
+                                         exp_f32, filter_weights, initial_state, inverse_cdf, mask_ids,
+                                         pad_ids, penalize)
 
 # V = 64 keeps the tests fast; the think ids sit inside it as Qwen3's 151667/151668 do in 151936
 SMALL = SamplingVocab(vocab_size=64, think_id=60, end_think_id=61)
@@ -80,7 +80,7 @@ def random_batch(rng: np.random.Generator, b: int, vocab: SamplingVocab, forced_
     f32 = lambda a: torch.tensor(np.asarray(a), dtype=torch.float32)
     i64 = lambda a: torch.tensor(np.asarray(a), dtype=torch.int64)
     boolean = lambda a: torch.tensor(np.asarray(a), dtype=torch.bool)
-    return (f32(logits), boolean(seen), boolean(generated), boolean(in_think), i64(think_spent),
+    return (f32(logits), mask_ids(boolean(seen)), mask_ids(boolean(generated)), boolean(in_think), i64(think_spent),
             i64(forced_pos), f32(temperature), i64(top_k), f32(top_p), f32(min_p), f32(rep), f32(presence),
             boolean(enable), i64(budget), f32(u))
 
@@ -93,7 +93,8 @@ def test_onnx_interface(small_onnx):
     assert entry["opset"] >= 18 and entry["early_stop_ids"] == list(EARLY_STOP)
     elem = {i.name: i.type.tensor_type.elem_type for i in (*model.graph.input, *model.graph.output)}
     assert elem["logits"] == onnx.TensorProto.FLOAT and elem["next_token"] == onnx.TensorProto.INT64
-    assert elem["seen"] == elem["enable_thinking"] == onnx.TensorProto.BOOL
+    assert elem["seen_ids"] == elem["new_generated_ids"] == onnx.TensorProto.INT64
+    assert elem["enable_thinking"] == elem["new_in_think"] == onnx.TensorProto.BOOL
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
     assert dims["logits"] == ["batch_size", SMALL.vocab_size] and dims["uniforms"] == ["batch_size"]
 
@@ -194,10 +195,8 @@ def test_filtering_matches_transformers(vocab_size):
             skipped += 1
             continue
         want = reference_probs(logits, seen_ids, t, k, p, mp, rep)
-        seen = torch.zeros(1, vocab_size, dtype=torch.bool)
-        seen[0, seen_ids] = True
         row = lambda x, dt=torch.float32: torch.tensor([x], dtype=dt)
-        s = penalize(logits[None], seen, torch.zeros_like(seen), row(rep), row(0.0))
+        s = penalize(logits[None], seen_ids[None], pad_ids([[]]), row(rep), row(0.0))
         w = filter_weights(s, row(t), row(k, torch.int64), row(p), row(mp))[0]
         got = w.double() / w.double().sum()
         assert torch.equal(got > 0, want > 0), (t, k, p, mp, rep)
@@ -207,11 +206,36 @@ def test_filtering_matches_transformers(vocab_size):
 
 def test_presence_penalty_subtracts_from_generated_tokens_only():
     logits = torch.tensor([[1.0, -1.0, 2.0, 0.0]])
-    seen = torch.tensor([[True, True, True, False]])
-    generated = torch.tensor([[False, True, True, False]])
+    seen = torch.tensor([[2, 1, 0, 2, -1]])  # ids, a repeat, padding
+    generated = torch.tensor([[1, 2, 1]])
     out = penalize(logits, seen, generated, torch.tensor([2.0]), torch.tensor([1.5]))
     # by hand: token 0 seen only (1/2), 1 seen+generated (-1*2 - 1.5), 2 (2/2 - 1.5), 3 untouched
     assert out.tolist() == [[0.5, -3.5, -0.5, 0.0]]
+
+
+@pytest.mark.parametrize("with_zero", [False, True])
+def test_penalties_on_id_lists_match_transformers(with_zero):
+    """Ids with repeats and -1 padding (token 0 listed or not, which the padding points at): the repetition
+    penalty equals transformers' RepetitionPenaltyLogitsProcessor on the same ids, and the presence penalty
+    is subtracted once from each generated id, in float32 as a mask would do it."""
+    rng = np.random.default_rng(int(with_zero))
+    b, v = 16, 1000
+    logits = torch.tensor(rng.standard_normal((b, v)) * 5, dtype=torch.float32)
+    logits[:, 0] = -3.0
+    seen = [sorted(set(rng.integers(1, v, size=rng.integers(0, 40)).tolist()) | ({0} if with_zero else set()))
+            for _ in range(b)]
+    gen = [[i for i in r if rng.random() < 0.5] * 2 for r in seen]  # repeats
+    rep = torch.tensor(rng.choice([1.3, 0.7, 2.0], size=b), dtype=torch.float32)
+    pres = torch.tensor(rng.choice([1.5, -2.0], size=b), dtype=torch.float32)
+    got = penalize(logits, pad_ids(seen), pad_ids(gen), rep, pres)
+    for r in range(b):
+        ids = torch.tensor(seen[r] or [0], dtype=torch.int64)[None]
+        want = RepetitionPenaltyLogitsProcessor(float(rep[r]))(ids, logits[r:r + 1].clone())[0] if seen[r] \
+            else logits[r].clone()
+        hit = torch.zeros(v, dtype=torch.bool)
+        hit[torch.tensor(gen[r], dtype=torch.int64)] = True
+        want = torch.where(hit, want - pres[r], want)
+        assert torch.equal(got[r], want), r
 
 
 def test_inverse_cdf_edges():

@@ -17,7 +17,7 @@ from transformers.generation.logits_process import (MinPLogitsWarper, Temperatur
 
 from qwen3export import tokens
 from qwen3export.graphs.sampling import (OUTPUT_NAMES, STATE_NAMES, TOPK_CANDIDATES, SamplingGraph, SamplingSession,
-                                         SamplingVocab, emit_sampling_onnx, initial_state, penalize, topk_complete,
+                                         SamplingVocab, emit_sampling_onnx, initial_state, pad_ids, penalize, topk_complete,
                                          topk_pick)
 from qwen3export.graphs.sampling import _full as full_path
 
@@ -69,7 +69,8 @@ def graph_inputs(rng, logits, params, vocab: SamplingVocab):
     b, v = logits.shape
     prompts = [rng.integers(0, v, size=8).tolist() + ([vocab.think_id] if r % 2 else []) for r in range(b)]
     state = initial_state(prompts, vocab)
-    state["generated"] = state["seen"] & torch.tensor(rng.random((b, v)) < 0.5)
+    state["generated_ids"] = pad_ids([[i for i in row if i >= 0 and rng.random() < 0.5] + [int(row[0])] * 2
+                                      for row in state["seen_ids"].tolist()])  # a subset, repeats
     temperature, top_k, top_p, min_p, u = params
     rep = torch.tensor(rng.choice([1.0, 1.1, 0.5], size=b), dtype=torch.float32)
     presence = torch.tensor(rng.choice([0.0, 1.5, -2.0], size=b), dtype=torch.float32)

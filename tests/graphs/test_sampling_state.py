@@ -84,4 +84,4 @@ def test_state_from_a_model_spec():
     from qwen3export.spec import preset
 
     state = initial_state([[tokens.IM_START, tokens.THINK]], preset("tiny"))
-    assert state["seen"].shape == (1, tokens.VOCAB_SIZE) and bool(state["in_think"][0])
+    assert state["seen_ids"].tolist() == [sorted({tokens.IM_START, tokens.THINK})] and bool(state["in_think"][0])

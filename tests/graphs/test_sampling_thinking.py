@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qwen3export.graphs.sampling import SamplingGraph, SamplingParams, SamplingVocab, initial_state, sample_step
+from qwen3export.graphs.sampling import (SamplingGraph, SamplingParams, SamplingVocab, initial_state, mask_ids,
+                                         sample_step)
 
 V = 64
 VOCAB = SamplingVocab(vocab_size=V, think_id=60, end_think_id=61)
@@ -139,7 +140,7 @@ def test_greedy_equals_argmax_of_the_penalised_logits(seed, rep, presence, param
     p = params.replace(temperature=0.0, repetition_penalty=rep, presence_penalty=presence).to_tensors(b)
     p["enable_thinking"] = torch.tensor(enable)
     state = initial_state([[0]] * b, VOCAB)
-    state["seen"], state["generated"] = torch.tensor(seen), torch.tensor(generated)
+    state["seen_ids"], state["generated_ids"] = mask_ids(torch.tensor(seen)), mask_ids(torch.tensor(generated))
     token, _ = sample_step(GRAPH, torch.tensor(logits), state, p, rng)
     assert token.tolist() == ref.argmax(1).tolist()
 
@@ -156,8 +157,9 @@ def test_prompt_sets_the_starting_state(prompt, tail):
         inside = True if t == THINK else False if t == END else inside
     state = initial_state([prompt], VOCAB)
     assert bool(state["in_think"][0]) == inside
-    assert set(torch.nonzero(state["seen"][0]).flatten().tolist()) == set(prompt)
-    assert not state["generated"].any() and int(state["think_spent"][0]) == 0 and int(state["forced_pos"][0]) == -1
+    seen = state["seen_ids"][0].tolist()
+    assert set(seen) - {-1} == set(prompt) and len(set(seen) - {-1}) == len([i for i in seen if i >= 0])  # once each
+    assert (state["generated_ids"] == -1).all() and int(state["think_spent"][0]) == 0 and int(state["forced_pos"][0]) == -1
 
 
 def test_qwen3_templates_start_states():
