@@ -6,6 +6,12 @@ Bit-identical token ids in torch and ONNX Runtime: every decision is made from v
 correctly rounded IEEE operations only (+, -, *, /, floor, comparisons, sequential cumsum) in the same
 order on both sides; `exp` is our own polynomial for that reason, and nothing depends on how a sort
 orders ties (torch.sort and ONNX TopK need not agree there).
+
+Cost (issue 18): three paths chosen inside the graph (torch.cond -> ONNX If), each giving the token of the
+full-vocabulary path: every row greedy -> ArgMax (first maximum); every row greedy or 0 < top_k < K with no
+tie across the K = TOPK_CANDIDATES-th candidate -> filtering and inverse CDF on TopK's K candidates;
+otherwise (top_k 0, top_k >= K, ties reaching past K) the full sort of the vocabulary. Penalties read and
+write only the tokens in the state's id lists. benchmarks/sampling_cpu.py times them.
 """
 
 from __future__ import annotations

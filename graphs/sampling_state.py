@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
+import numpy as np
 import torch
 
 from qwen3export import tokens
@@ -165,8 +166,10 @@ def check_logits(logits: torch.Tensor, vocab_size: int | None = None) -> None:
         raise InputError(f"logits must be [batch, {vocab_size or 'vocab'}], got {list(logits.shape)}")
     if logits.dtype != torch.float32:
         raise InputError(f"logits must be float32 for the sampling graph, got {logits.dtype}")
-    top = logits.amax(dim=1)  # one pass: NaN propagates, +inf is the max, an all -inf row stays -inf
-    if bool(torch.isfinite(top).all()):
+    # one single-threaded numpy pass (a torch reduction would wake torch's OpenMP pool, whose spinning
+    # threads then slow the ONNX Runtime session that runs next on the same cores): NaN propagates
+    # through max, +inf is the max, an all -inf row stays -inf
+    if np.isfinite(logits.detach().cpu().numpy().max(axis=1)).all():
         return
     bad = torch.isnan(logits) | (logits == float("inf"))
     if bool(bad.any()):
