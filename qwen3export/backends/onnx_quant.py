@@ -424,6 +424,7 @@ def quant_translation_table(flavour: str) -> dict[Any, Callable]:
     with backends/onnx_ops.py custom_translation_table(flavour). Both need `OPSET` 21 (DequantizeLinear's
     block_size, INT4 / UINT4; ops of opset 21 in an opset-18 export make an invalid model); "ort" emits
     DequantizeLinear only for fp8."""
+    # lazy: registering the qwen3export:: ops imports the Triton kernels; only an export needs them
     import qwen3export.kernels.ops  # noqa: F401  (registers the ops named below)
 
     if flavour not in FLAVOURS:
