@@ -226,7 +226,7 @@ def test_int4_level_0_and_fp_lm_head_opt_out(built_artifact):
     spec = preset("tiny")
     q, p = a.manifest["quantization"], a.manifest["parity"]
     assert (q["accuracy_level"], q["quantize_lm_head"], q["linears"]) == (0, False, 7 * spec.num_hidden_layers)
-    assert set(accuracy_levels(a)) == {0} and len(accuracy_levels(a)) == 7 * spec.num_hidden_layers
+    assert set(accuracy_levels(a)) == {0}  # every MatMulNBits (however many a fused q/k/v or gate/up leaves)
     assert p["passed"] and p["quant_gate"]["kind"] == "dequantized-weights" and "emulated" not in p["reference"]
     spec, source, _ = resolve("tiny")
     emulating = QuantizedSource(source, spec, QuantConfig("int4", 32, accuracy_level=4))
