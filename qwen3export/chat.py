@@ -1,4 +1,5 @@
-"""Chat templates and tokenizers shipped inside an artifact (copied from the checkpoint folder).
+"""Chat templates and tokenizers shipped inside an artifact (copied from the checkpoint folder, or Qwen3's
+own for presets: tokenizer_files.py).
 
 The template is the checkpoint's own Jinja text (tokenizer_config.json "chat_template" or
 chat_template.jinja), rendered in a sandbox with the globals transformers provides.
@@ -19,8 +20,9 @@ from .errors import ArtifactError, InputError
 
 def load_tokenizer(artifact: Artifact):
     if not artifact.has("tokenizer.json"):
-        raise InputError(f"artifact {artifact.path.name} has no tokenizer.json (built from a preset?): use "
-                         "--prompt-ids, or build from a checkpoint folder with a tokenizer")
+        raise InputError(f"artifact {artifact.path.name} has no tokenizer.json (its vocabulary is not Qwen3's and "
+                         "its checkpoint had none): use --prompt-ids, or build from a checkpoint folder with a "
+                         "tokenizer")
     return Tokenizer.from_file(str(artifact.file("tokenizer.json")))
 
 

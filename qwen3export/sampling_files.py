@@ -1,5 +1,6 @@
 """The sampling graph an artifact carries (thinking control baked in), with the checkpoint's tokenizer, chat
-template and generation_config copied beside it."""
+template and generation_config copied beside it (presets with Qwen3's vocabulary: Qwen3's tokenizer and chat
+template, converted by tokenizer_files.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from qwen3export.graphs.sampling import (SAMPLING_FILE, SamplingGraph, SamplingV
 
 from .model import ModelRef
 from .spec import ModelSpec
+from .tokenizer_files import has_qwen3_vocab, qwen3_tokenizer, write_preset_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
@@ -29,6 +31,8 @@ def sampling_graph_for(spec: ModelSpec, ref: ModelRef):
     tokenizer = None
     if src is not None and (src / "tokenizer.json").is_file():
         tokenizer = Tokenizer.from_file(str(src / "tokenizer.json"))
+    elif src is None and has_qwen3_vocab(spec):  # a preset: Qwen3's own tokenizer (tokenizer_files.py)
+        tokenizer = qwen3_tokenizer()
     vocab = SamplingVocab.from_spec(spec)
     if not vocab.has_thinking:  # no <think>/</think> in this vocabulary: thinking control does not apply
         return SamplingGraph(vocab)
@@ -42,6 +46,8 @@ def emit_sampling(spec: ModelSpec, ref: ModelRef, folder: Path, sampling_ep) -> 
     copied = [f for f in TOKENIZER_FILES if src is not None and (src / f).is_file()]
     for f in copied:
         shutil.copy2(src / f, folder / f)
+    if src is None and has_qwen3_vocab(spec):  # a preset: Qwen3's tokenizer and chat template
+        copied = write_preset_tokenizer(folder)
     entry = emit_sampling_onnx(sampling_graph_for(spec, ref), folder / SAMPLING_FILE, sampling_ep)
     entry["defaults"] = sampling_defaults(read_generation_config(src) if src is not None else None)
     entry["tokenizer_files"] = copied

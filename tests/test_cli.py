@@ -214,7 +214,6 @@ def test_malformed_config(tmp_path, capsys):
     (["--prompt-ids", "1", "--temperature", "-1"], ["temperature"]),
     (["--prompt-ids", "1", "--thinking-budget", "-2"], ["argument --thinking-budget", "-1.."]),
     (["--prompt-ids", "1", "--top-k", "-3"], ["argument --top-k", "0.."]),
-    (["--prompt", "hi"], ["no tokenizer.json"]),
     (["--prompt", "hi", "--prompt-ids", "1"], ["exactly one of"]),
     (["--prompt-ids", "1,x"], ["comma-separated integers"]),
     (["--prompt-ids", "1", "--max-new-tokens", "0"], ["argument --max-new-tokens", "1.."]),
