@@ -22,7 +22,7 @@ from qwen3export.graphs.rope import rope_parameters
 
 from . import artifact as art
 from .backends.kernel_pack import tuned_kernels_record
-from .backends.onnx import DECODER_FILE, OPSET, export_program, io_names, set_io_shapes
+from .backends.onnx import DECODER_FILE, OPSET, export_program, io_names, kv_cache_kind, set_io_shapes
 from .backends.onnx_ops import bake_weight_layouts, custom_translation_table
 from .errors import ConfigError
 from .graph_capture import META, capture_meta, meta_decoder
@@ -128,10 +128,11 @@ def emit_streamed_decoder(program: torch.export.ExportedProgram, spec: ModelSpec
     is off (constant folding would need the values), and the top-level Constant nodes' values are attached to
     their outputs so that bake_weight_layouts can still find the MoE fc1 interleave chain of the ort flavour and bake it
     lazily (one layer's experts at a time) instead of leaving it to every session load."""
-    inputs, outputs = io_names(spec)
     table = custom_translation_table(flavour) if flavour is not None else None
     onnx_program = export_program(program, spec, table, OPSET, optimize=False)
     model = onnx_program.model
+    kv_cache = kv_cache_kind(model)  # the ort flavour's shared buffer (backends/onnx.py share_kv_buffer)
+    inputs, outputs = io_names(spec, kv_cache)
     bind_lazy_initializers(model, loaders)
     # unoptimized exports reuse value names (val_0, ...) inside If branches; ONNX Runtime wants SSA names
     NameFixPass()(model)
@@ -145,7 +146,7 @@ def emit_streamed_decoder(program: torch.export.ExportedProgram, spec: ModelSpec
     shapes = set_io_shapes(model, spec)
     onnx_program.save(str(folder / DECODER_FILE), external_data=True)
     return {"file": DECODER_FILE, "external_data": True, "opset": OPSET, "onnx_ops": flavour, "baked_weights": baked,
-            "inputs": inputs, "outputs": outputs, "shapes": shapes}
+            "kv_cache": kv_cache, "inputs": inputs, "outputs": outputs, "shapes": shapes}
 
 
 def _attach_constant(node) -> None:
