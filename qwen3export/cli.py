@@ -297,6 +297,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.app import ServeConfig, open_server, serve  # lazy: loads torch, onnxruntime, fastapi, uvicorn
+
+    artifact = _open_artifact(args)
+    server = open_server(artifact, args.threads, ServeConfig(max_queue=args.max_queue, max_batch=args.max_batch))
+    _eprint(f"serving {artifact.path.name} on http://{args.host}:{args.port}/v1 ({server.scheduler.max_batch} "
+            f"slots x {server.max_seq} tokens, queue {args.max_queue}); Ctrl-C stops")
+    serve(server, args.host, args.port)
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from .verify import verify_artifact  # lazy: loads torch, onnxruntime
 
@@ -556,6 +567,18 @@ def make_parser(tune: bool = True) -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int_in(0, INT64_MAX), default=0, help="seed of the uniforms fed to the sampling graph")
     r.add_argument("--no-stop", action="store_true", help="do not stop at the model's EOS tokens")
     r.add_argument("--threads", type=int_in(1, 1024), help="ONNX Runtime intra-op threads")
+
+    sv = add("serve", "an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, "
+             "/health, /metrics) with continuous batching", cmd_serve)
+    sv.add_argument("artifact")
+    sv.add_argument("--trust", metavar="PUBLIC_KEY", help=trust_help)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int_in(0, 65535), default=8000)
+    sv.add_argument("--max-batch", type=int_in(1, 1 << 16), help="requests decoded together (default: the "
+                    "artifact's --max-batch)")
+    sv.add_argument("--max-queue", type=int_in(1, 1 << 20), default=64, help="requests waiting for a slot before "
+                    "new ones get 429")
+    sv.add_argument("--threads", type=int_in(1, 1024), help="ONNX Runtime intra-op threads")
 
     v = add("verify", "re-run the parity check of an artifact against eager PyTorch", cmd_verify)
     v.add_argument("artifact")

@@ -33,7 +33,8 @@ from hf_reference import save_hf_checkpoint  # noqa: E402
 TIERS = {
     "integration": ("test_cli.py", "test_realistic_build.py", "test_quant_build.py", "test_pipeline.py",
                     "test_streaming.py", "test_run_sampling.py", "test_parity_gate.py", "test_lowering_build.py",
-                    "test_fp16_build.py", "test_rope.py", "test_tensorrt.py", "test_hostile_inputs.py"),
+                    "test_fp16_build.py", "test_rope.py", "test_tensorrt.py", "test_hostile_inputs.py",
+                    "test_serve.py"),
     "heavy": ("test_aoti.py", "test_cli_kernels.py", "test_compile.py", "test_tune.py", "test_parallel.py",
               "test_parallel_artifact.py", "test_parallel_build.py", "test_kernel_backend_build.py",
               "test_stream_memory.py"),
