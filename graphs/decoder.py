@@ -234,6 +234,7 @@ class Qwen3Decoder(nn.Module):
     def use_custom_ops(self, enabled: bool = True) -> "Qwen3Decoder":
         """Route norms, q/k-norm+RoPE, attention and MoE through the qwen3export:: custom ops (Triton on
         CUDA, the interpreter under QWEN3EXPORT_TRITON_INTERPRET=1, references otherwise)."""
+        # lazy: registering the qwen3export:: ops loads Triton; the plain decoder (eager references, run) never needs it
         import qwen3export.kernels.ops  # noqa: F401  (registers the ops)
 
         for m in self.modules():

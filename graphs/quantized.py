@@ -105,6 +105,7 @@ def quantize_decoder(module: Qwen3Decoder, source, dtype: torch.dtype | None = N
     prequantized.PrequantizedSource), built tensor by tensor from the source. `module` may live on the meta device (build_quantized);
     the replaced submodules' fp weights are dropped. Returns what was replaced: {"linears", "moe_blocks",
     "quantized_bytes"}."""
+    # lazy: registering the qwen3export:: ops loads Triton; the plain decoder (eager references, run) never needs it
     import qwen3export.kernels.ops  # noqa: F401  (registers the qwen3export:: ops the new modules call)
 
     spec, mode = module.spec, source.config.mode
