@@ -79,7 +79,8 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "sampling_cpu", "vocab_size": vocab.vocab_size, "threads": args.threads,
         "steps": args.steps, "machine": platform.processor() or platform.machine(),
-        "how": "min and median ms per sample_step through SamplingSession (sampling.onnx, ORT CPU), state fed back; measured",
+        "how": ("min and median ms per sample_step through SamplingSession (sampling.onnx, ORT CPU), state fed "
+                "back; measured"),
         "ms_per_step": results,
         "target_B1_ms": 2.0,
         "target_met_B1_min": {n: v <= 2.0 for n, v in b1.items()},

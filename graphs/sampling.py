@@ -37,7 +37,8 @@ __all__ = [
     "EARLY_STOP_TEXT", "INPUT_NAMES", "OUTPUT_NAMES", "PARAM_NAMES", "QWEN3_DEFAULTS", "STATE_NAMES",
     "SamplingGraph", "SamplingParams", "SamplingSession", "SamplingVocab", "capture_sampling",
     "check_logits", "check_params", "draw_uniforms", "early_stop_ids", "emit_sampling_onnx",
-    "initial_state", "mask_ids", "pad_ids", "PAD_ID", "read_generation_config", "sample_step", "sampling_defaults", "stack_params",
+    "initial_state", "mask_ids", "pad_ids", "PAD_ID", "read_generation_config", "sample_step", "sampling_defaults",
+    "stack_params",
 ]
 
 OPSET = 18
@@ -235,7 +236,7 @@ def _greedy(scores, temperature, top_k, top_p, min_p, uniforms):
     return torch.argmax(scores, dim=-1)  # the first maximum, as the full path's greedy rule (u = 0)
 
 
-def _full(scores, temperature, top_k, top_p, min_p, uniforms):
+def full_path(scores, temperature, top_k, top_p, min_p, uniforms):
     w = filter_weights(scores, temperature, top_k, top_p, min_p)  # [B, V] f32
     return inverse_cdf(w, torch.where(temperature == 0, torch.zeros_like(uniforms), uniforms))
 
@@ -257,7 +258,7 @@ class _Sample(nn.Module):
             return topk_pick(scores, temperature, top_k, top_p, min_p, uniforms, cand_s, cand_ids)
 
         def full(scores, temperature, top_k, top_p, min_p, uniforms, cand_s, cand_ids):
-            return _full(scores, temperature, top_k, top_p, min_p, uniforms)
+            return full_path(scores, temperature, top_k, top_p, min_p, uniforms)
 
         return torch.cond(ok, fast, full, (scores, temperature, top_k, top_p, min_p, uniforms, cand_s, cand_ids))
 

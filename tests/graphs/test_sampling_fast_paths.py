@@ -16,10 +16,9 @@ from transformers.generation.logits_process import (MinPLogitsWarper, Temperatur
                                                     TopPLogitsWarper)
 
 from qwen3export import tokens
-from qwen3export.graphs.sampling import (OUTPUT_NAMES, STATE_NAMES, TOPK_CANDIDATES, SamplingGraph, SamplingSession,
-                                         SamplingVocab, emit_sampling_onnx, initial_state, pad_ids, penalize, topk_complete,
-                                         topk_pick)
-from qwen3export.graphs.sampling import _full as full_path
+from qwen3export.graphs.sampling import (OUTPUT_NAMES, STATE_NAMES, TOPK_CANDIDATES, SamplingGraph,
+                                         SamplingSession, SamplingVocab, emit_sampling_onnx, full_path, initial_state,
+                                         pad_ids, penalize, topk_complete, topk_pick)
 
 ODD = SamplingVocab(vocab_size=1000, think_id=990, end_think_id=991)
 REAL = SamplingVocab(tokens.VOCAB_SIZE, tokens.THINK, tokens.END_THINK)

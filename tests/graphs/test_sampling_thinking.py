@@ -158,8 +158,10 @@ def test_prompt_sets_the_starting_state(prompt, tail):
     state = initial_state([prompt], VOCAB)
     assert bool(state["in_think"][0]) == inside
     seen = state["seen_ids"][0].tolist()
-    assert set(seen) - {-1} == set(prompt) and len(set(seen) - {-1}) == len([i for i in seen if i >= 0])  # once each
-    assert (state["generated_ids"] == -1).all() and int(state["think_spent"][0]) == 0 and int(state["forced_pos"][0]) == -1
+    listed = [i for i in seen if i >= 0]
+    assert set(listed) == set(prompt) and len(set(listed)) == len(listed)  # each prompt id once
+    assert (state["generated_ids"] == -1).all()
+    assert int(state["think_spent"][0]) == 0 and int(state["forced_pos"][0]) == -1
 
 
 def test_qwen3_templates_start_states():
