@@ -182,3 +182,27 @@ def _node_imports(name: str, node: ast.Import | ast.ImportFrom) -> list[str]:
     base = package.split(".")[: len(package.split(".")) - (node.level - 1)] if node.level else []
     module = ".".join(base + ([node.module] if node.module else []))
     return [module] + [f"{module}.{a.name}" for a in node.names if f"{module}.{a.name}" in MODULES]
+
+
+def test_function_local_imports_defer_something_heavy_and_say_why():
+    """A function-local import defers a HEAVY module, or one of ours that loads one, into a module that does not
+    load it already; and it says why on its line or the line above (`# lazy: ...`). The CLI keeps --help, targets,
+    inspect and keys free of torch this way; kernel_pack's GPU path and tensorrt's optional package too."""
+    bad = []
+    for name, path in MODULES.items():
+        tree, lines = ast.parse(path.read_text()), path.read_text().split("\n")
+        top = {id(n) for n in tree.body}
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) in top:
+                continue
+            if any(isinstance(p, ast.If) for p in tree.body if node in list(ast.walk(p))):
+                continue  # `if TYPE_CHECKING:` blocks are module level
+            said, i = "# lazy:" in lines[node.lineno - 1], node.lineno - 2
+            while not said and i >= 0 and lines[i].strip().startswith(("#", "import ", "from ")):
+                said, i = "# lazy:" in lines[i], i - 1  # a block of imports under one `# lazy:` comment
+            heavy = any(_loads_heavy(m) for m in _node_imports(name, node))
+            if not said:
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: no `# lazy:` reason")
+            elif not heavy:
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: defers nothing heavy")
+    assert not bad, "\n".join(bad)
