@@ -13,6 +13,7 @@ from qwen3export.graph_capture import capture
 
 from . import artifact as art
 from .backends import aoti, onnx as onnx_backend, tensorrt as trt_backend
+from .backends.genai_config import write_genai_config
 from .backends.kernel_pack import emit_kernel_pack, tuned_kernels_record
 from .errors import TargetError
 from .lowering import lower_program, lowering_record, unlowered_record
@@ -53,7 +54,8 @@ def emit_engine(backend: str, ep, sampling_ep, spec: ModelSpec, folder: Path, pl
     quantized = quantization is not None
     level = quantization.get("accuracy_level", 0) if quantized else 0  # MatMulNBits' (QuantConfig.accuracy_level)
     if backend == "onnx":
-        return onnx_backend.emit_decoder(ep, spec, folder, flavour=flavour, quantized=quantized, accuracy_level=level)
+        entry = onnx_backend.emit_decoder(ep, spec, folder, flavour=flavour, quantized=quantized, accuracy_level=level)
+        return write_genai_config(spec, entry, folder, plan.serving["max_seq"])  # ONNX Runtime GenAI's config
     if backend == "tensorrt":
         entry = onnx_backend.emit_decoder(ep, spec, folder, flavour=flavour, quantized=quantized, accuracy_level=level)
         trt_backend.write_settings(folder, trt_backend.settings(spec, plan.target, plan.dtype,

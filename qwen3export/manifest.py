@@ -74,6 +74,8 @@ class _OnnxEngineRequired(TypedDict):
 class OnnxEngineRecord(_OnnxEngineRequired, total=False):  # onnx, and tensorrt (its verified fp32 ONNX)
     status: str
     kv_cache: str  # "shared_buffer" (the ort flavour: backends/onnx.py share_kv_buffer) | "concat"
+    genai_config: str  # genai_config.json (backends/genai_config.py): ONNX Runtime GenAI loads the artifact
+    genai_unsupported: str  # why there is none (the shared-buffer interface, which GenAI cannot feed)
     tensorrt: TensorRTRecord
 
 

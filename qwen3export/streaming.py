@@ -21,6 +21,7 @@ from qwen3export.graphs.decoder import Qwen3Decoder
 from qwen3export.graphs.rope import rope_parameters
 
 from . import artifact as art
+from .backends.genai_config import write_genai_config
 from .backends.kernel_pack import tuned_kernels_record
 from .backends.onnx import DECODER_FILE, OPSET, export_program, io_names, kv_cache_kind, set_io_shapes
 from .backends.onnx_ops import bake_weight_layouts, custom_translation_table
@@ -228,6 +229,7 @@ class StreamedSteps:
             "emit", f"onnx engine ({output.onnx_flavour} ONNX ops), weights streamed tensor by tensor from "
                     f"{source.description} -> {output.folder}",
             lambda: emit_streamed_decoder(self.program, spec, folder, loaders, output.onnx_flavour))
+        write_genai_config(spec, manifest["engine"], folder, self.plan.serving["max_seq"])  # GenAI config
         manifest["streaming"] = {"weights": f"streamed one tensor at a time from {source.description}",
                                  "weight_bytes": (folder / (manifest["engine"]["file"] + ".data")).stat().st_size,
                                  **emission_bound(spec, self.dtype)}

@@ -78,7 +78,7 @@ def test_default_build_layout_and_manifest(default_build):
     assert m["backend"] == "onnx" and m["target"]["name"] == "cpu" and m["dtype"] == "fp32"
     assert m["model"]["spec"]["name"] == "tiny-moe" and m["model"]["ref"] == {
         "kind": "preset", "name": "tiny-moe", "seed": 0, "overrides": {}, "weight_stats": "trained"}
-    assert set(m["files"]) == {"decoder.onnx", "sampling.onnx"}
+    assert set(m["files"]) == {"decoder.onnx", "sampling.onnx", "tokenizer.json", "tokenizer_config.json"}
     assert m["parity"]["sampling"]["identical"] and m["sampling"]["defaults"]["thinking"]["temperature"] == 0.6
     assert m["parity"]["passed"] and m["parity"]["logits_scaled_err"] <= 1e-4 and m["parity"]["greedy_match"]
     assert {"torch", "onnx", "onnxruntime-gpu", "qwen3export"} <= set(m["versions"])
