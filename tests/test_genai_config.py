@@ -66,9 +66,9 @@ def genai_python() -> Path:
         sys.path.pop(0)
     pins = {k: peer_env.PINS[k] for k in ("onnxruntime-genai", "onnxruntime")}
     check = "import onnxruntime_genai"
-    for python in (peer_env.VENV / "bin" / "python",):
-        if python.is_file() and subprocess.run([str(python), "-c", check], capture_output=True).returncode == 0:
-            return python
+    peer = peer_env.VENV / "bin" / "python"
+    if peer.is_file() and subprocess.run([str(peer), "-c", check], capture_output=True).returncode == 0:
+        return peer
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen3export" / "genai-venv"
     python = cache / "bin" / "python"
     if not python.is_file():
