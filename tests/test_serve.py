@@ -2,8 +2,8 @@
 thinking on/off/budget, stop strings, seeds, 16 concurrent clients each given the tokens `run` gives, a
 disconnected client's slot reused, 429 on a full queue, 400s naming the field.
 
-One artifact for the module: a tiny model over a small byte-level BPE tokenizer with a Qwen-style chat template,
---max-batch 4 --max-seq 64 (16 clients share 4 slots)."""
+One artifact for the module: the tiny preset with Qwen3's tokenizer and chat template, --max-batch 8 (16 clients
+share 8 slots), the build test_run_sampling uses."""
 
 from __future__ import annotations
 
@@ -14,44 +14,28 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import uvicorn
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from qwen3export.artifact import load_artifact
+from qwen3export.chat import load_tokenizer
 from qwen3export.cli import main
-from qwen3export.serve.app import ServeConfig, open_server
-from qwen3export.spec import preset
-
-from hf_reference import save_hf_checkpoint
-
-TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-
+from qwen3export.model import load_model
+from qwen3export.generation import sample_generate
+from qwen3export.graphs.sampling import SamplingParams, initial_state
+from qwen3export.runner import open_engine, sampling_pair
+from qwen3export.serve.app import ServeConfig, Server, open_server
+from qwen3export.serve.scheduler import StepSlots
+from qwen3export.tokens import END_THINK, ENDOFTEXT, IM_END, THINK
 
 @pytest.fixture(scope="module")
-def text_artifact(tmp_path_factory, built_artifact):
-    folder = tmp_path_factory.mktemp("serve_ckpt")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = ["hello world, how are you today?", "Considering the limited time by the user, I have to give the "
-              "solution based on the thinking directly now.", "the quick brown fox jumps over the lazy dog"] * 20
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(str(folder / "tokenizer.json"))
-    ids = {t: tok.token_to_id(t) for t in SPECIALS}
-    spec = preset("tiny").replace(vocab_size=512, bos_token_id=ids["<|endoftext|>"],
-                                  eos_token_ids=(ids["<|endoftext|>"], ids["<|im_end|>"]),
-                                  think_token_id=ids["<think>"], end_think_token_id=ids["</think>"])
-    save_hf_checkpoint(spec, folder, seed=2)
-    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
-    art = built_artifact("--model", str(folder), "--max-batch", "4", "--max-seq", "64")
-    return art, tok, ids
+def text_artifact(built_artifact):
+    """The tiny preset (Qwen3's real tokenizer and chat template), the build test_run_sampling shares."""
+    art = built_artifact("--model", "tiny", "--seed", "1")
+    ids = {"<think>": THINK, "</think>": END_THINK, "<|im_end|>": IM_END, "<|endoftext|>": ENDOFTEXT}
+    return art, load_tokenizer(load_artifact(art)), ids, "tiny"
 
 
 def _free_port() -> int:
@@ -63,8 +47,8 @@ def _free_port() -> int:
 class Running:
     """A server on 127.0.0.1 in a thread of this process."""
 
-    def __init__(self, art, **config):
-        self.server = open_server(load_artifact(art), 1, ServeConfig(**config))
+    def __init__(self, art, server=None, **config):
+        self.server = server or open_server(load_artifact(art), 1, ServeConfig(**config))
         self.port = _free_port()
         self.uv = uvicorn.Server(uvicorn.Config(self.server.app, host="127.0.0.1", port=self.port,
                                                 log_level="warning"))
@@ -110,7 +94,7 @@ def test_models_health_metrics(server):
 
 
 def test_chat_thinking_split_streaming_agrees(server, text_artifact):
-    _, tok, ids = text_artifact
+    _, tok, ids, _ = text_artifact
     c = server.client
     kw = dict(model="m", messages=[{"role": "user", "content": "hello world"}], max_tokens=20, seed=3,
               temperature=0.0)
@@ -141,17 +125,18 @@ def test_chat_thinking_split_streaming_agrees(server, text_artifact):
 
 
 def test_thinking_off_and_budget(server, text_artifact, capsys):
-    art, tok, ids = text_artifact
+    art, tok, ids, _ = text_artifact
     c = server.client
-    # thinking off: the template closes an empty block and the graph masks <think>; at temperature 3 with no
-    # filter the random model would otherwise reach <think> (1 of 512) now and then
-    for seed in range(3):
-        r = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=30,
-                                      seed=seed, temperature=3.0, top_p=1.0,
-                                      extra_body={"chat_template_kwargs": {"enable_thinking": False}, "top_k": 0,
-                                                  "return_token_ids": True, "ignore_eos": True})
-        assert ids["<think>"] not in r.choices[0].model_extra["token_ids"]
-        assert not r.choices[0].message.model_extra.get("reasoning_content")
+    # thinking off: the template closes an empty block and the graph masks <think>; the tokens are those of
+    # `run --thinking off` (its defaults per mode, the same graph) for the rendered prompt and seed
+    for seed in range(2):
+        r = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=12,
+                                      seed=seed, extra_body={"chat_template_kwargs": {"enable_thinking": False},
+                                                             "return_token_ids": True, "ignore_eos": True})
+        toks, prompt = r.choices[0].model_extra["token_ids"], r.model_extra["prompt_token_ids"]
+        assert prompt[-4:] == tok.encode("<think>\n\n</think>\n\n", add_special_tokens=False).ids
+        assert toks == run_tokens(capsys, art, prompt, 12, seed, "--thinking", "off")
+        assert ids["<think>"] not in toks and not r.choices[0].message.model_extra.get("reasoning_content")
     # a prompt that opened <think>, budget 2: two thinking tokens, then Qwen's early-stop text closes the block,
     # the tokens `run --thinking-budget 2` gives
     prompt = tok.encode("<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n<think>").ids
@@ -202,10 +187,19 @@ def test_sixteen_concurrent_clients_each_get_runs_tokens(server, text_artifact, 
     with ThreadPoolExecutor(16) as pool:
         got = list(pool.map(ask, jobs))
     assert server.server.scheduler.steps - before < sum(j[1] for j in jobs) / 2  # rows decoded together
-    for (prompt, n, seed, sampling), tokens in zip(jobs, got):
-        flags = ("--temperature", str(sampling["temperature"]), "--top-k", str(sampling["top_k"]),
-                 "--top-p", str(sampling["top_p"]))
-        assert tokens == run_tokens(capsys, art, prompt, n, seed, *flags), (prompt, seed)
+    # the reference: `run`'s own generation loop (generation.sample_generate, one prompt at a time on a fresh
+    # engine, the artifact's sampling graph, run's defaults and seeding); the first job through the CLI itself
+    artifact = load_artifact(art)
+    engine = open_engine(artifact, 1)
+    graph, sampler = sampling_pair(artifact, 1, engine)
+    for i, ((prompt, n, seed, sampling), tokens) in enumerate(zip(jobs, got)):
+        if i == 0:
+            flags = [f"--{k.replace('_', '-')}={v}" for k, v in sampling.items()]
+            assert tokens == run_tokens(capsys, art, prompt, n, seed, *flags)
+        params = SamplingParams.recommended(True, artifact.manifest["sampling"]["defaults"], **sampling)
+        want, _ = sample_generate(engine, engine.empty_cache(1), sampler, prompt, params.to_tensors(1),
+                                  initial_state([prompt], graph.vocab), n, np.random.default_rng(seed))
+        assert tokens == want, (prompt, seed)
 
 
 def test_disconnect_frees_the_slot(server):
@@ -253,11 +247,13 @@ def test_full_queue_answers_429(text_artifact):
     ({"prompt": [999999]}, "prompt"),
     ({"prompt": []}, "prompt"),
     ({"max_tokens": 3}, "prompt"),
-    ({"prompt": list(range(64))}, "prompt"),  # as long as max-seq: no room
-    ({"prompt": [5], "max_tokens": 64}, "max_tokens"),
+    ({"prompt": "MAXSEQ"}, "prompt"),  # as long as max-seq: no room
+    ({"prompt": [5], "max_tokens": "MAXSEQ"}, "max_tokens"),
     ({"prompt": [5], "chat_template_kwargs": {"enable_thinking": "no"}}, "chat_template_kwargs"),
 ])
 def test_bad_input_is_400_naming_the_field(server, body, field):
+    n = server.server.max_seq
+    body = {k: ([5] * n if k == "prompt" else n) if v == "MAXSEQ" else v for k, v in body.items()}
     r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
@@ -270,9 +266,31 @@ def test_bad_json_and_chat_messages(server):
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     r = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "wizard", "content": "x"}]})
     assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages")
-    long = " ".join(["hello world"] * 80)
+    long = " ".join(["hello world"] * server.server.max_seq)
     r = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": long}]})
     assert r.status_code == 400 and "per sequence" in r.json()["error"]["message"]
     with pytest.raises(openai.BadRequestError):
         server.client.chat.completions.create(model="m", messages=[], max_tokens=2)
     assert httpx.get(server.url + "/health").status_code == 200  # still serving
+
+
+def test_step_engines_serve_one_request_at_a_time(text_artifact, capsys):
+    """A decoder with the Step signature (aoti, standard-ops onnx, --tp/--ep engines carry one cache between
+    calls), here eager PyTorch over the same checkpoint, is served as one slot: concurrent requests wait their
+    turn and each gets the greedy tokens of the artifact's `run`."""
+    art, _, _, model = text_artifact
+    artifact = load_artifact(art)
+    engine = StepSlots(load_model(model, seed=1), 64)
+    s = Running(art, Server(artifact, engine, sampling_pair(artifact, 1)[1], ServeConfig()))
+    try:
+        assert s.server.scheduler.max_batch == 1
+        prompts = [[5, 6, 7], [9, 30, 31, 32, 33], [100]]
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(lambda p: s.client.completions.create(
+                model="m", prompt=p, max_tokens=10, temperature=0,
+                extra_body={"ignore_eos": True, "return_token_ids": True}).choices[0].model_extra["token_ids"],
+                prompts))
+        for p, tokens in zip(prompts, got):
+            assert tokens == run_tokens(capsys, art, p, 10, 0, "--greedy")
+    finally:
+        s.close()

@@ -331,8 +331,11 @@ class Server:
             choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
         if body.return_token_ids:
             choice["token_ids"] = list(req.tokens)
-        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": self.name, "choices": [choice], "usage": usage}
+        answer = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                  "model": self.name, "choices": [choice], "usage": usage}
+        if body.return_token_ids:
+            answer["prompt_token_ids"] = list(req.prompt)
+        return answer
 
     def _usage(self, req: Request) -> dict[str, Any]:
         n = len(req.tokens)
