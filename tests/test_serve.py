@@ -27,6 +27,7 @@ from qwen3export.generation import sample_generate
 from qwen3export.graphs.sampling import SamplingParams, initial_state
 from qwen3export.runner import open_engine, sampling_pair
 from qwen3export.serve.app import ServeConfig, Server, open_server
+from qwen3export.serve.reasoning import OutputSplitter
 from qwen3export.serve.scheduler import StepSlots
 from qwen3export.tokens import END_THINK, ENDOFTEXT, IM_END, THINK
 
@@ -294,3 +295,28 @@ def test_step_engines_serve_one_request_at_a_time(text_artifact, capsys):
             assert tokens == run_tokens(capsys, art, p, 10, 0, "--greedy")
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("text, opened, stops, want_reasoning, want_content", [
+    ("<think>Let me think: 2 + 2 = 4, 大概.</think>\n\nThe answer is 4 ✅.", False, [],
+     "Let me think: 2 + 2 = 4, 大概.", "\n\nThe answer is 4 ✅."),
+    ("the prompt opened it</think>مرحبا answer", True, [], "the prompt opened it", "مرحبا answer"),
+    ("<think>x</think>The answer is 4.", False, ["is 4"], "x", "The answer "),
+    ("no thinking at all", False, [], "", "no thinking at all"),
+])
+def test_reasoning_split_on_tokens(text_artifact, text, opened, stops, want_reasoning, want_content):
+    """The <think> split (vLLM's Qwen3 parser's result) per token: the deltas add up to the whole split, and a
+    stop string cuts the text before it."""
+    tok = text_artifact[1]
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731 - as the server decodes
+    splitter = OutputSplitter(decode, stops, THINK, END_THINK, opened, True)
+    reasoning, content = [], []
+    for t in tok.encode(text, add_special_tokens=False).ids:
+        r, c = splitter.add(t)
+        reasoning.append(r)
+        content.append(c)
+        if splitter.stopped:
+            break
+    r, c = splitter.flush()
+    assert ("".join(reasoning) + r, "".join(content) + c) == (want_reasoning, want_content)
+    assert splitter.stopped == bool(stops)
