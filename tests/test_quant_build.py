@@ -46,7 +46,7 @@ def op_counts(artifact) -> Counter:
 def int4_tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("q") / "tiny-int4"
     assert main(["build", "--model", "tiny", "--quant", "int4", "--group-size", "32", "--quantize-lm-head",
-                 "--artifact", str(out)]) == 0
+                 "--int4-accuracy", "4", "--artifact", str(out)]) == 0
     return load_artifact(out)
 
 
@@ -69,7 +69,7 @@ def test_int4_build_manifest_and_engine(int4_tiny):
     ops = op_counts(int4_tiny)
     assert ops["com.microsoft::MatMulNBits"] == 7 * spec.num_hidden_layers + 1  # lm_head too
     assert ops["::MatMul"] == 0
-    # the CPU default: MatMulNBits at accuracy level 4 (int8 activations), recorded in the quantization section
+    # MatMulNBits at accuracy level 4 (int8 activations), recorded in the quantization section
     assert q["accuracy_level"] == 4 and set(accuracy_levels(int4_tiny)) == {4}
     # gated: the engine against eager on the dequantized weights with the int8 activations emulated (the median
     # row at the fp32 bound, rounding flips allowed in a few: parity.THRESHOLDS); the parity says which reference ran
@@ -149,7 +149,7 @@ def test_int4_build_of_a_checkpoint_whose_hidden_size_is_off_the_group(tmp_path,
     spec, source, _ = resolve("tiny", hidden_size=72)
     folder = save_hf_checkpoint(spec, source, tmp_path / "tiny-h72")
     code, _, err = cli(capsys, "build", "--model", folder, "--quant", "int4", "--group-size", "32",
-                       "--artifact", tmp_path / "a")  # the lm_head quantized and level 4: int4's CPU defaults
+                       "--int4-accuracy", "4", "--artifact", tmp_path / "a")  # the lm_head quantized: int4's default
     assert code == 0, err
     a = load_artifact(tmp_path / "a")
     q, p = a.manifest["quantization"], a.manifest["parity"]
@@ -172,13 +172,14 @@ def test_int4_moe_build_with_partial_groups(onnx_ops, tmp_path):
 
     overrides = {"hidden_size": 72, "moe_intermediate_size": 40}
     result, = build(BuildOptions.of(model="tiny-moe", overrides=overrides, quant="int4", group_size=32,
-                                 onnx_ops=onnx_ops, artifact=tmp_path / "moe"))
+                                 int4_accuracy=4 if onnx_ops == "ort" else None, onnx_ops=onnx_ops,
+                                 artifact=tmp_path / "moe"))
     a = load_artifact(result.path)
     p = a.manifest["parity"]
     assert p["passed"] and p["greedy_match"] and p["logits_scaled_median"] < 1e-4
     spec = preset("tiny-moe")
     ops = op_counts(a)
-    level = 4 if onnx_ops == "ort" else 0  # the CPU default per flavour (options.accuracy_level)
+    level = 4 if onnx_ops == "ort" else 0  # asked for ort; standard's default (its experts run fp32)
     assert a.manifest["quantization"]["accuracy_level"] == level
     if onnx_ops == "ort":
         assert ops["com.microsoft::QMoE"] == len(spec.moe_layers)
@@ -239,7 +240,8 @@ def test_int4_moe_level_4_experts_run_int8_activations(built_artifact):
     (realistic, trained-statistics weights), and with the experts left fp32 the gate fails."""
     from qwen3export.graphs.decoder import SparseMoeBlock
 
-    a = load_artifact(built_artifact("--model", "tiny-moe", "--quant", "int4", "--group-size", "32"))
+    a = load_artifact(built_artifact("--model", "tiny-moe", "--quant", "int4", "--group-size", "32", "--int4-accuracy",
+                                     "4"))
     spec = preset("tiny-moe")
     p = a.manifest["parity"]
     assert a.manifest["quantization"]["accuracy_level"] == 4 and set(accuracy_levels(a)) == {4}
