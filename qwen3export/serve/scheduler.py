@@ -183,7 +183,9 @@ class Scheduler:
 
     def _sample(self, rows: Sequence[_Row]) -> torch.Tensor:
         """One sampling-graph call over the rows: per-row parameters, state as id lists, one uniform each."""
-        logits = torch.stack([r.logits.float() for r in rows])
+        # rows stacked by numpy: torch.stack of [V] rows took ~40 ms for 8 x 151,936 on a busy 2-core machine
+        # (its intra-op pool), numpy ~2 ms
+        logits = torch.from_numpy(np.stack([r.logits.float().numpy() for r in rows]))
         check_logits(logits, self.vocab.vocab_size)
         params = {n: torch.tensor([getattr(r.req.params, n) for r in rows], dtype=d) for n, d in PARAM_DTYPES.items()}
         state = {"seen_ids": pad_ids([r.seen for r in rows]), "generated_ids": pad_ids([r.generated for r in rows]),
