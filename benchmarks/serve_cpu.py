@@ -2,7 +2,7 @@
 
     python benchmarks/serve_cpu.py [--model qwen3-0.6b] [--layers N] [--requests 16] [--tokens 64] [--quick]
 
-Builds (or reuses, under --work) an fp32 onnx artifact with --max-batch 8, starts the server in this process on
+Builds (or reuses, under --work, default dist/bench) an fp32 onnx artifact with --max-batch 8, starts the server in this process on
 127.0.0.1 (uvicorn in a thread), and sends the same `--requests` streamed /v1/completions (token-id prompts of
 different lengths, `ignore_eos`, sampling at Qwen3's defaults, fixed seeds) from `c` client threads at a time.
 Measured per level: tokens/s over the wall time, time to first token and inter-token latency (p50 / p99) as the
@@ -74,7 +74,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
-    ap.add_argument("--work", default="benchmarks/.work")
+    ap.add_argument("--work", default="dist/bench", help="where the artifact is built (reused if present)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
