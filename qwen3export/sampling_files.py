@@ -43,10 +43,12 @@ def emit_sampling(spec: ModelSpec, ref: ModelRef, folder: Path, sampling_ep) -> 
     """The sampling graph as sampling.onnx, plus the checkpoint's tokenizer, chat template and
     generation_config copied beside it; returns the manifest's `sampling` entry."""
     src = _source_folder(ref)
-    copied = [f for f in TOKENIZER_FILES if src is not None and (src / f).is_file()]
-    for f in copied:
-        shutil.copy2(src / f, folder / f)
-    if src is None and has_qwen3_vocab(spec):  # a preset: Qwen3's tokenizer and chat template
+    copied: list[str] = []
+    if src is not None:
+        copied = [f for f in TOKENIZER_FILES if (src / f).is_file()]
+        for f in copied:
+            shutil.copy2(src / f, folder / f)
+    elif has_qwen3_vocab(spec):  # a preset: Qwen3's tokenizer and chat template
         copied = write_preset_tokenizer(folder)
     entry = emit_sampling_onnx(sampling_graph_for(spec, ref), folder / SAMPLING_FILE, sampling_ep)
     entry["defaults"] = sampling_defaults(read_generation_config(src) if src is not None else None)
