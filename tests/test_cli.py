@@ -83,7 +83,10 @@ def test_default_build_layout_and_manifest(default_build):
     assert m["parity"]["passed"] and m["parity"]["logits_scaled_err"] <= 1e-4 and m["parity"]["greedy_match"]
     assert {"torch", "onnx", "onnxruntime-gpu", "qwen3export"} <= set(m["versions"])
     sess_inputs = [i.name for i in onnx.load(str(default_build / "decoder.onnx"), load_external_data=False).graph.input]
-    assert sess_inputs[:4] == ["input_ids", "position_ids", "attention_mask", "past_key_values.0.key"]
+    # the cpu default (ort flavour) decodes over the in-place KV buffer: lengths instead of a mask, logits_index
+    assert m["engine"]["kv_cache"] == "shared_buffer" and sess_inputs == m["engine"]["inputs"]
+    assert sess_inputs[:6] == ["input_ids", "position_ids", "seqlens_k", "total_sequence_length", "logits_index",
+                               "past_key_values.0.key"]
     assert not [p for p in default_build.parent.iterdir() if p.name.startswith(".")]  # no temp leftovers
 
 
