@@ -791,7 +791,8 @@ def main() -> None:
                     "and the median reported, ratios from the median")
     ap.add_argument("--work", default="dist/bench", help="where the engine artifacts are built (reused if present)")
     ap.add_argument("--reuse-builds", action="store_true", help="reuse our artifacts under --work even when the "
-                    "build code changed since (default: rebuilt then)")
+                    "build code changed since (default: rebuilt then); an artifact whose files the current runtime "
+                    "no longer reads (a changed sampling graph interface) fails, so use it within one code state")
     ap.add_argument("--quant", action="append", help="int4 | int8 | fp8, optionally +lm_head; repeatable: measure "
                     "our fp32 engine against these quantized engines instead of the unlowered / transformers peers")
     ap.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
