@@ -17,7 +17,7 @@ from .backends.genai_config import write_genai_config
 from .backends.kernel_pack import emit_kernel_pack, tuned_kernels_record
 from .errors import TargetError
 from .lowering import lower_program, lowering_record, unlowered_record
-from .manifest import Manifest, QuantizationRecord, VariantFields
+from .manifest import LoweringRecord, Manifest, QuantizationRecord, VariantFields
 from .model import build_module, is_prequantized
 from .options import BuildPlan, Output
 from .quant import QuantizedSource, build_quantized
@@ -52,7 +52,7 @@ def quantization_record(module, spec: ModelSpec) -> QuantizationRecord:
 def emit_engine(backend: str, ep, sampling_ep, spec: ModelSpec, folder: Path, plan: BuildPlan,
                 flavour: str | None = None, quantization: QuantizationRecord | None = None) -> dict[str, Any]:
     quantized = quantization is not None
-    level = quantization.get("accuracy_level", 0) if quantized else 0  # MatMulNBits' (QuantConfig.accuracy_level)
+    level = quantization.get("accuracy_level", 0) if quantization is not None else 0  # MatMulNBits' level
     if backend == "onnx":
         entry = onnx_backend.emit_decoder(ep, spec, folder, flavour=flavour, quantized=quantized, accuracy_level=level)
         return write_genai_config(spec, entry, folder, plan.serving["max_seq"])  # ONNX Runtime GenAI's config
@@ -111,7 +111,8 @@ class InMemorySteps:
         self.kernels = tuned_kernels_record(spec, plan.target, plan.dtype, self.quantization)
 
     def manifest_fields(self, output: Output) -> VariantFields:
-        record = dict(self.lowering) if output.onnx_flavour else unlowered_record(output.backend, self.plan.lower)
+        record = (LoweringRecord(**self.lowering) if output.onnx_flavour
+                  else unlowered_record(output.backend, self.plan.lower))
         record["onnx_ops"] = output.onnx_flavour
         fields = VariantFields(dtype="fp32" if output.backend == "kernels" else self.engine_dtype, lowering=record)
         if self.kernels is not None:

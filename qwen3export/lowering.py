@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
 from qwen3export.graphs.passes import DEFAULT_PASSES, PATTERNS, UnloweredSiteWarning, run_passes
 
+from .manifest import LoweringRecord
 from .stages import Progress
 
 
-def lowering_record(results) -> dict[str, Any]:
+def lowering_record(results) -> LoweringRecord:
     """The manifest's `lowering` entry: sites replaced per pass (0 for every pass when lowering is off)
     and the passes' notes (sites left in plain ops, with why)."""
 
@@ -32,7 +32,7 @@ UNLOWERED = {
 }
 
 
-def unlowered_record(backend: str, requested: bool) -> dict[str, Any]:
+def unlowered_record(backend: str, requested: bool) -> LoweringRecord:
     """The `lowering` entry of a backend that does not take the lowered program (UNLOWERED says why)."""
     record = lowering_record(None)
     record["notes"] = [UNLOWERED[backend]] if requested else []

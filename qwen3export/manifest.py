@@ -159,6 +159,7 @@ class QuantizationRecord(TypedDict, total=False):  # in_memory.quantization_reco
     weight_bytes: int
     fp_weight_bytes: int
     fp32_model_bytes: int
+    accuracy_level: int  # MatMulNBits / QMoE accuracy level of an int4 ONNX engine (4: int8 activations)
 
 
 class KernelsRecord(TypedDict, total=False):  # kernel_pack.tuned_kernels_record: a GPU target's tuned configs

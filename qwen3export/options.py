@@ -20,6 +20,7 @@ from . import artifact as art
 from .backends import BACKENDS
 from .backends.aoti import check_can_build
 from .errors import InputError, TargetError
+from .manifest import ServingRecord
 from .memory_plan import (PlanOptions, available_memory_bytes, check_parallelism, host_memory_bytes, plan_for_target,
                           serving_limits)
 from .model import is_prequantized, resolve
@@ -387,7 +388,7 @@ class BuildPlan:
     ref: Any  # model.ModelRef
     dtype: str
     quant: Any  # quant.QuantConfig | None
-    serving: dict[str, Any]
+    serving: ServingRecord
     outputs: tuple[Output, ...]
     lower: bool  # the lowering passes were asked for (--no-lower: False)
     tp: int

@@ -83,7 +83,7 @@ def _worst(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else max(a, b)
 
 
-def check_parity(engine: Step, engine_cache: tuple, eager: Step, eager_cache: tuple, vocab_size: int,
+def check_parity(engine: Step, engine_cache: Any, eager: Step, eager_cache: Any, vocab_size: int,
                  dtype: str, new_tokens: int = NEW_TOKENS, seed: int = 0) -> dict[str, Any]:
     """Run both through prefill + `new_tokens` greedy steps and report errors against the thresholds."""
     ids, mask = left_pad(parity_prompts(vocab_size, seed))

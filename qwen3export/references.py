@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from qwen3export.graphs.decoder import Qwen3Decoder
+
 from . import artifact as art
 from .errors import ParityError
 from .model import ModelRef, build_module, resolve, resolve_ref
@@ -37,7 +39,7 @@ def source_for(artifact: art.Artifact, model_override: str | None = None):
     return spec, source
 
 
-def eager_for(artifact: art.Artifact, model_override: str | None = None) -> torch.nn.Module:
+def eager_for(artifact: art.Artifact, model_override: str | None = None) -> Qwen3Decoder:
     """Rebuild the eager model an artifact was built from (its recorded source, or `model_override`), in fp32:
     every engine, fp16 ones included, is checked against fp32 eager (at its dtype's thresholds)."""
     spec, source = source_for(artifact, model_override)

@@ -5,14 +5,15 @@ template, converted by tokenizer_files.py)."""
 from __future__ import annotations
 
 import shutil
+import typing
 from pathlib import Path
-from typing import Any
 
 from tokenizers import Tokenizer
 
 from qwen3export.graphs.sampling import (SAMPLING_FILE, SamplingGraph, SamplingVocab, early_stop_ids,
                                          emit_sampling_onnx, read_generation_config, sampling_defaults)
 
+from .manifest import SamplingRecord
 from .model import ModelRef
 from .spec import ModelSpec
 from .tokenizer_files import has_qwen3_vocab, qwen3_tokenizer, write_preset_tokenizer
@@ -39,7 +40,7 @@ def sampling_graph_for(spec: ModelSpec, ref: ModelRef):
     return SamplingGraph(vocab, early_stop_ids(tokenizer, vocab))
 
 
-def emit_sampling(spec: ModelSpec, ref: ModelRef, folder: Path, sampling_ep) -> dict[str, Any]:
+def emit_sampling(spec: ModelSpec, ref: ModelRef, folder: Path, sampling_ep) -> SamplingRecord:
     """The sampling graph as sampling.onnx, plus the checkpoint's tokenizer, chat template and
     generation_config copied beside it; returns the manifest's `sampling` entry."""
     src = _source_folder(ref)
@@ -53,4 +54,4 @@ def emit_sampling(spec: ModelSpec, ref: ModelRef, folder: Path, sampling_ep) -> 
     entry = emit_sampling_onnx(sampling_graph_for(spec, ref), folder / SAMPLING_FILE, sampling_ep)
     entry["defaults"] = sampling_defaults(read_generation_config(src) if src is not None else None)
     entry["tokenizer_files"] = copied
-    return entry
+    return typing.cast(SamplingRecord, entry)  # the graph's entry (graphs/ knows no manifest) + ours

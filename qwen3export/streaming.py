@@ -28,7 +28,7 @@ from .backends.onnx_ops import bake_weight_layouts, custom_translation_table
 from .errors import ConfigError
 from .graph_capture import META, capture_meta, meta_decoder
 from .lowering import lower_program, lowering_record
-from .manifest import Manifest, StreamingRecord, VariantFields
+from .manifest import LoweringRecord, Manifest, StreamingRecord, VariantFields
 from .memory_plan import available_memory_bytes
 from .model import build_module
 from .spec import ModelSpec
@@ -212,7 +212,7 @@ class StreamedSteps:
             self.program, record = stages.run("lower", "attention, MoE and norms -> qwen3export:: ops",
                                               lambda: lower_program(ep, progress))
             dump_ir(plan.dump_ir, "02-lower.txt", str(self.program.graph_module.code))
-        self.record = dict(record, onnx_ops=plan.outputs[0].onnx_flavour)
+        self.record = LoweringRecord(**record, onnx_ops=plan.outputs[0].onnx_flavour)
         self.kernels = tuned_kernels_record(spec, plan.target, plan.dtype)
 
     def manifest_fields(self, output) -> VariantFields:

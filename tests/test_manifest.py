@@ -5,6 +5,9 @@ cases are in test_hostile_inputs.py."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any, Literal, TypedDict
 
 import pytest
@@ -17,6 +20,8 @@ from qwen3export.memory_plan import serving_limits
 from qwen3export.parallel_artifact import parallel_record
 from qwen3export.spec import preset
 from qwen3export.targets import get_target
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class _Inner(TypedDict):
@@ -87,6 +92,17 @@ def test_engine_and_parity_records_are_checked_by_kind():
     check_manifest(sharded | {"parity": {"passed": None, "not_run": "--no-verify", "command": "qwen3export verify"}})
     with pytest.raises(ManifestShapeError, match="'parity.reference' is not present"):
         check_manifest(sharded | {"parity": {"passed": True}})
+
+
+def test_manifest_modules_type_check():
+    """mypy over the modules that define, build and read the manifest: a key that manifest.py does not declare,
+    or a record of the wrong type handed to a manifest field, fails here."""
+    modules = ["manifest.py", "artifact.py", "pipeline.py", "stages.py", "in_memory.py", "streaming.py",
+               "parallel_build.py", "memory_plan.py", "parallel_artifact.py", "describe.py", "verify.py",
+               "sampling_files.py", "lowering.py"]
+    r = subprocess.run([sys.executable, "-m", "mypy", "--ignore-missing-imports", "--follow-imports=silent",
+                        *(str(ROOT / "qwen3export" / m) for m in modules)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_schema_names_its_version():
