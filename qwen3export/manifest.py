@@ -17,7 +17,9 @@ import types
 import typing
 from typing import Any, Literal, Mapping, TypedDict, Union
 
-SCHEMA_VERSION = 1
+# 2: the ort decoder's in-place KV interface (seqlens_k, total_sequence_length, logits_index) and the sampling
+# graph's id-list state (seen_ids, generated_ids); an artifact of version 1 is refused with "rebuild"
+SCHEMA_VERSION = 2
 SCHEMA = f"qwen3export.artifact/{SCHEMA_VERSION}"
 BACKENDS = ("onnx", "tensorrt", "aoti", "kernels", "torch-export")  # torch-export: the --tp/--ep rank parts
 
@@ -205,6 +207,7 @@ class LogitsErrors(TypedDict):
     scaled: float | None
     top1_agreement: float
     finite: dict[str, bool]  # "engine" / "reference": no NaN or Inf
+    scaled_median: float | None
 
 
 class SamplingParity(TypedDict):
@@ -215,7 +218,7 @@ class SamplingParity(TypedDict):
     mismatches: int
 
 
-class _EngineParityRequired(TypedDict):
+class _EngineParityRequired(TypedDict):  # parity.check_parity
     reference: str
     dtype: str
     batch: int
@@ -252,6 +255,8 @@ class QuantizationQuality(TypedDict, total=False):  # quant_parity.compare_to_un
 
 
 class EngineParity(_EngineParityRequired, total=False):  # parity.check_parity (+ what verify adds)
+    logits_scaled_median: float | None  # the median row (the int8_activations gate reads it)
+    quant_gate: dict[str, Any]  # a quantized engine's gate: kind, accuracy level, what the reference emulated
     providers: list[str]
     sampling: SamplingParity
     quantization: QuantizationQuality

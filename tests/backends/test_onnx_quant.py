@@ -248,6 +248,12 @@ def _parity(model, path, dtype: str = "fp32") -> dict:
                         model.spec.vocab_size, dtype, new_tokens=8)
 
 
+def _linears(spec) -> int:
+    """Quantized linears after graphs/passes/fuse_projections: per layer qkv and o, and for a dense layer gate_up
+    and down (a MoE layer's experts are one QMoE, or a stacked DequantizeLinear pair)."""
+    return 4 * spec.num_hidden_layers - 2 * len(spec.moe_layers)
+
+
 def _consumers(program) -> list:
     return [n for n in program.model.graph if n.op_type in ("MatMulNBits", "QMoE", "DequantizeLinear")]
 
@@ -263,7 +269,7 @@ def test_quantized_decoder_in_onnx_runtime_matches_eager(name, mode, flavour, tm
     bake_quantized_weights(program.model)
     ops = Counter(f"{n.domain}::{n.op_type}" for n in program.model.graph.all_nodes())
     spec = model.spec
-    linears, moe_layers = 7 * spec.num_hidden_layers - 3 * len(spec.moe_layers), len(spec.moe_layers)
+    linears, moe_layers = _linears(spec), len(spec.moe_layers)
     if flavour == "ort":
         assert (ops["com.microsoft::MatMulNBits"], ops["com.microsoft::QMoE"]) == (linears, moe_layers)
         assert ops["::DequantizeLinear"] == 0
@@ -289,7 +295,7 @@ def test_fp8_decoder_in_onnx_runtime_matches_eager(flavour, tmp_path):
     program = export_quantized(ep, model.spec, flavour)
     bake_quantized_weights(program.model)
     dq = [n for n in _consumers(program) if n.op_type == "DequantizeLinear"]
-    assert len(dq) == 7 * model.spec.num_hidden_layers
+    assert len(dq) == _linears(model.spec)
     assert all(n.inputs[0].dtype == ir.DataType.FLOAT8E4M3FN for n in dq)
     program.save(str(tmp_path / "decoder.onnx"))
     report = _parity(model, tmp_path / "decoder.onnx", "fp8")  # activation rounding flips: THRESHOLDS["fp8"]
@@ -351,8 +357,7 @@ def test_partial_groups_decoder_in_onnx_runtime_matches_eager(name, mode, flavou
     ops = Counter(n.op_type for n in program.model.graph)
     spec = model.spec
     if flavour == "ort":
-        assert (ops["MatMulNBits"], ops["QMoE"]) == (7 * spec.num_hidden_layers - 3 * len(spec.moe_layers),
-                                                     len(spec.moe_layers))
+        assert (ops["MatMulNBits"], ops["QMoE"]) == (_linears(spec), len(spec.moe_layers))
     program.save(str(tmp_path / "baked.onnx"))
     report = _parity(model, tmp_path / "baked.onnx")
     assert report["passed"], report["failures"]
