@@ -71,7 +71,7 @@ def test_fp16_onnx_engine_is_fp16_finite_and_gated(fp16_build, capsys):
     model = onnx.load(str(folder / "decoder.onnx"))
     # every matrix (the exporter folds the linears' transposes into unnamed initializers) is fp16
     matrices = [i for i in model.graph.initializer if len(i.dims) >= 2]
-    assert len(matrices) >= 7 * m["model"]["spec"]["num_hidden_layers"]
+    assert len(matrices) >= 4 * m["model"]["spec"]["num_hidden_layers"]  # qkv, o, gate_up, down (fused projections)
     assert all(i.data_type == onnx.TensorProto.FLOAT16 for i in matrices)
     # the norms' statistics are fp32: every ReduceMean (RMSNorm's mean of squares) reads fp32 values
     inferred = onnx.shape_inference.infer_shapes(model)

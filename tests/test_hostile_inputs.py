@@ -441,7 +441,8 @@ def test_tensorrt_settings_and_kernel_pack_index_stay_inside(tmp_path):
 
     (tmp_path / "tensorrt").mkdir()
     (tmp_path / "decoder.onnx").write_bytes(b"x")
-    art.seal(tmp_path, {"schema": art.SCHEMA, "backend": "tensorrt"})  # type: ignore[typeddict-item]
+    art.write_manifest(tmp_path, {"schema": art.SCHEMA, "backend": "tensorrt",  # type: ignore[typeddict-item]
+                                  "files": art.file_entries(tmp_path)})
     good = {"onnx": "decoder.onnx", "plan": "tensorrt/decoder.plan", "timing_cache": "tensorrt/timing.cache"}
     for change, needle in [({}, None), ({"plan": "../../.bashrc"}, "not a plain relative path"),
                            ({"timing_cache": "/etc/passwd"}, "not a plain relative path"),

@@ -127,8 +127,8 @@ def test_int4_engine_runs_like_eager_on_the_dequantized_weights(int4_tiny, capsy
                        greedy_generate(fp_reference, fp_reference.empty_cache(2), ids, mask, 6)[0])
     # `run` and `verify` on the artifact
     code, out, _ = cli(capsys, "run", int4_tiny.path, "--prompt-ids", "5,6,7,8,9,10", "--max-new-tokens", "6",
-                          "--greedy")
-    assert code == 0 and out.split() == [str(t) for t in want[0].tolist()]
+                          "--greedy", "--json")
+    assert code == 0 and json.loads(out)["tokens"] == want[0].tolist()
     report = verify_artifact(int4_tiny)
     assert report["passed"] and report["quantization"]["top1_agreement"] == \
         int4_tiny.manifest["parity"]["quantization"]["top1_agreement"]
