@@ -533,9 +533,9 @@ def make_parser(tune: bool = True) -> argparse.ArgumentParser:
                         "for int8 / fp8); --no-quantize-lm-head keeps it fp32")
     b.add_argument("--int4-accuracy", type=int, choices=(0, 4), default=None,
                    help="--quant int4: MatMulNBits accuracy level, 4 = activations quantized to int8 per block inside "
-                        "the op (fast CPU path; the parity gate emulates it), 0 = fp32 activations (default 0: level 4 "
-                        "is opt-in until a Qwen3-0.6B-shaped build passes its gate; GPU targets refuse 4, their "
-                        "CUDA MatMulNBits ignores it)")
+                        "the op (fast CPU path; the parity gate emulates it), 0 = fp32 activations (default: 4 on CPU "
+                        "targets with --onnx-ops ort, as ONNX Runtime GenAI's CPU int4; 0 elsewhere: GPU targets "
+                        "refuse 4, their CUDA MatMulNBits ignores it)")
     b.add_argument("--tp", type=int_in(1, 1024), default=1,
                    help="tensor-parallel degree: one engine part per rank (default 1)")
     b.add_argument("--ep", type=int_in(1, 1024), default=1, help="expert-parallel degree (MoE models; default 1)")

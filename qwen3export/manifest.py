@@ -257,6 +257,7 @@ class QuantizationQuality(TypedDict, total=False):  # quant_parity.compare_to_un
 class EngineParity(_EngineParityRequired, total=False):  # parity.check_parity (+ what verify adds)
     logits_scaled_median: float | None  # the median row (the int8_activations gate reads it)
     quant_gate: dict[str, Any]  # a quantized engine's gate: kind, accuracy level, what the reference emulated
+    noise_floor: dict[str, Any]  # level-4 int4: the reference against itself, one ulp off (quant_parity.noise_floor)
     providers: list[str]
     sampling: SamplingParity
     quantization: QuantizationQuality

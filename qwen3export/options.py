@@ -430,13 +430,11 @@ def quantize_lm_head(quant: QuantOptions) -> bool:
     return quant.mode == "int4" if quant.quantize_lm_head is None else quant.quantize_lm_head
 
 
-CPU_DEFAULTS_TO_LEVEL_4 = False  # see accuracy_level
-
-
 def accuracy_level(quant: QuantOptions, target, onnx_ops: str | None = None) -> int:
     """MatMulNBits / QMoE accuracy_level of an int4 build: --int4-accuracy as given, else 4 on CPU targets with
     the ort flavour (int8 activations per block: the peer's CPU int4, 2.3x its level-0 decode as
-    onnxruntime/mobius#402 measured, QMoE 5x here; the gate emulates it, quant_parity.py) and 0 otherwise: GPU
+    onnxruntime/mobius#402 measured, QMoE 5x here; the gate emulates it and measures its rounding noise floor,
+    quant_parity.check_engine_parity) and 0 otherwise: GPU
     targets, whose CUDA MatMulNBits reads only K, N, bits and block_size (onnxruntime
     contrib_ops/cuda/quantization/matmul_nbits.h), so 4 would record an arithmetic the GPU does not run; and
     --onnx-ops standard, whose dequantized experts keep fp32 activations while ORT's DequantizeLinear + MatMul
@@ -445,11 +443,7 @@ def accuracy_level(quant: QuantOptions, target, onnx_ops: str | None = None) -> 
         return 0
     if quant.int4_accuracy is not None:
         return quant.int4_accuracy
-    # the CPU default stays 0 for now: a Qwen3-0.6B-shaped build (4 layers, trained statistics, g128) at level 4
-    # failed its gate on 2026-11-30 (median row 1.2e-2 off the emulating reference, worst 2.6e-2, greedy 32/32)
-    # although single MatMulNBits nodes of its shapes match the emulation to 7.7e-7 and tiny / tiny-moe pass:
-    # something in the whole graph computes otherwise there, not yet found. Level 4 is opt-in until it is.
-    return 4 if CPU_DEFAULTS_TO_LEVEL_4 and target.kind == "cpu" and (onnx_ops or "ort") == "ort" else 0
+    return 4 if target.kind == "cpu" and (onnx_ops or "ort") == "ort" else 0
 
 
 def artifact_name(spec, target: str, backend: str) -> str:

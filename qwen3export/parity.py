@@ -45,13 +45,16 @@ THRESHOLDS: dict[str, dict[str, Any]] = {
     # layout gives errors of order 1 and top-1 near chance.
     "fp8": {"logits_scaled": 1e-1, "greedy_match": False, "top1_agreement": 0.9},
     # int4 engines at MatMulNBits / QMoE accuracy level 4 quantize activations to int8 per block; the reference
-    # emulates that (quant_parity.py), and an fp32 difference of an ulp before the rounding moves an element to the
-    # next code (1/127 of its block's absmax), so a few rows differ by such flips (more through the KV cache when
-    # it hits an attention-sink position). Measured (ORT 1.31 CPU, trained statistics, tiny / tiny-moe, g32 /
-    # g128, seeds 0-2): median row 3.6e-7..5.7e-7, as tight as fp32, worst row 6.8e-7..8.7e-3, greedy 32/32; an
-    # engine computing something else (fp32 activations, or int8 per row instead of per block) is off at every
-    # row: median 1.5e-2..2.1e-2, worst 1.9e-2..4.8e-2. So the median is gated at the fp32 bound (5 orders of
-    # magnitude apart) and the worst row at 2e-2 (2.3x the worst flip measured), greedy tokens must match.
+    # emulates that (quant_parity.py). An fp32 difference of one ulp before a rounding moves an element to the next
+    # code (1/127 of its block's absmax), and the next layers' roundings amplify that: the arithmetic is chaotic.
+    # Measured on tiny / tiny-moe (g32 / g128, seeds 0-2, ORT 1.31 CPU): median row 3.6e-7..5.7e-7, worst
+    # 6.8e-7..8.7e-3 -- too few flips to compound. On Qwen3-0.6B shapes (trained statistics, g128, 4 layers) the
+    # emulating reference against itself with one norm weight nudged by one ulp is off by median 1.1e-2..1.4e-2,
+    # worst 2.5e-2..2.8e-2 (3 draws), and the engine by 1.2e-2 / 2.6e-2: the same size, so no engine can meet a
+    # fixed fp32-sized bound there. These entries are the least bounds; quant_parity.check_engine_parity raises
+    # them to NOISE_FLOOR_FACTOR x the floor it measures on the reference itself (quant_parity.noise_floor),
+    # which stays at fp32 size on small models. An engine computing fp32 activations instead is 2.2-2.9x the floor
+    # at 0.6B x4 (median 3.1e-2, worst 5.7e-2) and 10^4 x on tiny.
     "int8_activations": {"logits_scaled": 2e-2, "logits_scaled_median": 1e-4, "greedy_match": True},
 }
 NEW_TOKENS = 32
@@ -83,11 +86,22 @@ def _worst(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else max(a, b)
 
 
-def check_parity(engine: Step, engine_cache: Any, eager: Step, eager_cache: Any, vocab_size: int,
-                 dtype: str, new_tokens: int = NEW_TOKENS, seed: int = 0) -> dict[str, Any]:
-    """Run both through prefill + `new_tokens` greedy steps and report errors against the thresholds."""
+def reference_run(eager: Step, eager_cache: Any, vocab_size: int, new_tokens: int = NEW_TOKENS,
+                  seed: int = 0) -> tuple:
+    """The reference side of check_parity (greedy_generate over parity_prompts), to compare several engines
+    with one run: (tokens [B, N], prefill logits [B, S, V], per-step logits)."""
     ids, mask = left_pad(parity_prompts(vocab_size, seed))
-    ref_tokens, ref_prefill, ref_steps = greedy_generate(eager, eager_cache, ids, mask, new_tokens, keep_logits=True)
+    return greedy_generate(eager, eager_cache, ids, mask, new_tokens, keep_logits=True)
+
+
+def check_parity(engine: Step, engine_cache: Any, eager: Step, eager_cache: Any, vocab_size: int,
+                 dtype: str, new_tokens: int = NEW_TOKENS, seed: int = 0, *, reference: tuple | None = None,
+                 thresholds: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run both through prefill + `new_tokens` greedy steps and report errors against the thresholds
+    (THRESHOLDS[dtype], or `thresholds` where the caller derived them). `reference`: reference_run's result for
+    this eager model, prompts and `new_tokens` (then `eager` is not run again)."""
+    ids, mask = left_pad(parity_prompts(vocab_size, seed))
+    ref_tokens, ref_prefill, ref_steps = reference or reference_run(eager, eager_cache, vocab_size, new_tokens, seed)
     got_tokens, got_prefill, got_steps = greedy_generate(engine, engine_cache, ids, mask, new_tokens, keep_logits=True)
     real = mask.bool()
     prefill = logits_errors(got_prefill[real].float(), ref_prefill[real].float())
@@ -96,7 +110,7 @@ def check_parity(engine: Step, engine_cache: Any, eager: Step, eager_cache: Any,
     # decode logits are comparable only while both sides fed the same tokens: steps 1..n_same
     upto = max(1, min(n_same + 1, new_tokens))
     decode = logits_errors(torch.stack(got_steps[:upto]).float(), torch.stack(ref_steps[:upto]).float())
-    th = THRESHOLDS[dtype]
+    th = thresholds if thresholds is not None else THRESHOLDS[dtype]
     spec = getattr(eager, "spec", None)
     bound = th.get("logits_scaled_moe", th["logits_scaled"]) if spec is not None and spec.is_moe else th["logits_scaled"]
     worst_abs = _worst(prefill["max_abs"], decode["max_abs"])

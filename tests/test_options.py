@@ -130,7 +130,7 @@ def test_a_plan_holds_what_the_stages_need(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("target, flags, want", [
-    ("cpu", {"quant": "int4"}, (0, True)),  # lm_head quantized (as the peer); level 4 opt-in for now (options.py)
+    ("cpu", {"quant": "int4"}, (4, True)),  # lm_head quantized and int8 activations (level 4), as the peer's CPU int4
     ("cpu", {"quant": "int4", "int4_accuracy": 4}, (4, True)),
     ("cpu", {"quant": "int4", "int4_accuracy": 0, "quantize_lm_head": False}, (0, False)),
     ("cpu", {"quant": "int4", "onnx_ops": "standard"}, (0, True)),  # its dequantized experts run fp32
