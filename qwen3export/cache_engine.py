@@ -113,12 +113,12 @@ class CacheEngine:
         binding = self.session.io_binding()
         width = max(int(totals.max()), ids.shape[1])
         mask = (np.arange(width)[None] < totals[:, None]).astype(np.int64)  # [B, width]
-        small = {"input_ids": ids, "position_ids": positions, "attention_mask": mask, LOGITS_INDEX: logits_index}
-        # OrtValues (views of the arrays, kept alive until the run): bind_cpu_input refuses logits_index, an
-        # overridable initializer that ONNX Runtime does not list among the session's inputs
-        small_values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for v in small.values()]
-        for name, value in zip(small, small_values):
-            binding.bind_ortvalue_input(name, value)
+        for name, value in {"input_ids": ids, "position_ids": positions, "attention_mask": mask}.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        # bind_cpu_input refuses logits_index (an overridable initializer: ONNX Runtime does not list it among the
+        # session's inputs); an OrtValue over the array (kept alive until the run) binds it
+        index = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(logits_index))
+        binding.bind_ortvalue_input(LOGITS_INDEX, index)
         binding.bind_output("logits")
         for i, value in enumerate(self._cache_values(start, b)):  # past and present: the same buffer
             layer, kv = divmod(i, 2)
