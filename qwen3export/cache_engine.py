@@ -18,8 +18,15 @@ import torch
 from .errors import InputError
 from .spec import ModelSpec
 
-# the shared-buffer decoder's inputs besides input_ids / position_ids / the cache (GroupQueryAttention's names)
+# GroupQueryAttention's per-row lengths, computed inside the shared-buffer decoder from attention_mask, and the
+# decoder's optional input naming the positions whose logits a step returns (backends/onnx.py share_kv_buffer)
 SEQLENS, TOTAL_LENGTH, LOGITS_INDEX = "seqlens_k", "total_sequence_length", "logits_index"
+
+
+def is_shared_buffer(session) -> bool:
+    """Whether an ONNX Runtime session runs the shared-buffer decoder (it takes a logits_index, fed or not:
+    ONNX Runtime lists an input that is also an initializer among the overridable initializers)."""
+    return any(v.name == LOGITS_INDEX for v in (*session.get_inputs(), *session.get_overridable_initializers()))
 
 
 def contiguous_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -97,14 +104,21 @@ class CacheEngine:
     def run_rows(self, start: int, ids: np.ndarray, positions: np.ndarray, totals: np.ndarray,
              logits_index: np.ndarray) -> np.ndarray:
         """One session call over slots [start, start + B): ids / positions [B, S], totals [B] (each row's length
-        after the step), logits_index [B, N] -> logits [B, N, V]."""
+        after the step), logits_index [B, N] -> logits [B, N, V]. The attention mask is right-padded: row b has
+        ones at its first totals[b] positions (the graph's seqlens_k = totals - 1; its width, GQA's total length,
+        is the longest row, at least S)."""
+        import onnxruntime as ort  # lazy: the engine is built on a session, so onnxruntime is loaded by now
+
         b = ids.shape[0]
         binding = self.session.io_binding()
-        small = {"input_ids": ids, "position_ids": positions, SEQLENS: (totals - 1).astype(np.int32),
-                 TOTAL_LENGTH: np.array(max(int(totals.max()), ids.shape[1]), np.int32),
-                 LOGITS_INDEX: logits_index}
-        for name, value in small.items():
+        width = max(int(totals.max()), ids.shape[1])
+        mask = (np.arange(width)[None] < totals[:, None]).astype(np.int64)  # [B, width]
+        for name, value in {"input_ids": ids, "position_ids": positions, "attention_mask": mask}.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        # bind_cpu_input refuses logits_index (an overridable initializer: ONNX Runtime does not list it among the
+        # session's inputs); an OrtValue over the array (kept alive until the run) binds it
+        index = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(logits_index))
+        binding.bind_ortvalue_input(LOGITS_INDEX, index)
         binding.bind_output("logits")
         for i, value in enumerate(self._cache_values(start, b)):  # past and present: the same buffer
             layer, kv = divmod(i, 2)

@@ -19,7 +19,9 @@ from typing import Any, Literal, Mapping, TypedDict, Union
 
 # 2: the ort decoder's in-place KV interface (seqlens_k, total_sequence_length, logits_index) and the sampling
 # graph's id-list state (seen_ids, generated_ids); an artifact of version 1 is refused with "rebuild"
-SCHEMA_VERSION = 2
+# 3: the ort decoder takes attention_mask (seqlens_k / total_sequence_length computed in the graph) and an optional
+# logits_index, so ONNX Runtime GenAI runs it (genai_config.json, past_present_share_buffer); version 2 is refused
+SCHEMA_VERSION = 3
 SCHEMA = f"qwen3export.artifact/{SCHEMA_VERSION}"
 BACKENDS = ("onnx", "tensorrt", "aoti", "kernels", "torch-export")  # torch-export: the --tp/--ep rank parts
 
@@ -77,7 +79,6 @@ class OnnxEngineRecord(_OnnxEngineRequired, total=False):  # onnx, and tensorrt 
     status: str
     kv_cache: str  # "shared_buffer" (the ort flavour: backends/onnx.py share_kv_buffer) | "concat"
     genai_config: str  # genai_config.json (backends/genai_config.py): ONNX Runtime GenAI loads the artifact
-    genai_unsupported: str  # why there is none (the shared-buffer interface, which GenAI cannot feed)
     tensorrt: TensorRTRecord
 
 

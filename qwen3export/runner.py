@@ -18,7 +18,7 @@ import torch
 from qwen3export.graphs.sampling import SamplingGraph, SamplingSession, SamplingVocab
 
 from .artifact import Artifact
-from .cache_engine import SEQLENS, CacheEngine
+from .cache_engine import CacheEngine, is_shared_buffer
 from .errors import ArtifactError
 from .memory_plan import DEFAULT_SERVING_SEQ
 from .spec import ModelSpec
@@ -112,7 +112,7 @@ def open_engine(artifact: Artifact, threads: int | None = None):
     """The artifact's decoder as a step callable: ONNX Runtime session or AOTInductor package."""
     if artifact.backend in ("onnx", "tensorrt"):  # a tensorrt artifact carries its verified fp32 ONNX
         session = onnx_session(artifact, threads)
-        if any(i.name == SEQLENS for i in session[0].get_inputs()):  # the ort flavour: backends/onnx.py share_kv_buffer
+        if is_shared_buffer(session[0]):  # the ort flavour: backends/onnx.py share_kv_buffer
             serving = artifact.manifest.get("serving") or {}
             return CacheEngine(ModelSpec.from_dict(artifact.manifest["model"]["spec"]), *session,
                                serving.get("max_batch", 1), serving.get("max_seq", DEFAULT_SERVING_SEQ),

@@ -7,7 +7,7 @@ import onnxruntime as ort
 import torch
 
 from qwen3export.backends.onnx import export_program, io_names
-from qwen3export.cache_engine import SEQLENS, CacheEngine
+from qwen3export.cache_engine import CacheEngine, is_shared_buffer
 
 PROMPTS = [[151644, 872, 198, 9707, 11, 151667], [5, 6, 7]]  # left padding in row 1
 
@@ -25,7 +25,7 @@ def OrtStep(path, spec, config: dict[str, str] | None = None, max_batch: int = 2
     for key, value in (config or {}).items():
         opts.add_session_config_entry(key, value)
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    if any(i.name == SEQLENS for i in session.get_inputs()):
+    if is_shared_buffer(session):
         return CacheEngine(spec, session, ["CPUExecutionProvider"], max_batch, max_seq)
     return ConcatStep(session, spec)
 

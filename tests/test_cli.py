@@ -78,15 +78,15 @@ def test_default_build_layout_and_manifest(default_build):
     assert m["backend"] == "onnx" and m["target"]["name"] == "cpu" and m["dtype"] == "fp32"
     assert m["model"]["spec"]["name"] == "tiny-moe" and m["model"]["ref"] == {
         "kind": "preset", "name": "tiny-moe", "seed": 0, "overrides": {}, "weight_stats": "trained"}
-    assert set(m["files"]) == {"decoder.onnx", "sampling.onnx", "tokenizer.json", "tokenizer_config.json"}
+    assert set(m["files"]) == {"decoder.onnx", "sampling.onnx", "tokenizer.json", "tokenizer_config.json",
+                               "genai_config.json"}
     assert m["parity"]["sampling"]["identical"] and m["sampling"]["defaults"]["thinking"]["temperature"] == 0.6
     assert m["parity"]["passed"] and m["parity"]["logits_scaled_err"] <= 1e-4 and m["parity"]["greedy_match"]
     assert {"torch", "onnx", "onnxruntime-gpu", "qwen3export"} <= set(m["versions"])
     sess_inputs = [i.name for i in onnx.load(str(default_build / "decoder.onnx"), load_external_data=False).graph.input]
-    # the cpu default (ort flavour) decodes over the in-place KV buffer: lengths instead of a mask, logits_index
+    # the cpu default (ort flavour) decodes over the in-place KV buffer: per-row lengths from the mask, logits_index
     assert m["engine"]["kv_cache"] == "shared_buffer" and sess_inputs == m["engine"]["inputs"]
-    assert sess_inputs[:6] == ["input_ids", "position_ids", "seqlens_k", "total_sequence_length", "logits_index",
-                               "past_key_values.0.key"]
+    assert sess_inputs[:5] == ["input_ids", "position_ids", "attention_mask", "logits_index", "past_key_values.0.key"]
     assert not [p for p in default_build.parent.iterdir() if p.name.startswith(".")]  # no temp leftovers
 
 

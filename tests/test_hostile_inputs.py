@@ -392,6 +392,8 @@ def test_resigning_needs_the_old_signature_checked(signed, keys, tmp_path, capsy
     ("deep_json", "not a valid manifest"),
     ("nan", "not a valid manifest"),
     ("corrupt_onnx", "decoder.onnx is not a readable ONNX model"),
+    # schema 2's ort decoder took seqlens_k / total_sequence_length: refused before ONNX Runtime sees it
+    ("older_schema", "has schema 'qwen3export.artifact/2', expected 'qwen3export.artifact/3'; rebuild"),
 ])
 def test_malformed_manifests_are_one_line(case, needle, built_artifact, tmp_path, capsys):
     a = copy_of(built_artifact("--model", "tiny", "--seed", "1"), tmp_path)
@@ -406,7 +408,8 @@ def test_malformed_manifests_are_one_line(case, needle, built_artifact, tmp_path
              "passed_string": lambda m: m["parity"].update({"passed": "yes"}),
              "engine_no_inputs": lambda m: m["engine"].pop("inputs"),
              "spec_list": lambda m: m["model"].update({"spec": [1]}),
-             "target_string": lambda m: m.update({"target": "cpu"})}
+             "target_string": lambda m: m.update({"target": "cpu"}),
+             "older_schema": lambda m: m.update({"schema": "qwen3export.artifact/2"})}
     if case in edits:
         _reseal_with(a, edits[case])
     elif case == "deep_json":

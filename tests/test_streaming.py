@@ -98,7 +98,8 @@ def test_streamed_build_without_verify_records_not_run_and_verifies_later(tmp_pa
     m = result.manifest
     assert m["parity"] == {"passed": None, "not_run": "--no-verify", "command": f"qwen3export verify {out}"}
     assert m["engine"]["external_data"] and m["engine"]["onnx_ops"] == "ort"
-    assert m["engine"]["kv_cache"] == "shared_buffer" and "seqlens_k" in m["engine"]["inputs"]  # cache in place
+    assert m["engine"]["kv_cache"] == "shared_buffer" and "logits_index" in m["engine"]["inputs"]  # cache in place
+    assert m["engine"]["genai_config"] == "genai_config.json" and (out / "genai_config.json").is_file()
     assert m["engine"]["baked_weights"] == sum(spec.layer_is_moe(i) for i in range(2)) >= 1
     assert m["streaming"]["weight_bytes"] == (out / "decoder.onnx.data").stat().st_size
     code, stdout, _ = _cli(capsys, "verify", out, "--json")

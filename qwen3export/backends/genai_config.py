@@ -3,12 +3,14 @@ artifact also loads in `onnxruntime_genai.Model(ARTIFACT)` (its greedy generatio
 
 The schema is the one onnxruntime_genai's model builder writes (`model`: type, token ids, context_length,
 `decoder` with filename, sizes and the input/output name mapping; `search`: generation defaults). Our decoder
-already uses GenAI's names (backends/onnx.py). GenAI feeds the concat-cache interface (standard flavour):
-input_ids, attention_mask, position_ids, past_key_values.%d.key|value -> logits, present.%d.key|value, with
-`past_present_share_buffer` false. The shared-buffer interface (ort flavour, cache updated in place) takes
-GroupQueryAttention's seqlens_k / total_sequence_length and a logits_index instead of attention_mask: GenAI
-0.18 has no config key for seqlens_k or logits_index ("Unknown value" when parsing), so no genai_config.json is
-written for it and the engine entry says why (`genai_unsupported`); build with `--onnx-ops standard` for GenAI.
+already uses GenAI's names (backends/onnx.py): input_ids, attention_mask, position_ids,
+past_key_values.%d.key|value -> logits, present.%d.key|value, for both interfaces.
+- concat cache (standard flavour): `past_present_share_buffer` false; GenAI grows the cache by copying.
+- shared buffer (ort flavour, the cache updated in place): `past_present_share_buffer` true; GenAI allocates past
+  and present once at [batch, Hkv, max_length, D] and binds both to it, as our CacheEngine does. The graph
+  computes GroupQueryAttention's lengths from attention_mask (as GenAI's own model builder does), and its
+  logits_index input, which GenAI does not feed, defaults to every position of the step: [B, S, V] logits,
+  the shape GenAI 0.18 preallocates for a prompt (it refuses [B, 1, V] there).
 
 What GenAI does not run: our sampling graph (sampling.onnx: thinking on/off, budget and the forced early stop,
 presence/repetition penalties, min_p) -- GenAI samples with its own search.
@@ -67,17 +69,8 @@ def genai_config(spec: ModelSpec, engine: dict[str, Any], max_seq: int) -> dict[
     }
 
 
-SHARED_BUFFER_UNSUPPORTED = ("ONNX Runtime GenAI 0.18 cannot feed the in-place shared-buffer interface "
-                             "(seqlens_k, total_sequence_length, logits_index): build with --onnx-ops standard "
-                             "for a decoder that GenAI runs")
-
-
 def write_genai_config(spec: ModelSpec, engine: dict[str, Any], folder: Path, max_seq: int) -> dict[str, Any]:
-    """Write genai_config.json into `folder` and name it in the engine entry (returned); for the shared-buffer
-    interface, which GenAI cannot feed, write none and record why in `genai_unsupported`."""
-    if engine.get("kv_cache") == SHARED_BUFFER:
-        engine["genai_unsupported"] = SHARED_BUFFER_UNSUPPORTED
-        return engine
+    """Write genai_config.json into `folder` and name it in the engine entry (returned)."""
     (folder / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(spec, engine, max_seq), indent=2))
     engine["genai_config"] = GENAI_CONFIG_FILE
     return engine

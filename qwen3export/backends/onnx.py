@@ -3,8 +3,10 @@ run by ONNX Runtime. Inputs and outputs follow the common decoder convention (Op
 input_ids, position_ids, attention_mask, past_key_values.{i}.key|value -> logits, present.{i}.key|value.
 
 The "ort" flavour's interface differs in its cache (share_kv_buffer): past and present are one buffer
-[B, Hkv, max_seq, D] that GroupQueryAttention updates in place, rows right-padded with their lengths in
-seqlens_k / total_sequence_length instead of attention_mask, and logits only at logits_index.
+[B, Hkv, max_seq, D] that GroupQueryAttention updates in place, rows right-padded, each row's length the sum of
+its attention_mask row (GQA's seqlens_k / total_sequence_length are computed from the mask in the graph, as
+ONNX Runtime GenAI's model builder does), and logits at logits_index, an optional input (unfed: every
+position of the step) so that GenAI, which does not feed it, runs the decoder too.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def io_names(spec: ModelSpec, kv_cache: str = CONCAT) -> tuple[list[str], list[s
     n = spec.num_hidden_layers
     past = [f"past_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
-    lengths = [SEQLENS, TOTAL_LENGTH, LOGITS_INDEX] if kv_cache == SHARED_BUFFER else ["attention_mask"]
+    lengths = ["attention_mask", LOGITS_INDEX] if kv_cache == SHARED_BUFFER else ["attention_mask"]
     return ["input_ids", "position_ids", *lengths, *past], ["logits", *present]
 
 
@@ -50,7 +52,7 @@ def io_shapes(spec: ModelSpec, kv_cache: str = CONCAT) -> dict[str, list[str | i
     hkv, d = spec.num_key_value_heads, spec.head_dim
     shapes: dict[str, list[str | int]] = {"input_ids": [BATCH, SEQ], "position_ids": [BATCH, SEQ]}
     if kv_cache == SHARED_BUFFER:
-        shapes.update({SEQLENS: [BATCH], TOTAL_LENGTH: [], LOGITS_INDEX: [BATCH, KEPT],
+        shapes.update({"attention_mask": [BATCH, TOTAL], LOGITS_INDEX: [BATCH, KEPT],
                        "logits": [BATCH, KEPT, spec.vocab_size]})
         past = present = [BATCH, hkv, MAX_SEQ, d]
     else:
@@ -64,8 +66,8 @@ def io_shapes(spec: ModelSpec, kv_cache: str = CONCAT) -> dict[str, list[str | i
 
 
 def kv_cache_kind(model) -> str:
-    """SHARED_BUFFER when the graph reads per-row lengths (share_kv_buffer ran), else CONCAT."""
-    return SHARED_BUFFER if any(v.name == SEQLENS for v in model.graph.inputs) else CONCAT
+    """SHARED_BUFFER when the graph takes a logits_index (share_kv_buffer ran), else CONCAT."""
+    return SHARED_BUFFER if any(v.name == LOGITS_INDEX for v in model.graph.inputs) else CONCAT
 
 
 def set_io_shapes(model, spec: ModelSpec) -> dict[str, list[str | int]]:
@@ -95,18 +97,17 @@ def export_program(ep: ExportedProgram, spec: ModelSpec, table: dict | None, ops
 def share_kv_buffer(model) -> bool:
     """The ort flavour's interface (backends/onnx_ops.py ort_attention): rewire a decoder whose attention is
     GroupQueryAttention so that each node's present outputs are the graph's present.{i}.key|value (the
-    Concat(past, new) the traced graph returns is dropped), its seqlens_k / total_sequence_length come from
-    inputs of those names (attention_mask goes), and the lm_head runs only at `logits_index` [B, N] (positions
-    within the step: generation asks for each row's last, parity for all). Returns False, and changes
-    nothing, for a graph without GroupQueryAttention."""
+    Concat(past, new) the traced graph returns is dropped), all of them read one seqlens_k / total_sequence_length
+    computed from attention_mask [B, total] (_lengths_from_mask), and the lm_head runs only at `logits_index`
+    [B, N] (positions within the step: generation asks for each row's last, parity for all; unfed: all).
+    Returns False, and changes nothing, for a graph without GroupQueryAttention."""
     graph = model.graph
     nodes = [n for n in graph if (n.domain, n.op_type) == ("com.microsoft", "GroupQueryAttention")]
     if not nodes:
         return False
-    int32 = ir.TensorType(ir.DataType.INT32)
-    seqlens = ir.Value(name=SEQLENS, shape=ir.Shape([BATCH]), type=int32)
-    total = ir.Value(name=TOTAL_LENGTH, shape=ir.Shape([]), type=int32)
-    index = ir.Value(name=LOGITS_INDEX, shape=ir.Shape([BATCH, KEPT]), type=ir.TensorType(ir.DataType.INT64))
+    mask = next(v for v in graph.inputs if v.name == "attention_mask")
+    seqlens, total, computed = _lengths_from_mask(mask)
+    graph.insert_before(nodes[0], computed)
     slot = {v.name: i for i, v in enumerate(graph.outputs)}
     for node in nodes:
         node.replace_input_with(5, seqlens)
@@ -118,32 +119,70 @@ def share_kv_buffer(model) -> bool:
             graph.outputs[slot[name]].name = f"{name}.concat"
             present.name, present.type = name, past.type
             graph.outputs[slot[name]] = present
-    _logits_at(graph, index)
-    mask = next(v for v in graph.inputs if v.name == "attention_mask")
+    index = _logits_at(graph)
     RemoveUnusedNodesPass()(model)
-    if mask.uses():
+    if {use.node for use in mask.uses()} - set(computed):
         raise ValueError("attention_mask is still read outside GroupQueryAttention; export with --onnx-ops standard")
     at = list(graph.inputs).index(mask)
-    graph.inputs[at:at + 1] = [seqlens, total, index]
+    graph.inputs.insert(at + 1, index)
     return True
 
 
-def _logits_at(graph, index) -> None:
+def _lengths_from_mask(mask) -> tuple:
+    """(seqlens_k [B] int32 = ReduceSum(mask, 1) - 1, total_sequence_length int32 = Shape(mask)[1], the nodes):
+    GroupQueryAttention's per-row lengths, once for every layer, as onnxruntime_genai's model builder computes them
+    (builders/base.py make_attention_mask_reformatting_for_gqa). Row b of a right-padded batch has ones at its
+    first len_b positions; GQA writes a step's new K/V at seqlens_k + 1 - S (at 0 when S = total: a first prompt)."""
+    int32 = ir.TensorType(ir.DataType.INT32)
+    tape = ir.tape.Tape()
+    one = tape.op("Constant", [], attributes={"value": ir.tensor(np.array([1], dtype=np.int64))})
+    summed = tape.op("ReduceSum", [mask, one], attributes={"keepdims": 0})  # [B]
+    seqlens = tape.op("Cast", [tape.op("Sub", [summed, one])], attributes={"to": ir.DataType.INT32})
+    width = tape.op("Shape", [mask], attributes={"start": 1, "end": 2})  # [1]
+    total = tape.op("Cast", [tape.op("Squeeze", [width])], attributes={"to": ir.DataType.INT32})
+    seqlens.name, seqlens.shape, seqlens.type = SEQLENS, ir.Shape([BATCH]), int32
+    total.name, total.shape, total.type = TOTAL_LENGTH, ir.Shape([]), int32
+    return seqlens, total, list(tape.nodes)
+
+
+def _logits_at(graph):
     """logits = lm_head(hidden[b, index[b, n]]): a GatherElements over the sequence axis before the lm_head's
-    MatMul (or MatMulNBits), so the head runs over N positions per row, not S."""
+    MatMul (or MatMulNBits), so the head runs over N positions per row, not S. -> `index`, the logits_index
+    input, which is an initializer too (ONNX IR's overridable initializer): unfed, it is empty ([1, 0]) and
+    means every position of the step, [B, S, V] -- what ONNX Runtime GenAI 0.18 binds its preallocated logits
+    to at a prompt ("has shape {1,7,V} but the computed output shape ... is {1,1,V}" otherwise)."""
     logits = next(v for v in graph.outputs if v.name == "logits")
     head = logits.producer()
     hidden = head.inputs[0]
     if head.op_type not in ("MatMul", "MatMulNBits") or hidden.shape is None or len(hidden.shape) != 3 \
             or not isinstance(hidden.shape[2], int):
         raise ValueError(f"logits come from {head.op_type} over {hidden.shape}, not the lm_head over [B, S, H]")
+    index = ir.Value(name=LOGITS_INDEX, shape=ir.Shape([BATCH, KEPT]), type=ir.TensorType(ir.DataType.INT64),
+                     const_value=ir.tensor(np.zeros((1, 0), np.int64), name=LOGITS_INDEX))
+    graph.register_initializer(index)
     tape = ir.tape.Tape()
-    axes = tape.op("Constant", [], attributes={"value": ir.tensor(np.array([2], dtype=np.int64))})
-    width = tape.op("Constant", [], attributes={"value": ir.tensor(np.array([1, 1, hidden.shape[2]], np.int64))})
-    rows = tape.op("Expand", [tape.op("Unsqueeze", [index, axes]), width])  # [B, N, H]
-    kept = tape.op("GatherElements", [hidden, rows], attributes={"axis": 1})  # [B, N, H]
+
+    def const(*values, scalar=False):
+        array = np.array(values[0] if scalar else values, dtype=np.int64)
+        return tape.op("Constant", [], attributes={"value": ir.tensor(array)})
+
+    # without a branch: positions = [index | range(S) if index is empty], each part broadcast to [B, *]
+    batch = tape.op("Shape", [hidden], attributes={"start": 0, "end": 1})  # [1]: B
+    steps = tape.op("Shape", [hidden], attributes={"start": 1, "end": 2})  # [1]: S
+    named = tape.op("Shape", [index], attributes={"start": 1, "end": 2})  # [1]: N
+    unfed = tape.op("Cast", [tape.op("Equal", [named, const(0)])], attributes={"to": ir.DataType.INT64})
+    every = tape.op("Range", [const(0, scalar=True), tape.op("Squeeze", [tape.op("Mul", [steps, unfed])]),
+                              const(1, scalar=True)])  # [S] or [0]
+    rows = tape.op("Concat", [batch, const(1)], attributes={"axis": 0})  # [B, 1]
+    positions = tape.op("Concat", [tape.op("Expand", [index, rows]),
+                                   tape.op("Expand", [tape.op("Unsqueeze", [every, const(0)]), rows])],
+                        attributes={"axis": 1})  # [B, N] or [B, S]
+    width = tape.op("Concat", [batch, const(1, hidden.shape[2])], attributes={"axis": 0})  # [B, 1, H]
+    gather = tape.op("Expand", [tape.op("Unsqueeze", [positions, const(2)]), width])  # [B, N, H]
+    kept = tape.op("GatherElements", [hidden, gather], attributes={"axis": 1})  # [B, N, H]
     graph.insert_before(head, tape.nodes)
     head.replace_input_with(0, kept)
+    return index
 
 
 def weight_bytes(ep: ExportedProgram) -> int:

@@ -184,10 +184,10 @@ def ort_attention(q, k, v, attention_mask=None, kv_lens=None, scale: float = 1.0
     The graph hands the op k, v [B, Hkv, P + S, D] = Concat(past, new); GQA takes the two apart, so this
     reads them from the Concat: the new keys as [B, S, Hkv*D], the cache input itself as past. The node's
     present outputs are the cache (backends/onnx.py share_kv_buffer makes them the graph's present.* outputs
-    and feeds seqlens_k / total_sequence_length from inputs of those names; an engine binds past and present
-    to one [B, Hkv, max_seq, D] buffer, which GQA then updates in place: no copy of the cache per step).
-    Rows are right-padded, per-row lengths in seqlens_k (total length - 1; DESIGN §2, the runner's slots).
-    Until share_kv_buffer rewires them, seqlens_k / total come from the mask (every row full length).
+    and feeds every layer one seqlens_k / total_sequence_length computed from attention_mask; an engine binds
+    past and present to one [B, Hkv, max_seq, D] buffer, which GQA then updates in place: no copy of the cache
+    per step). Rows are right-padded, per-row lengths in seqlens_k (mask row sum - 1; DESIGN §2, the runner's
+    slots). Until share_kv_buffer rewires them, each layer computes seqlens_k / total from the mask itself.
     """
     if kv_lens is not None:
         raise NotImplementedError(NO_KV_LENS)

@@ -65,8 +65,13 @@ def test_lowered_decoder_matches_eager_in_onnx_runtime(name, flavour, tmp_path):
         for node in (n for n in program.model.graph if n.op_type == "MoE"):
             assert_interleaved(node.inputs[2], ep.state_dict)
         graph = program.model.graph
-        assert [v.name for v in graph.inputs][:5] == ["input_ids", "position_ids", "seqlens_k",
-                                                       "total_sequence_length", "logits_index"]
+        assert [v.name for v in graph.inputs][:4] == ["input_ids", "position_ids", "attention_mask", "logits_index"]
+        # logits_index is optional (an overridable initializer: empty = every position, what GenAI gets)
+        assert graph.initializers["logits_index"].const_value.numpy().shape == (1, 0)
+        gqa = [n for n in graph if n.op_type == "GroupQueryAttention"]
+        # GQA's lengths computed once from the mask, as GenAI's model builder does, and shared by every layer
+        assert {(n.inputs[5].name, n.inputs[6].name) for n in gqa} == {("seqlens_k", "total_sequence_length")}
+        assert sorted(use.node.op_type for use in graph.inputs[2].uses()) == ["ReduceSum", "Shape"]
         for node in (n for n in graph if n.op_type == "GroupQueryAttention"):  # present = the past input's buffer
             assert node.outputs[1].name == node.inputs[3].name.replace("past_key_values", "present")
             assert node.outputs[1] in graph.outputs and node.inputs[3] in graph.inputs
