@@ -98,3 +98,17 @@ def test_large_weights_go_to_external_data_with_checksums(monkeypatch, tmp_path,
     capsys.readouterr()
     assert main(["run", str(out), "--prompt-ids", "1"]) == 2
     assert "decoder.onnx.data does not match its sha256" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-moe"])
+def test_one_layer_models_build_with_the_shared_kv_buffer(model, tmp_path):
+    """A one-layer trace takes the batch size from Shape(attention_mask), so the mask has a reader besides
+    GroupQueryAttention's lengths: the ort flavour still builds (it refused such graphs before), passes its gate
+    and keeps its in-place cache."""
+    from qwen3export.options import BuildOptions
+    from qwen3export.pipeline import build
+
+    build(BuildOptions.of(model=model, artifact=tmp_path / "a", overrides={"num_hidden_layers": 1}))
+    m = art.load_artifact(tmp_path / "a").manifest
+    assert m["model"]["spec"]["num_hidden_layers"] == 1 and m["parity"]["passed"]
+    assert m["engine"]["kv_cache"] == "shared_buffer"

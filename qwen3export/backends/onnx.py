@@ -121,7 +121,9 @@ def share_kv_buffer(model) -> bool:
             graph.outputs[slot[name]] = present
     index = _logits_at(graph)
     RemoveUnusedNodesPass()(model)
-    if {use.node for use in mask.uses()} - set(computed):
+    # a Shape of the mask reads only its sizes (a one-layer trace takes the batch size from it); any other reader
+    # means attention outside GroupQueryAttention still masks by value, which the shared buffer does not serve
+    if {use.node for use in mask.uses() if use.node.op_type != "Shape"} - set(computed):
         raise ValueError("attention_mask is still read outside GroupQueryAttention; export with --onnx-ops standard")
     at = list(graph.inputs).index(mask)
     graph.inputs.insert(at + 1, index)
