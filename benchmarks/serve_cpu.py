@@ -1,8 +1,10 @@
 """`qwen3export serve` on the CPU: throughput and latency at concurrency 1, 4 and 8, and the batching gain.
 
-    python benchmarks/serve_cpu.py [--model qwen3-0.6b] [--layers N] [--requests 16] [--tokens 64] [--quick]
+    python benchmarks/serve_cpu.py [--model qwen3-0.6b] [--layers N] [--quant none --quant int4] [--requests 16]
+                                   [--tokens 64] [--quick]
 
-Builds (or reuses, under --work, default dist/bench) an fp32 onnx artifact with --max-batch 8, starts the server in this process on
+For each --quant (default: none and int4, i.e. fp32 and `build --quant int4` with the build's defaults), builds
+(or reuses, under --work, default dist/bench) an onnx artifact with --max-batch 8, starts the server in this process on
 127.0.0.1 (uvicorn in a thread), and sends the same `--requests` streamed /v1/completions (token-id prompts of
 different lengths, `ignore_eos`, sampling at Qwen3's defaults, fixed seeds) from `c` client threads at a time.
 Measured per level: tokens/s over the wall time, time to first token and inter-token latency (p50 / p99) as the
@@ -73,19 +75,34 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--quant", action="append", choices=("none", "int4", "int8"),
+                    help="repeatable; default: none and int4")
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     ap.add_argument("--work", default="dist/bench", help="where the artifact is built (reused if present)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
         args.model, args.requests, args.tokens = "tiny", 8, 16
+    runs = [serve_levels(args, quant) for quant in args.quant or ["none", "int4"]]
+    print(json.dumps({"benchmark": "serve_cpu", "model": args.model, "requests_per_level": args.requests,
+                      "tokens_per_request": args.tokens, "machine": f"{platform.machine()}, shared CPU cores",
+                      "runs": runs,
+                      "note": "measured; the sequential baseline is concurrency 1 (the same requests one after "
+                              "another through the same server)"}, indent=2))
+    return 0
+
+
+def serve_levels(args, quant: str) -> dict:
+    """Build (or reuse) the artifact for `quant`, serve it, run concurrency 1, 4 and 8 -> its JSON record."""
     overrides = {"num_hidden_layers": args.layers} if args.layers else {}
-    out = Path(args.work) / f"serve-{args.model}{f'-{args.layers}l' if args.layers else ''}-fp32-b8"
+    name = "fp32" if quant == "none" else quant
+    out = Path(args.work) / f"serve-{args.model}{f'-{args.layers}l' if args.layers else ''}-{name}-b8"
     if not (out / "manifest.json").is_file():
         print(f"building {out} ...", file=sys.stderr, flush=True)
-        build(BuildOptions.of(model=args.model, artifact=out, max_batch=8, max_seq=256, overrides=overrides),
-              progress=lambda m: None)
-    server = open_server(load_artifact(out), args.threads, ServeConfig(max_queue=256))
+        build(BuildOptions.of(model=args.model, artifact=out, max_batch=8, max_seq=256, overrides=overrides,
+                              quant=quant), progress=lambda m: None)
+    artifact = load_artifact(out)
+    server = open_server(artifact, args.threads, ServeConfig(max_queue=256))
     port = _free_port()
     uv = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
@@ -103,14 +120,11 @@ def main() -> int:
         lv["batching_gain"] = round(lv["throughput_tok_s"] / base, 2)
     uv.should_exit = True
     thread.join(timeout=30)
-    print(json.dumps({"benchmark": "serve_cpu", "model": args.model, "layers": server.spec.num_hidden_layers,
-                      "dtype": "fp32", "backend": "onnx", "max_batch": server.scheduler.max_batch,
-                      "requests_per_level": args.requests, "tokens_per_request": args.tokens,
-                      "machine": f"{platform.machine()}, shared CPU cores", "levels": levels,
-                      "note": "measured; the sequential baseline is concurrency 1 (the same requests one after "
-                              "another through the same server)"}, indent=2))
-    return 0
-
+    return {"quant": quant, "quantization": artifact.manifest.get("quantization") and {
+                k: artifact.manifest["quantization"][k] for k in ("mode", "group_size", "accuracy_level",
+                                                                   "quantize_lm_head")},
+            "layers": server.spec.num_hidden_layers, "dtype": "fp32", "backend": "onnx",
+            "max_batch": server.scheduler.max_batch, "levels": levels}
 
 if __name__ == "__main__":
     raise SystemExit(main())
