@@ -1,7 +1,7 @@
 """`qwen3export build --tp/--ep` end to end (qwen3export/parallel_build.py): the rank parts verified as gloo
 processes against the unsharded eager model, `run` on them equal to eager driven by the torch sampling graph,
-`inspect` showing the ranks; a resealed part carrying a pickled program refused by `run`, its code never run;
-bad input refused in one line before any work, nothing written."""
+`serve` answering concurrent clients from them, `inspect` showing the ranks; a resealed part carrying a pickled
+program refused by `run`, its code never run; bad input refused in one line before any work, nothing written."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import pickle
 import shutil
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -64,6 +65,25 @@ def test_tp2_build_run_and_inspect(tmp_path, capsys):
     greedy, _, _ = greedy_generate(eager, eager.empty_cache(1), torch.tensor([PROMPT]), torch.ones(1, len(PROMPT),
                                                                                                    dtype=torch.int64), 4)
     assert code == 0 and json.loads(stdout)["tokens"] == greedy[0].tolist()
+
+    # serve (issue 19): the rank processes behind the OpenAI endpoint, one request at a time; two clients at once
+    # each get the greedy tokens of eager PyTorch
+    from test_serve import Running
+
+    s = Running(out)
+    try:
+        assert s.server.scheduler.max_batch == 1
+        prompts = [PROMPT, PROMPT[:3]]
+        with ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(lambda p: s.client.completions.create(
+                model="m", prompt=p, max_tokens=4, temperature=0,
+                extra_body={"ignore_eos": True, "return_token_ids": True}).choices[0].model_extra["token_ids"],
+                prompts))
+    finally:
+        s.close()
+    for p, tokens in zip(prompts, got):
+        ids = torch.tensor([p])
+        assert tokens == greedy_generate(eager, eager.empty_cache(1), ids, torch.ones_like(ids), 4)[0][0].tolist()
 
     code, stdout, _ = cli(capsys, "inspect", out)
     assert code == 0 and "ranks    tp 2 x ep 1 = 2 parts" in stdout and "rank 1: tp_rank 1 ep_rank 0" in stdout

@@ -373,7 +373,8 @@ def test_int4_level_4_gate_is_measured_from_the_reference_noise_floor(tmp_path):
     assert p["passed"], p["failures"]
     assert floor["draws"] == 2 and floor["logits_scaled_median"] > 10 * least["logits_scaled_median"]
     assert p["thresholds"]["logits_scaled_median"] == NOISE_FLOOR_FACTOR * floor["logits_scaled_median"]
-    assert p["thresholds"]["logits_scaled"] == max(least["logits_scaled"], NOISE_FLOOR_FACTOR * floor["logits_scaled_err"])
+    assert p["thresholds"]["logits_scaled"] == max(least["logits_scaled"],
+                                                   NOISE_FLOOR_FACTOR * floor["logits_scaled_err"])
     assert p["logits_scaled_median"] > least["logits_scaled_median"]  # the correct engine is off by more than fp32
     spec, source, _ = resolve("qwen3-0.6b", seed=1, **CHAOTIC)
     other = dequantized_reference(spec, QuantizedSource(source, spec, artifact_quant_config(a)))

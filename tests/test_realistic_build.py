@@ -142,7 +142,25 @@ def test_fp32_engines(case, folders, tmp_path, capsys):
     folder, hf = folders[which]
     artifact = _build(capsys, tmp_path, folder, *flags)
     _gated(artifact)
-    assert _run_greedy(capsys, artifact) == _hf_greedy(hf, PROMPT)
+    want = _hf_greedy(hf, PROMPT)
+    assert _run_greedy(capsys, artifact) == want
+    if case in SERVED:  # `serve` on the engines that carry one cache between calls (one slot): as transformers
+        assert _served_greedy(artifact) == want
+
+
+SERVED = ("dense-aoti", "dense-standard")  # the ort flavour and tp/ep are served in test_serve / test_parallel_build
+
+
+def _served_greedy(artifact) -> list[int]:
+    from test_serve import Running
+
+    s = Running(artifact.path)
+    try:
+        r = s.client.completions.create(model="m", prompt=PROMPT, max_tokens=NEW, temperature=0,
+                                        extra_body={"ignore_eos": True, "return_token_ids": True})
+        return r.choices[0].model_extra["token_ids"]
+    finally:
+        s.close()
 
 
 def test_moe_kernel_pack_interpreter_parity(folders, tmp_path, capsys):
