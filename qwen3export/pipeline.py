@@ -14,15 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwen3export.graphs.sampling import capture_sampling
-
 from . import artifact as art
 from .describe import quality_line, summary_line
 from .in_memory import InMemorySteps
 from .manifest import Manifest, ModelRecord
 from .options import BuildOptions, BuildPlan, Output, plan_build
 from .parallel_build import ShardedSteps
-from .sampling_files import emit_sampling, sampling_graph_for
+from .sampling_files import emit_sampling, sampling_program
 from .signing import sign_artifact
 from .stages import Progress, Stages, VariantSteps
 from .streaming import StreamedSteps
@@ -48,7 +46,7 @@ def build(options: BuildOptions, progress: Progress = lambda s: None) -> list[Bu
         steps = VARIANT_STEPS[plan.variant](plan)
         stages = Stages(steps.stage_count(), progress)
         steps.prepare(stages, progress)
-        sampling_ep = capture_sampling(sampling_graph_for(plan.spec, plan.ref))
+        sampling_ep = sampling_program(plan.spec, plan.ref)
         return [write_artifact(plan, steps, output, stages, sampling_ep, progress) for output in plan.outputs]
 
 

@@ -278,14 +278,14 @@ def test_inverse_cdf_follows_the_reference_distribution(small_graph):
 
 
 # ---------------------------------------------------------------------- Qwen3's real vocabulary
-def test_real_vocabulary_torch_and_onnx_agree(tmp_path):
+def test_real_vocabulary_torch_and_onnx_agree(real_sampling):
     """V = 151936 with <think> 151667 / </think> 151668 (tokens.py): graph and ONNX agree over a rollout
     that crosses a thinking budget, and a greedy row whose argmax is <think> gets it with thinking on
-    (row 3) and never with thinking off (row 1, the same row otherwise)."""
+    (row 3) and never with thinking off (row 1, the same row otherwise). The graph and its ONNX are the
+    session's one export (tests/graphs/conftest.py), early stop (198, 271, </think>)."""
     vocab = SamplingVocab(tokens.VOCAB_SIZE, tokens.THINK, tokens.END_THINK)
-    graph = SamplingGraph(vocab, (198, 271, tokens.END_THINK)).eval()
-    emit_sampling_onnx(graph, tmp_path / "sampling.onnx")
-    session = SamplingSession(tmp_path / "sampling.onnx")
+    graph, session = real_sampling
+    assert graph.vocab == vocab and graph.early_stop == (198, 271, tokens.END_THINK)
     rng = np.random.default_rng(11)
     b = 4
     state = initial_state([[tokens.IM_START, 872, tokens.THINK], [tokens.IM_START, 9707], [tokens.THINK],

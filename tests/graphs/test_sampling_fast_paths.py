@@ -181,14 +181,6 @@ def odd_onnx(tmp_path_factory):
     return graph, SamplingSession(path), path
 
 
-@pytest.fixture(scope="module")
-def real_onnx(tmp_path_factory):
-    graph = SamplingGraph(REAL, (198, 271, tokens.END_THINK)).eval()
-    path = tmp_path_factory.mktemp("fast_real") / "sampling.onnx"
-    emit_sampling_onnx(graph, path)
-    return graph, SamplingSession(path)
-
-
 def assert_same(graph, session, args):
     with torch.no_grad():
         want = graph(*args)
@@ -216,8 +208,10 @@ def test_onnx_fast_paths_bit_identical_at_v1000(odd_onnx, mode):
 
 
 @pytest.mark.parametrize("mode", ["greedy", "topk", "mixed"])
-def test_onnx_fast_paths_bit_identical_at_qwen3_vocabulary(real_onnx, mode):
-    graph, session = real_onnx
+def test_onnx_fast_paths_bit_identical_at_qwen3_vocabulary(real_sampling, mode):
+    """At V = 151,936: the session-wide export of tests/graphs/conftest.py (REAL, early stop 198, 271, </think>)."""
+    graph, session = real_sampling
+    assert graph.vocab == REAL
     rng = np.random.default_rng(100 + len(mode))
     for b in (1, 8):
         params = params_batch(rng, b, mode)
