@@ -46,6 +46,7 @@ import gc
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -205,6 +206,17 @@ def transformers_step(hf):
     return step
 
 
+def clear_stale(out: Path) -> None:
+    """Remove this benchmark's earlier build at `out` when an older qwen3export wrote it (`build --force` replaces
+    only an artifact of the current schema, and a benchmark rebuilds its own folders whatever wrote them)."""
+    try:
+        schema = json.loads((out / "manifest.json").read_text()).get("schema", "")
+    except (OSError, ValueError):
+        return
+    if isinstance(schema, str) and schema.startswith("qwen3export.artifact/"):
+        shutil.rmtree(out)
+
+
 def built_artifact(name: str, overrides: dict, spec, work: Path, engine: str, fields: dict | None = None):
     """The engine's artifact under `work` (built unless one with the same spec, lowering and quantization is
     there); -> (artifact, build seconds or None when reused)."""
@@ -224,6 +236,7 @@ def built_artifact(name: str, overrides: dict, spec, work: Path, engine: str, fi
         if a.manifest["model"]["spec"] == spec.to_dict() and a.manifest["lowering"]["enabled"] == fields["lower"] \
                 and same_quant:
             return a, None
+    clear_stale(out)
     t0 = time.perf_counter()
     build(BuildOptions.of(model=name, artifact=out, overrides=overrides, force=True, **fields),
           progress=lambda s: print(f"{engine}: {s}", file=sys.stderr, flush=True))
@@ -497,6 +510,7 @@ def ours_artifact(model: str, overrides: dict, work: Path, tag: str, fields: dic
                 raise ParityError(failed)
             if (out / "manifest.json").is_file():
                 return load_artifact(out, verify_checksums=False), None
+    clear_stale(out)
     t0 = time.perf_counter()
     try:
         build(BuildOptions.of(model=model, artifact=out, overrides=overrides, force=True, **fields),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import socket
 import sys
 import threading
@@ -30,6 +31,7 @@ import numpy as np
 import uvicorn
 
 from qwen3export.artifact import load_artifact
+from qwen3export.manifest import SCHEMA
 from qwen3export.options import BuildOptions
 from qwen3export.pipeline import build
 from qwen3export.serve.app import ServeConfig, open_server
@@ -97,7 +99,10 @@ def serve_levels(args, quant: str) -> dict:
     overrides = {"num_hidden_layers": args.layers} if args.layers else {}
     name = "fp32" if quant == "none" else quant
     out = Path(args.work) / f"serve-{args.model}{f'-{args.layers}l' if args.layers else ''}-{name}-b8"
-    if not (out / "manifest.json").is_file():
+    manifest = out / "manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text()).get("schema") != SCHEMA:
+        shutil.rmtree(out)  # this benchmark's own build by an older qwen3export: rebuilt
+    if not manifest.is_file():
         print(f"building {out} ...", file=sys.stderr, flush=True)
         build(BuildOptions.of(model=args.model, artifact=out, max_batch=8, max_seq=256, overrides=overrides,
                               quant=quant), progress=lambda m: None)
