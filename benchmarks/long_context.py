@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,7 @@ def main() -> None:
 
     from qwen3export.artifact import load_artifact
     from qwen3export.graphs.rope import parse_rope_flag
+    from qwen3export.manifest import SCHEMA
     from qwen3export.options import BuildOptions
     from qwen3export.pipeline import build
     from qwen3export.runner import open_engine
@@ -56,7 +58,10 @@ def main() -> None:
     if args.layers:
         overrides["num_hidden_layers"] = args.layers
     out = Path(args.work) / f"{args.model}{f'-{args.layers}l' if args.layers else ''}-yarn4-cpu-onnx"
-    if not (out / "manifest.json").is_file():
+    manifest = out / "manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text()).get("schema") != SCHEMA:
+        shutil.rmtree(out)  # this benchmark's own build by an older qwen3export: rebuilt
+    if not manifest.is_file():
         build(BuildOptions.of(model=args.model, artifact=out, max_batch=1, overrides=overrides),
               progress=lambda s: print(s, file=sys.stderr, flush=True))
     artifact = load_artifact(out)
