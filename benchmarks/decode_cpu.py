@@ -22,14 +22,21 @@ Decode of a batch-1 LLM is memory-bound: every new token reads every weight it u
 is bandwidth / weight bytes per token. For the peer comparison these are the bytes of each ONNX model's
 initializers, less an embedding table that is only gathered; for MoE layers the router and the top-k experts
 only (what an ideal engine reads), not all experts. Bandwidth is measured here (a multi-threaded reduction
-over a buffer much larger than the caches) before every round; the roofline takes the highest figure
-seen in the run, since on a machine shared with other work a probe under load understates the ceiling
-(each engine's effective GB/s is reported too). All figures are measured, none modelled. A model is `NAME[:field=value,...]`, fields overriding the preset (real layer shapes with
-fewer layers: `qwen3-30b-a3b:num_hidden_layers=2` is 128 experts, top-8, ~7.4 GB in fp32).
+over a buffer much larger than the caches) just before and just after every round. This host's bandwidth swings
+between two levels within seconds (~33 and ~54-62 GB/s on 2 threads, seen in one minute with nothing else
+running), so the roofline target is judged per round, against the higher of the two probes around it, median
+over rounds (`decode_fraction_of_round_bandwidth_median`); the fraction of the highest probe of the whole run is
+reported beside it (`fp32_as_run_fraction_of_run_ceiling`). `ratio_ceilings_at_full_bandwidth` gives the most
+each decode ratio could be here: ours at its rounds' full bandwidth against the other engine as measured; a
+target above it needs fewer bytes, not a faster engine. All figures are measured, none modelled. A model is
+`NAME[:field=value,...]`, fields overriding the preset (real layer shapes with fewer layers:
+`qwen3-30b-a3b:num_hidden_layers=2` is 128 experts, top-8, ~7.4 GB in fp32). A MoE model alone (no dense one
+given) runs only the comparison with transformers.
 
 The engines run round-robin when their copies of the weights fit in half the free memory, else one after
-another (a 2-layer 30B-A3B in fp32 is ~7.4 GB per copy); a probe before each round gives the fraction of the
-bandwidth available at that moment too.
+another (a 2-layer 30B-A3B in fp32 is ~7.4 GB per copy); `--schedule round-robin` forces the fair order where
+the memory is there (with ours and transformers on a 2-layer 30B-A3B, MemAvailable fell by ~8.5 GB of 23 at the
+peak: ONNX Runtime maps its weights file).
 
 With --quant (repeatable: int4, int8, fp8, each optionally `+lm_head` to quantize the lm_head too) the run
 measures our own fp32 engine (lowered, ort flavour) against the quantized engines built with `build --quant`,
@@ -73,6 +80,12 @@ def measure_read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 7) -> 
         buf.sum()
         best = min(best, time.perf_counter() - t0)
     return buf.numel() * 4 / best
+
+
+def is_moe(text: str) -> bool:
+    """Whether a --model names a mixture-of-experts preset (the peer's builder refuses those)."""
+    name = parse_model(text)[0]
+    return name.endswith("a3b") or name.endswith("a22b") or "moe" in name
 
 
 def parse_model(text: str) -> tuple[str, dict]:
@@ -270,6 +283,14 @@ def memory_available() -> int:
     return 0
 
 
+def fits_together(args, weight_bytes: int) -> bool:
+    """Whether the engines run round-robin: `--schedule round-robin` forces it (the fair comparison, for a quiet
+    machine with the memory), `sequential` forbids it; `auto` when their weights fit in half the free memory."""
+    if args.schedule != "auto":
+        return args.schedule == "round-robin"
+    return weight_bytes <= memory_available() // 2
+
+
 class Runner:
     """One engine's rounds: each a generation after a bandwidth probe, kept with the probe. `opener()` ->
     (generate(prompt [1, S], new_tokens) -> (prefill s, decode s, tokens[, sampling ms per token]), providers,
@@ -277,7 +298,7 @@ class Runner:
 
     def __init__(self, name: str, opener):
         self.name, self.opener, self.generate, self.rounds, self.tokens, self.providers = name, opener, None, [], [], None
-        self.release = None
+        self.release, self.probes_after = None, []
 
     def open(self) -> None:
         self.generate, self.providers, self.release = self.opener()
@@ -293,6 +314,8 @@ class Runner:
         torch.set_num_threads(bandwidth.threads)
         pre, dec, self.tokens, *extra = self.generate(prompt, new_tokens)
         self.rounds.append((pre, dec, bandwidth.probes[-1], *extra))
+        bandwidth.probe()  # the host's bandwidth swings within seconds (29-62 GB/s seen): bracket the round
+        self.probes_after.append(bandwidth.probes[-1])
 
     def summary(self, new_tokens: int, bytes_per_token: int) -> dict:
         pre = min(r[0] for r in self.rounds)
@@ -308,6 +331,12 @@ class Runner:
                "prefill_ms_all_rounds": [round(r[0] * 1e3, 1) for r in self.rounds],
                "decode_s_all_rounds": [round(r[1], 3) for r in self.rounds],
                "probe_GBps_all_rounds": [round(r[2] / 1e9, 2) for r in self.rounds],
+               "probe_after_GBps_all_rounds": [round(b / 1e9, 2) for b in self.probes_after],
+               # each round against the higher of the probes just before and just after it (the bandwidth the
+               # machine had then), the median over rounds: what the roofline target is judged on
+               "decode_fraction_of_round_bandwidth_median": round(statistics.median(
+                   (new_tokens - 1) / r[1] * bytes_per_token / max(r[2], after)
+                   for r, after in zip(self.rounds, self.probes_after)), 4),
                "providers": self.providers}
         if len(self.rounds[0]) > 3:
             out["sampling_ms_per_token_median"] = round(statistics.median(r[3] for r in self.rounds), 3)
@@ -430,7 +459,7 @@ def bench_model(text: str, args, bandwidth: Bandwidth) -> dict:
     # round-robin when all three copies of the weights fit in half the free memory (the fair comparison on a
     # machine shared with other work); else one engine after another (two 30B-A3B engines and the eager
     # model need ~22 GB in fp32)
-    together = len(runners) * spec.param_count() * 4 <= memory_available() // 2
+    together = fits_together(args, len(runners) * spec.param_count() * 4)
     if together:
         for r in runners:
             r.open()
@@ -681,7 +710,7 @@ def bench_dense_vs_peer(text: str, args, bandwidth: Bandwidth, peer_python: Path
                                "decoder_only": "n/a: its greedy search runs inside the generator (C++), so as run "
                                                "is its decoder plus an argmax"}
     # our fp32 engine, the peer's fp32 model and the int4 ones: ~2.5 x fp32 weights in all
-    together = 3 * spec.param_count() * 4 <= memory_available() // 2
+    together = fits_together(args, 3 * spec.param_count() * 4)
     schedule = run_rounds(runners, prompt, args.new_tokens, args.rounds, bandwidth, together)
     engines = {r.name: {**r.summary(args.new_tokens, meta[r.name]["bytes_per_token"]),
                         **{k: v for k, v in meta[r.name].items() if k != "bytes_per_token"}} for r in runners}
@@ -717,7 +746,7 @@ def bench_moe_vs_transformers(text: str, args, bandwidth: Bandwidth) -> dict:
         return (lambda p, n: timed_generation(step, None, p, n)), ["transformers (torch eager)"], None
 
     runners.append(Runner("transformers_eager", hf_opener))
-    together = 2 * spec.param_count() * 4 <= memory_available() // 2
+    together = fits_together(args, 2 * spec.param_count() * 4)
     schedule = run_rounds(runners, prompt, args.new_tokens, args.rounds, bandwidth, together)
     tokens = {r.name: r.tokens for r in runners}
     return {"model": spec.name, "overrides": overrides, "seed": args.seed, "layers": spec.num_hidden_layers,
@@ -731,21 +760,77 @@ def bench_moe_vs_transformers(text: str, args, bandwidth: Bandwidth) -> dict:
                 "of": args.new_tokens}}
 
 
-def peer_ratios(dense: dict, moe: dict | None) -> dict:
+def dense_ratios(e: dict) -> dict:
+    """The dense model's ratios against the peer, from its engines' summaries."""
+    return {"fp32_as_run_vs_peer_decode": e["ours_fp32_as_run"]["decode_tokens_per_s_median"]
+            / e["peer_fp32"]["decode_tokens_per_s_median"],
+            "int4_as_run_vs_peer_decode": e["ours_int4_as_run"]["decode_tokens_per_s_median"]
+            / e["peer_int4"]["decode_tokens_per_s_median"],
+            "fp32_argmax_vs_peer_decode": e["ours_fp32_argmax"]["decode_tokens_per_s_median"]
+            / e["peer_fp32"]["decode_tokens_per_s_median"],
+            "int4_argmax_vs_peer_decode": e["ours_int4_argmax"]["decode_tokens_per_s_median"]
+            / e["peer_int4"]["decode_tokens_per_s_median"],
+            "fp32_prefill_vs_peer": e["peer_fp32"]["prefill_ms_median"] / e["ours_fp32_as_run"]["prefill_ms_median"],
+            "int4_prefill_vs_peer": e["peer_int4"]["prefill_ms_median"] / e["ours_int4_as_run"]["prefill_ms_median"],
+            "fp32_as_run_fraction_of_roofline": e["ours_fp32_as_run"]["decode_fraction_of_round_bandwidth_median"],
+            "fp32_as_run_fraction_of_run_ceiling": e["ours_fp32_as_run"]["decode_fraction_of_roofline_median"]}
+
+
+PAIRS = {"fp32_as_run_vs_peer_decode": (0, "ours_fp32_as_run", "peer_fp32"),
+         "int4_as_run_vs_peer_decode": (0, "ours_int4_as_run", "peer_int4"),
+         "moe_as_run_vs_transformers_decode": (1, "ours_moe_fp32_as_run", "transformers_eager")}
+
+
+FAST_MODE = 0.75  # of the run's highest probe: this host's probes sit at ~33 or at ~54-62 GB/s, little between
+
+
+def by_bandwidth_mode(e: dict, ceiling: float, new_tokens: int) -> dict:
+    """An engine's median decode tok/s over its rounds in each bandwidth mode of the host (FAST_MODE), and
+    how many rounds fell in each."""
+    modes = {"fast": [], "slow": [], "mixed": []}
+    for dec, before, after in zip(e["decode_s_all_rounds"], e["probe_GBps_all_rounds"],
+                                  e["probe_after_GBps_all_rounds"]):
+        fast = [b * 1e9 >= FAST_MODE * ceiling for b in (before, after)]
+        modes["fast" if all(fast) else "slow" if not any(fast) else "mixed"].append((new_tokens - 1) / dec)
+    out = {m: round(statistics.median(v), 3) if v else None for m, v in modes.items() if m != "mixed"}
+    out["rounds"] = {m: len(v) for m, v in modes.items()}
+    return out
+
+
+def ratios_by_mode(dense: dict | None, moe: dict | None) -> dict:
+    """Each decode ratio of PAIRS within one bandwidth mode (both engines' rounds in it), None where either
+    engine had no round in that mode."""
+    out = {}
+    for key, (i, ours, theirs) in PAIRS.items():
+        model = (dense, moe)[i]
+        if model is None:
+            continue
+        o = model["engines"][ours]["decode_tokens_per_s_median_by_bandwidth_mode"]
+        t = model["engines"][theirs]["decode_tokens_per_s_median_by_bandwidth_mode"]
+        out[key] = {m: round(o[m] / t[m], 3) if o[m] and t[m] else None for m in ("slow", "fast")}
+    return out
+
+
+def ratio_ceilings(dense: dict | None, moe: dict | None) -> dict:
+    """The most each decode ratio could be on this machine: ours reading its bytes at the full bandwidth of its
+    rounds (fraction 1.0) against the other engine as measured, i.e. (their bytes / ours) / their fraction of
+    their rounds' bandwidth. A target above its ceiling cannot be met by a faster engine, only by fewer bytes."""
+    out = {}
+    for key, (i, ours, theirs) in PAIRS.items():
+        model = (dense, moe)[i]
+        if model is None:
+            continue
+        o, t = model["engines"][ours], model["engines"][theirs]
+        out[key] = round(t["bytes_per_token"] / o["bytes_per_token"] / t["decode_fraction_of_round_bandwidth_median"], 3)
+    return out
+
+
+def peer_ratios(dense: dict | None, moe: dict | None) -> dict:
     """Issue 18's ratios from the median rounds: decode ours / the peer's (> 1: ours faster), prefill the peer's
     ms / ours (> 1: ours faster), our fp32 as run against the roofline."""
-    e = dense["engines"]
-    r = {"fp32_as_run_vs_peer_decode": e["ours_fp32_as_run"]["decode_tokens_per_s_median"]
-         / e["peer_fp32"]["decode_tokens_per_s_median"],
-         "int4_as_run_vs_peer_decode": e["ours_int4_as_run"]["decode_tokens_per_s_median"]
-         / e["peer_int4"]["decode_tokens_per_s_median"],
-         "fp32_argmax_vs_peer_decode": e["ours_fp32_argmax"]["decode_tokens_per_s_median"]
-         / e["peer_fp32"]["decode_tokens_per_s_median"],
-         "int4_argmax_vs_peer_decode": e["ours_int4_argmax"]["decode_tokens_per_s_median"]
-         / e["peer_int4"]["decode_tokens_per_s_median"],
-         "fp32_prefill_vs_peer": e["peer_fp32"]["prefill_ms_median"] / e["ours_fp32_as_run"]["prefill_ms_median"],
-         "int4_prefill_vs_peer": e["peer_int4"]["prefill_ms_median"] / e["ours_int4_as_run"]["prefill_ms_median"],
-         "fp32_as_run_fraction_of_roofline": e["ours_fp32_as_run"]["decode_fraction_of_roofline_median"]}
+    r = {}
+    if dense is not None:
+        r.update(dense_ratios(dense["engines"]))
     if moe is not None:
         m = moe["engines"]
         r["moe_as_run_vs_transformers_decode"] = (m["ours_moe_fp32_as_run"]["decode_tokens_per_s_median"]
@@ -759,12 +844,14 @@ def bench_vs_peer(args, bandwidth: Bandwidth) -> dict:
     import peer_env
 
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    python = peer_env.peer_python(progress=log)
     models = args.model or DEFAULT_MODELS
-    dense_text = next(m for m in models if not parse_model(m)[0].endswith("a3b") and "moe" not in m)
-    dense = bench_dense_vs_peer(dense_text, args, bandwidth, python)
-    # the dense half on its own, in case the MoE half (builds of a few GB) does not get to the end
-    (Path(args.work) / "decode_cpu.dense.json").write_text(json.dumps(dense, indent=2))
+    # a dense model meets the peer; a MoE one (or the second model given) meets transformers; either may be absent
+    dense_text = next((m for m in models if not is_moe(m)), None)
+    dense = None
+    if dense_text is not None:
+        dense = bench_dense_vs_peer(dense_text, args, bandwidth, peer_env.peer_python(progress=log))
+        # the dense half on its own, in case the MoE half (builds of a few GB) does not get to the end
+        (Path(args.work) / "decode_cpu.dense.json").write_text(json.dumps(dense, indent=2))
     moe_text = next((m for m in models if m != dense_text), None)
     moe = bench_moe_vs_transformers(moe_text, args, bandwidth) if moe_text else None
     for m in filter(None, (dense, moe)):  # the roofline from the highest bandwidth seen anywhere in the run
@@ -773,14 +860,24 @@ def bench_vs_peer(args, bandwidth: Bandwidth) -> dict:
             e["decode_roofline_tokens_per_s"] = round(roofline, 3)
             e["decode_fraction_of_roofline"] = round(e["decode_tokens_per_s"] / roofline, 4)
             e["decode_fraction_of_roofline_median"] = round(e["decode_tokens_per_s_median"] / roofline, 4)
+            e["decode_tokens_per_s_median_by_bandwidth_mode"] = by_bandwidth_mode(e, bandwidth.ceiling, args.new_tokens)
     ratios = peer_ratios(dense, moe)
     met = {k: ratios[key] >= least for k, (key, least) in TARGETS.items() if key in ratios}
     return {"peer": {"package": "onnxruntime-genai", "environment": str(peer_env.VENV),
-                     "installed": peer_env.installed_versions(python), "pins": peer_env.PINS,
+                     "installed": peer_env.installed_versions(peer_env.peer_python(progress=log))
+                     if dense else "not run (no dense model given)", "pins": peer_env.PINS,
                      "builder": "python -m onnxruntime_genai.models.builder -i HF -o OUT -p fp32|int4 -e cpu "
                                 "(its defaults otherwise: int4 with the lm_head quantized, accuracy level 4)"},
             "models": [m for m in (dense, moe) if m],
-            "ratios": ratios, "ratios_rule": "median rounds; decode: ours tok/s / theirs; prefill: their ms / ours",
+            "ratios": ratios, "ratios_rule": "median rounds; decode: ours tok/s / theirs; prefill: their ms / ours; "
+                                             "roofline: bytes per token x tok/s over the bandwidth probed around "
+                                             "each round (fraction_of_run_ceiling: over the highest probe of the "
+                                             "whole run instead)",
+            "ratio_ceilings_at_full_bandwidth": ratio_ceilings(dense, moe),
+            "ratios_by_bandwidth_mode": ratios_by_mode(dense, moe),
+            "bandwidth_mode_rule": f"a round is 'fast' when the probes before and after it are both >= "
+                                   f"{FAST_MODE} x the run's highest probe, 'slow' when both are below, else "
+                                   "'mixed' (left out); median decode tok/s of each engine's rounds in that mode",
             "targets": {k: {"ratio": key, "at_least": least} for k, (key, least) in TARGETS.items()},
             "targets_met": met,
             "targets_missing_by": {k: round(least / ratios[key], 3) for k, (key, least) in TARGETS.items()
@@ -801,6 +898,10 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=None, help="default 64")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--schedule", choices=("auto", "round-robin", "sequential"), default="auto",
+                    help="round-robin: one round of each engine in turn (the fair comparison on a noisy machine); "
+                         "sequential: one engine after another (less memory); auto (default): round-robin when "
+                         "the engines' weights fit in half the free memory")
     ap.add_argument("--rounds", type=int, default=None, help="generation rounds per engine (default 5); the best "
                     "and the median reported, ratios from the median")
     ap.add_argument("--work", default="dist/bench", help="where the engine artifacts are built (reused if present)")
