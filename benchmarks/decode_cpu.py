@@ -821,7 +821,8 @@ def ratio_ceilings(dense: dict | None, moe: dict | None) -> dict:
         if model is None:
             continue
         o, t = model["engines"][ours], model["engines"][theirs]
-        out[key] = round(t["bytes_per_token"] / o["bytes_per_token"] / t["decode_fraction_of_round_bandwidth_median"], 3)
+        fraction = t["decode_fraction_of_round_bandwidth_median"]
+        out[key] = round(t["bytes_per_token"] / o["bytes_per_token"] / fraction, 3)
     return out
 
 
