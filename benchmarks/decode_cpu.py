@@ -781,6 +781,14 @@ PAIRS = {"fp32_as_run_vs_peer_decode": (0, "ours_fp32_as_run", "peer_fp32"),
          "moe_as_run_vs_transformers_decode": (1, "ours_moe_fp32_as_run", "transformers_eager")}
 
 
+def pair_engines(dense: dict | None, moe: dict | None):
+    """(ratio key, our engine's summary, the other engine's) for each of PAIRS whose model was run."""
+    for key, (i, ours, theirs) in PAIRS.items():
+        model = (dense, moe)[i]
+        if model is not None:
+            yield key, model["engines"][ours], model["engines"][theirs]
+
+
 FAST_MODE = 0.75  # of the run's highest probe: this host's probes sit at ~33 or at ~54-62 GB/s, little between
 
 
@@ -801,12 +809,8 @@ def ratios_by_mode(dense: dict | None, moe: dict | None) -> dict:
     """Each decode ratio of PAIRS within one bandwidth mode (both engines' rounds in it), None where either
     engine had no round in that mode."""
     out = {}
-    for key, (i, ours, theirs) in PAIRS.items():
-        model = (dense, moe)[i]
-        if model is None:
-            continue
-        o = model["engines"][ours]["decode_tokens_per_s_median_by_bandwidth_mode"]
-        t = model["engines"][theirs]["decode_tokens_per_s_median_by_bandwidth_mode"]
+    for key, o, t in pair_engines(dense, moe):
+        o, t = o["decode_tokens_per_s_median_by_bandwidth_mode"], t["decode_tokens_per_s_median_by_bandwidth_mode"]
         out[key] = {m: round(o[m] / t[m], 3) if o[m] and t[m] else None for m in ("slow", "fast")}
     return out
 
@@ -816,11 +820,7 @@ def ratio_ceilings(dense: dict | None, moe: dict | None) -> dict:
     rounds (fraction 1.0) against the other engine as measured, i.e. (their bytes / ours) / their fraction of
     their rounds' bandwidth. A target above its ceiling cannot be met by a faster engine, only by fewer bytes."""
     out = {}
-    for key, (i, ours, theirs) in PAIRS.items():
-        model = (dense, moe)[i]
-        if model is None:
-            continue
-        o, t = model["engines"][ours], model["engines"][theirs]
+    for key, o, t in pair_engines(dense, moe):
         fraction = t["decode_fraction_of_round_bandwidth_median"]
         out[key] = round(t["bytes_per_token"] / o["bytes_per_token"] / fraction, 3)
     return out
@@ -848,9 +848,10 @@ def bench_vs_peer(args, bandwidth: Bandwidth) -> dict:
     models = args.model or DEFAULT_MODELS
     # a dense model meets the peer; a MoE one (or the second model given) meets transformers; either may be absent
     dense_text = next((m for m in models if not is_moe(m)), None)
-    dense = None
+    dense = python = None
     if dense_text is not None:
-        dense = bench_dense_vs_peer(dense_text, args, bandwidth, peer_env.peer_python(progress=log))
+        python = peer_env.peer_python(progress=log)
+        dense = bench_dense_vs_peer(dense_text, args, bandwidth, python)
         # the dense half on its own, in case the MoE half (builds of a few GB) does not get to the end
         (Path(args.work) / "decode_cpu.dense.json").write_text(json.dumps(dense, indent=2))
     moe_text = next((m for m in models if m != dense_text), None)
@@ -865,8 +866,8 @@ def bench_vs_peer(args, bandwidth: Bandwidth) -> dict:
     ratios = peer_ratios(dense, moe)
     met = {k: ratios[key] >= least for k, (key, least) in TARGETS.items() if key in ratios}
     return {"peer": {"package": "onnxruntime-genai", "environment": str(peer_env.VENV),
-                     "installed": peer_env.installed_versions(peer_env.peer_python(progress=log))
-                     if dense else "not run (no dense model given)", "pins": peer_env.PINS,
+                     "installed": peer_env.installed_versions(python) if python else "not run (no dense model given)",
+                     "pins": peer_env.PINS,
                      "builder": "python -m onnxruntime_genai.models.builder -i HF -o OUT -p fp32|int4 -e cpu "
                                 "(its defaults otherwise: int4 with the lm_head quantized, accuracy level 4)"},
             "models": [m for m in (dense, moe) if m],
